@@ -1,0 +1,73 @@
+"""What a caller hands to ``Engine.run`` and what it gets back.
+
+Owns: the request and result value types and the checks that need no model (task, prompt,
+images present). Model-dependent checks (image decodable, size within the model's maximum) are
+done by the engine, which knows the checkpoint. Leaves execution to ``engine.py``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from PIL import Image
+
+from bagel.config import TASKS, GenerationParams
+from bagel.errors import InputError
+
+MAX_PROMPT_CHARS = 8000
+
+# progress(request_index, step, total_steps) — called from the denoising loop, host side.
+ProgressFn = Callable[[int, int, int], None]
+# should_cancel(request_index) -> True to stop that request at the next step boundary.
+CancelFn = Callable[[int], bool]
+
+
+@dataclass
+class Request:
+    """One unit of work. ``images`` are decoded RGB(A) pictures (see ``transforms.load_image``).
+
+    task: "generate" (prompt → image of ``width``×``height``), "edit" (images[0] + prompt →
+    image of the VAE-resized input's size), "understand" (images + prompt → text).
+    ``think`` generates reasoning text first. ``init_noise`` ([h·w, 64], packed layout) and
+    ``posterior_noise`` ([1, 16, H/8, W/8]) replace the seeded draws (golden tests).
+    """
+
+    task: str
+    prompt: str
+    images: list[Image.Image] = field(default_factory=list)
+    think: bool = False
+    width: int = 1024
+    height: int = 1024
+    params: GenerationParams = field(default_factory=GenerationParams)
+    init_noise: torch.Tensor | None = None
+    posterior_noise: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if self.task not in TASKS:
+            raise InputError(f"task: {self.task!r} is not one of {TASKS}")
+        if not isinstance(self.prompt, str) or not self.prompt.strip():
+            raise InputError("prompt: must be a non-empty string")
+        if len(self.prompt) > MAX_PROMPT_CHARS:
+            raise InputError(f"prompt: {len(self.prompt)} characters exceeds the {MAX_PROMPT_CHARS} limit")
+        if self.task == "edit" and len(self.images) != 1:
+            raise InputError(f"images: edit takes exactly 1 input image, got {len(self.images)}")
+        if self.task == "understand" and not self.images:
+            raise InputError("images: understand needs at least 1 input image")
+        if self.task == "generate" and self.images:
+            raise InputError("images: generate takes no input image (use edit)")
+
+
+@dataclass
+class Result:
+    """Outcome of one request: ``image`` for generate/edit, ``text`` for understand,
+    ``think_text`` when think was on, ``canceled`` when should_cancel stopped it (then no
+    image/text). ``stats`` holds counters (forwards, context encodes,
+    model seconds) used by the service and the benchmark."""
+
+    image: Image.Image | None = None
+    text: str | None = None
+    think_text: str | None = None
+    canceled: bool = False
+    stats: dict[str, float] = field(default_factory=dict)
