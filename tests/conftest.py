@@ -1,0 +1,7 @@
+"""Root of the test suite: registers the fixture plugins, one per area."""
+
+pytest_plugins = [
+    "tests.fixtures.model",
+    "tests.fixtures.services",
+    "tests.fixtures.worker",
+]
