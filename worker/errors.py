@@ -1,0 +1,144 @@
+"""Errors of the job service. Each has a stable ``code`` that goes on the job row and into the
+API's JSON error body, and an optional ``field`` naming the offending input.
+
+Owns: the error taxonomy (permanent input errors, not-found/auth/conflict, transient
+infrastructure errors). Leaves the mapping to HTTP status codes to ``api/errors.py`` and the
+retry policy to the worker tasks. Messages name the field, the value and the limit.
+"""
+
+from __future__ import annotations
+
+
+class ServiceError(Exception):
+    """Base class of every error the service raises on purpose."""
+
+    code = "service_error"
+
+    def __init__(self, message: str, *, field: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.field = field
+
+
+# Permanent: the client can fix these; a job failing with one is never retried.
+
+class InvalidInput(ServiceError):
+    """Raised when a request is invalid in a way the client can fix."""
+
+    code = "invalid_input"
+
+
+class InvalidParameter(InvalidInput):
+    """Raised when a job parameter (task, prompt, size, hyper-parameter, metadata) is out of
+    range or unknown; the message names the parameter, the value and the allowed range."""
+
+    code = "invalid_parameter"
+
+
+class InvalidImage(InvalidInput):
+    """Raised when uploaded bytes are not a decodable image (garbage, truncated, corrupt)."""
+
+    code = "invalid_image"
+
+
+class UnsupportedImageFormat(InvalidInput):
+    """Raised when an uploaded image is a format other than PNG, JPEG or WebP."""
+
+    code = "unsupported_image_format"
+
+
+class PayloadTooLarge(InvalidInput):
+    """Raised when an upload exceeds the byte limit (``max_upload_bytes``)."""
+
+    code = "payload_too_large"
+
+
+class ImageTooLarge(InvalidInput):
+    """Raised when an image's header declares more pixels or a longer side than allowed
+    (checked before decoding, so decompression bombs are refused cheaply)."""
+
+    code = "image_too_large"
+
+
+class BatchTooLarge(InvalidInput):
+    """Raised when a batch has more items than ``max_batch_items``."""
+
+    code = "batch_too_large"
+
+
+class UnknownFile(InvalidInput):
+    """Raised when a job refers to a file id the tenant does not own (or that does not exist)."""
+
+    code = "unknown_file"
+
+
+class InvalidWebhookUrl(InvalidInput):
+    """Raised when a webhook URL has a bad scheme, embedded credentials, or targets a private,
+    loopback or link-local address while those are not allowed."""
+
+    code = "invalid_webhook_url"
+
+
+# Addressing, auth and conflicts.
+
+class NotFound(ServiceError):
+    """Raised when an id does not exist or belongs to another tenant (indistinguishable)."""
+
+    code = "not_found"
+
+
+class Unauthorized(ServiceError):
+    """Raised when the ``Authorization: Bearer`` key is missing, malformed, unknown or revoked."""
+
+    code = "unauthorized"
+
+
+class IdempotencyConflict(ServiceError):
+    """Raised when an ``Idempotency-Key`` is reused with a different request body or route."""
+
+    code = "idempotency_conflict"
+
+
+class ObjectNotFound(ServiceError):
+    """Raised when a storage key does not exist."""
+
+    code = "object_not_found"
+
+
+class SignatureInvalid(ServiceError):
+    """Raised when a local-storage download URL's signature is wrong or has expired."""
+
+    code = "signature_invalid"
+
+
+class SettingsError(ServiceError):
+    """Raised at start-up when a setting is invalid; the message names the variable."""
+
+    code = "invalid_settings"
+
+
+# Transient: infrastructure hiccups, retried with capped backoff.
+
+class TransientError(ServiceError):
+    """Raised when a dependency is temporarily unreachable; the operation may be retried."""
+
+    code = "transient"
+
+
+class BrokerUnavailable(TransientError):
+    """Raised when the Celery broker cannot be reached to publish a chunk (the jobs stay
+    committed as ``queued`` and the reconciler publishes them later)."""
+
+    code = "broker_unavailable"
+
+
+class StorageUnavailable(TransientError):
+    """Raised when object storage cannot be reached or refuses a request (e.g. credentials)."""
+
+    code = "storage_unavailable"
+
+
+class DatabaseUnavailable(TransientError):
+    """Raised when the database cannot be reached."""
+
+    code = "database_unavailable"

@@ -1,0 +1,151 @@
+"""Deployment settings of the job service: one ``Settings`` object read from the environment.
+
+Owns: every knob of the service (database, broker, storage, model, limits, leases, retries,
+webhooks, reconciler), its start-up validation and the masked dump printed by
+``bagel-jobs config``. Leaves architecture config to the checkpoint (``bagel.config``) and
+per-request knobs to ``worker.params``.
+
+Built once per entry point (API factory, worker start-up, CLI) and passed down; importing this
+module reads nothing. Every variable is ``BAGEL_JOBS_<FIELD>`` (also read from ``.env``).
+The defaults are the embedded stack: a SQLite file, a local storage folder, a server-less
+SQLite broker and a tiny demo checkpoint.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlsplit, urlunsplit
+
+from pydantic import Field, SecretStr, ValidationError, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from worker.errors import SettingsError
+
+ENV_PREFIX = "BAGEL_JOBS_"
+MIB = 1024 * 1024
+TINY_MODEL_DIR = Path("var/models/tiny-demo")
+
+
+class Settings(BaseSettings):
+    """All deployment settings; field docs double as the reference for the env variables."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, env_file=".env", env_file_encoding="utf-8", extra="ignore",
+        validate_default=True,
+    )
+
+    # State and transport.
+    database_url: str = Field("sqlite:///var/bagel-jobs.db",
+                              description="SQLAlchemy URL: postgresql+psycopg://… or sqlite:///path")
+    broker_url: str = Field("sqla+sqlite:///var/broker.db",
+                            description="Celery broker: redis://… or the server-less sqla+sqlite:///…")
+
+    # Object storage.
+    storage_backend: Literal["local", "s3"] = "local"
+    storage_dir: Path = Path("var/storage")
+    s3_endpoint_url: str | None = None
+    s3_bucket: str | None = None
+    s3_prefix: str = ""
+    s3_region: str = "us-east-1"
+    s3_access_key_id: str | None = None
+    s3_secret_access_key: SecretStr | None = None
+    presign_expiry_s: int = Field(3600, ge=1, le=7 * 24 * 3600)
+    public_base_url: str = "http://127.0.0.1:8000"
+    url_signing_key: SecretStr | None = Field(
+        None, description="HMAC key for local-storage download URLs; None → a key file in storage_dir")
+
+    # Model.
+    model_path: Path | None = Field(None, description="checkpoint folder; None → tiny demo checkpoint")
+    quantization: Literal["none", "nf4", "int8"] = "none"
+    device: str = "auto"
+
+    # Limits.
+    chunk_size: int = Field(8, ge=1, le=256)
+    max_batch_items: int = Field(256, ge=1, le=100_000)
+    max_upload_bytes: int = Field(20 * MIB, ge=1024)
+    max_image_pixels: int = Field(40_000_000, ge=1)
+    max_image_side_px: int = Field(8192, ge=16)
+    max_output_side_px: int = Field(1024, ge=16)
+
+    # Execution.
+    lease_s: int = Field(600, ge=1)
+    max_attempts: int = Field(3, ge=1, le=100)
+    retry_backoff_s: float = Field(5.0, ge=0)
+    progress_every_steps: int = Field(5, ge=1)
+
+    # Webhooks.
+    webhook_timeout_s: float = Field(10.0, gt=0)
+    webhook_retry_window_s: int = Field(86_400, ge=0)
+    webhook_allow_private: bool = False
+
+    # Reconciler.
+    reconcile_interval_s: float = Field(30.0, gt=0)
+    republish_after_s: float = Field(120.0, ge=0)
+    result_retention_s: int = Field(7 * 24 * 3600, ge=1)
+
+    # API process.
+    api_host: str = "127.0.0.1"
+    api_port: int = Field(8000, ge=1, le=65535)
+
+    @model_validator(mode="after")
+    def _check_combinations(self) -> Settings:
+        scheme = urlsplit(self.database_url).scheme
+        if not (scheme.startswith("sqlite") or scheme.startswith("postgresql")):
+            raise ValueError(f"{ENV_PREFIX}DATABASE_URL: scheme {scheme!r} is not supported "
+                             "(use postgresql+psycopg://… or sqlite:///…)")
+        if self.storage_backend == "s3" and not self.s3_bucket:
+            raise ValueError(f"{ENV_PREFIX}S3_BUCKET: required when {ENV_PREFIX}STORAGE_BACKEND=s3")
+        if urlsplit(self.public_base_url).scheme not in ("http", "https"):
+            raise ValueError(f"{ENV_PREFIX}PUBLIC_BASE_URL: {self.public_base_url!r} is not an "
+                             "http(s) URL")
+        return self
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.database_url.startswith("sqlite")
+
+    def masked_dump(self) -> dict[str, Any]:
+        """Every setting as JSON-able values, secrets and URL passwords replaced by ``***``."""
+        out: dict[str, Any] = {}
+        for name, value in self.model_dump().items():
+            if isinstance(value, SecretStr):
+                out[name] = "***" if value.get_secret_value() else ""
+            elif isinstance(value, Path):
+                out[name] = str(value)
+            elif name.endswith("_url") and isinstance(value, str):
+                out[name] = mask_url(value)
+            else:
+                out[name] = value
+        return out
+
+
+def mask_url(url: str) -> str:
+    """``scheme://user:secret@host/…`` → ``scheme://user:***@host/…``; other URLs unchanged."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.hostname or ""
+    if parts.port is not None:
+        host = f"{host}:{parts.port}"
+    user = parts.username or ""
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Build the settings for an entry point; a bad value raises ``SettingsError`` with a
+    sentence naming the variable, the value and what is allowed."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            loc = [str(p) for p in err["loc"] if p != "__root__"]
+            message = err["msg"].removeprefix("Value error, ")
+            if loc:
+                var = ENV_PREFIX + loc[0].upper()
+                shown = "***" if ("secret" in loc[0] or "key" in loc[0]) else repr(err.get("input"))
+                problems.append(f"{var}={shown}: {message}")
+            else:
+                problems.append(message)
+        raise SettingsError("; ".join(problems)) from exc
