@@ -1,0 +1,316 @@
+"""Checkpoint loading: turns a BAGEL checkpoint folder into modules on a device.
+
+Owns: the one explicit map between checkpoint key names and our module names, the choice of
+which linears are quantized, the strict streamed load of ``ema.safetensors`` into
+``BagelModel`` and of ``ae.safetensors`` into ``AutoEncoder``, and the resulting
+``LoadedCheckpoint``. Leaves the architecture to ``model.py``/``vae.py``, the JSON configs to
+``config.py``, the tokenizer files to ``tokenizer.py`` and the quantized modules to ``quant.py``.
+
+How a load goes (``load_checkpoint``):
+1. read the three configs (``ModelConfig.from_folder``) and the tokenizer;
+2. build ``BagelModel`` and ``AutoEncoder`` on the meta device (no memory, no init cost);
+3. if a quantization mode is asked for, swap the LLM decoder linears for empty quantized ones;
+4. check the safetensors headers against the modules before reading any data: every
+   checkpoint tensor maps to a parameter or persistent buffer, every one of those has a tensor,
+   shapes agree — else ``CheckpointError`` naming the file and the first offending keys;
+5. stream tensors one at a time from the memory-mapped file: cast floating tensors to the load
+   dtype, move them to the device (quantizing there when the target is quantized) and assign
+   them in place of the meta tensor. No second full copy of the model is ever held;
+6. recompute non-persistent buffers (rotary tables and the like) by calling ``reset_buffers()``
+   on every module that has one, then check that nothing is left on meta.
+
+Quantized layers (``nf4``/``int8``): the q/k/v/o projections and the gate/up/down MLP of every
+decoder layer, for both experts (understanding and ``_moe_gen``). They hold ~90% of the 14 B
+parameters of BAGEL-7B-MoT, which is where the memory goes. Kept in the load dtype:
+``lm_head`` and the token embeddings (the reference app's bitsandbytes set-up also leaves the
+output head alone, and an embedding is a lookup, not a matmul), the SigLIP tower and connector
+(small, and its features feed every understanding answer), the timestep/latent projections and
+position tables (tiny, precision-sensitive), and the VAE (convolutions, not linears).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from torch import nn
+
+from bagel import quant
+from bagel.config import ModelConfig
+from bagel.errors import CheckpointError, InputError
+from bagel.model import BagelModel
+from bagel.tokenizer import Tokenizer
+from bagel.vae import AutoEncoder
+
+logger = logging.getLogger(__name__)
+
+EMA_FILE = "ema.safetensors"
+AE_FILE = "ae.safetensors"
+
+# The name map: (checkpoint key prefix, module key prefix). Our modules mirror the reference's
+# layout, so every entry is the identity — but every key must match one of these prefixes, and a
+# key that matches none is reported as unexpected. Checkpoint key names appear nowhere else.
+EMA_NAME_MAP: tuple[tuple[str, str], ...] = (
+    ("language_model.", "language_model."),  # Qwen2 MoT decoder, embeddings, lm_head
+    ("vit_model.", "vit_model."),  # SigLIP tower (patch embedding stored as a Linear)
+    ("connector.", "connector."),  # ViT → LLM MLP
+    ("vit_pos_embed.", "vit_pos_embed."),  # 2-D sin-cos table for ViT tokens [70², hidden]
+    ("latent_pos_embed.", "latent_pos_embed."),  # 2-D sin-cos table for latents [64², hidden]
+    ("time_embedder.", "time_embedder."),  # timestep MLP
+    ("vae2llm.", "vae2llm."),  # latent patch → LLM hidden
+    ("llm2vae.", "llm2vae."),  # LLM hidden → velocity patch
+)
+AE_NAME_MAP: tuple[tuple[str, str], ...] = (
+    ("encoder.", "encoder."),
+    ("decoder.", "decoder."),
+)
+# Checkpoint names of the linears that quantization replaces (see the module docstring).
+QUANTIZED_LINEAR_KEY = re.compile(
+    r"language_model\.model\.layers\.\d+\."
+    r"(self_attn\.[qkvo]_proj(_moe_gen)?|mlp(_moe_gen)?\.(gate|up|down)_proj)\.weight"
+)
+
+_ERROR_LIST_LEN = 5  # how many offending keys an error message names
+
+
+def to_module_key(checkpoint_key: str, name_map: tuple[tuple[str, str], ...]) -> str | None:
+    """The module key a checkpoint key loads into, or None when no map entry covers it."""
+    for ckpt_prefix, module_prefix in name_map:
+        if checkpoint_key.startswith(ckpt_prefix):
+            return module_prefix + checkpoint_key[len(ckpt_prefix):]
+    return None
+
+
+def to_checkpoint_key(module_key: str, name_map: tuple[tuple[str, str], ...]) -> str | None:
+    """Inverse of ``to_module_key`` (used when writing a checkpoint, e.g. by ``tiny.py``)."""
+    for ckpt_prefix, module_prefix in name_map:
+        if module_key.startswith(module_prefix):
+            return ckpt_prefix + module_key[len(module_prefix):]
+    return None
+
+
+def should_quantize(module_name: str) -> bool:
+    """Whether the ``nn.Linear`` called ``module_name`` inside ``BagelModel`` is quantized."""
+    key = to_checkpoint_key(f"{module_name}.weight", EMA_NAME_MAP)
+    return key is not None and QUANTIZED_LINEAR_KEY.fullmatch(key) is not None
+
+
+@dataclass
+class LoadedCheckpoint:
+    """A checkpoint on its device. ``weight_bytes``: bytes held by the parameters, buffers and
+    quantization statistics of ``model`` and ``vae`` together after the load."""
+
+    config: ModelConfig
+    model: BagelModel
+    vae: AutoEncoder
+    tokenizer: Tokenizer
+    weight_bytes: int
+    quantization: str
+    device: torch.device
+    dtype: torch.dtype
+    load_seconds: float
+
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+          "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+
+
+def parse_dtype(value: torch.dtype | str) -> torch.dtype:
+    """``torch.float32`` or one of the names in ``DTYPES``; anything else is an ``InputError``."""
+    if isinstance(value, torch.dtype):
+        if value not in DTYPES.values():
+            raise InputError(f"dtype: {value} is not one of float32, bfloat16, float16")
+        return value
+    if value not in DTYPES:
+        raise InputError(f"dtype: {value!r} is not one of {sorted(DTYPES)}")
+    return DTYPES[value]
+
+
+def resolve_device(device: torch.device | str) -> torch.device:
+    """"auto" means the first CUDA device when there is one, else the CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError as exc:
+        raise InputError(f"device: {device!r} is not a torch device name ({exc})") from exc
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"device: {device!r} asked for but CUDA is not available here")
+    return resolved
+
+
+def tensor_slots(root: nn.Module) -> Iterator[tuple[str, nn.Module, str, bool]]:
+    """(module key, owning module, leaf name, is_parameter) for every parameter and persistent
+    buffer under ``root`` — the slots a checkpoint must fill."""
+    for prefix, module in root.named_modules():
+        dot = f"{prefix}." if prefix else ""
+        for leaf, param in module._parameters.items():
+            if param is not None:
+                yield dot + leaf, module, leaf, True
+        for leaf, buf in module._buffers.items():
+            if buf is not None and leaf not in module._non_persistent_buffers_set:
+                yield dot + leaf, module, leaf, False
+
+
+def _expected_shape(module: nn.Module, leaf: str) -> tuple[int, ...]:
+    """Shape a checkpoint tensor must have for this slot (the float shape for quantized linears,
+    whose meta parameter keeps the original [out, in] shape until data arrives)."""
+    if quant.is_quantized(module) and leaf == "weight":
+        return (module.out_features, module.in_features)
+    return tuple(getattr(module, leaf).shape)
+
+
+def _first(keys: list[str]) -> str:
+    shown = ", ".join(keys[:_ERROR_LIST_LEN])
+    more = len(keys) - _ERROR_LIST_LEN
+    return shown + (f" (and {more} more)" if more > 0 else "")
+
+
+def _open(path: Path):
+    if not path.is_file():
+        raise CheckpointError(f"{path}: file is missing from the checkpoint folder")
+    try:
+        return safe_open(str(path), framework="pt", device="cpu")
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from exc
+
+
+def stream_into(root: nn.Module, path: Path, name_map: tuple[tuple[str, str], ...], *,
+                device: torch.device, dtype: torch.dtype) -> int:
+    """Strictly load ``path`` into the meta-built ``root``, one tensor at a time. Returns the
+    number of tensors read. Raises ``CheckpointError`` naming ``path`` and the first missing,
+    unexpected or mis-shaped keys before any data is read."""
+    slots = {key: (module, leaf, is_param) for key, module, leaf, is_param in tensor_slots(root)}
+    with _open(path) as handle:
+        ckpt_keys = sorted(handle.keys())
+        mapped = {key: to_module_key(key, name_map) for key in ckpt_keys}
+        unexpected = [k for k, m in mapped.items() if m is None or m not in slots]
+        wanted = set(mapped.values())
+        missing = sorted(to_checkpoint_key(k, name_map) or k for k in slots if k not in wanted)
+        if missing or unexpected:
+            parts = []
+            if missing:
+                parts.append(f"missing {len(missing)} tensors: {_first(missing)}")
+            if unexpected:
+                parts.append(f"unexpected {len(unexpected)} tensors: {_first(unexpected)}")
+            raise CheckpointError(f"{path}: " + "; ".join(parts))
+        misshaped = []
+        for key in ckpt_keys:
+            module, leaf, _ = slots[mapped[key]]
+            got = tuple(handle.get_slice(key).get_shape())
+            want = _expected_shape(module, leaf)
+            if got != want:
+                misshaped.append(f"{key} has shape {list(got)}, the model expects {list(want)}")
+        if misshaped:
+            raise CheckpointError(f"{path}: {len(misshaped)} mis-shaped tensors: {_first(misshaped)}")
+        for key in ckpt_keys:
+            module, leaf, is_param = slots[mapped[key]]
+            try:
+                tensor = handle.get_tensor(key)
+            except (SafetensorError, OSError, RuntimeError) as exc:
+                raise CheckpointError(f"{path}: tensor {key} cannot be read ({exc})") from exc
+            if quant.is_quantized(module) and leaf == "weight":
+                quant.assign_quantized_weight(module, tensor, device, dtype)
+                continue
+            if tensor.is_floating_point():
+                tensor = tensor.to(dtype)
+            tensor = tensor.to(device)
+            if is_param:
+                module._parameters[leaf] = nn.Parameter(tensor, requires_grad=False)
+            else:
+                module._buffers[leaf] = tensor
+    return len(ckpt_keys)
+
+
+def _finish_buffers(root: nn.Module, device: torch.device, source: Path) -> None:
+    """Materialise non-persistent buffers on ``device`` and have their modules recompute them
+    (``reset_buffers()``), then insist that no parameter or buffer is left on meta."""
+    no_reset = []
+    for name, module in root.named_modules():
+        meta = [leaf for leaf, buf in module._buffers.items() if buf is not None and buf.device.type == "meta"]
+        for leaf in meta:
+            module._buffers[leaf] = torch.empty_like(module._buffers[leaf], device=device)
+        reset = getattr(module, "reset_buffers", None)
+        if callable(reset):
+            reset()
+        elif meta:
+            no_reset.extend(f"{name}.{leaf}" if name else leaf for leaf in meta)
+    left = [name for name, t in [*root.named_parameters(), *root.named_buffers()]
+            if t.device.type == "meta"]
+    left += no_reset
+    if left:
+        raise CheckpointError(f"{source}: {len(left)} tensors left uninitialised after loading: {_first(left)}")
+
+
+def build_empty(config: ModelConfig) -> tuple[BagelModel, AutoEncoder]:
+    """``BagelModel`` and ``AutoEncoder`` for ``config`` on the meta device (no storage)."""
+    with torch.device("meta"):
+        return BagelModel(config), AutoEncoder(config.vae)
+
+
+def load_checkpoint(folder: str | Path, *, device: torch.device | str = "cpu",
+                    dtype: torch.dtype | str = torch.float32,
+                    quantization: str = "none") -> LoadedCheckpoint:
+    """Load the checkpoint folder (real BAGEL-7B-MoT layout) onto ``device`` in ``dtype``,
+    quantizing the LLM decoder linears when ``quantization`` is "nf4" or "int8"."""
+    started = time.perf_counter()
+    folder = Path(folder)
+    quant.check_mode(quantization)
+    if quantization != "none":
+        quant.bitsandbytes_module(quantization)
+    device = resolve_device(device)
+    dtype = parse_dtype(dtype)
+    config = ModelConfig.from_folder(folder)
+    tokenizer = Tokenizer.from_dir(folder)
+    if len(tokenizer) > config.llm.vocab_size:
+        raise CheckpointError(f"{folder / 'llm_config.json'}: vocab_size {config.llm.vocab_size} is smaller "
+                              f"than the tokenizer's {len(tokenizer)} tokens")
+    model, vae = build_empty(config)
+    quant.swap_linears(model, should_quantize, quantization, dtype)
+    n_ema = stream_into(model, folder / EMA_FILE, EMA_NAME_MAP, device=device, dtype=dtype)
+    n_ae = stream_into(vae, folder / AE_FILE, AE_NAME_MAP, device=device, dtype=dtype)
+    _finish_buffers(model, device, folder / EMA_FILE)
+    _finish_buffers(vae, device, folder / AE_FILE)
+    model.eval()
+    vae.eval()
+    weight_bytes = quant.memory_bytes(model, vae)
+    seconds = time.perf_counter() - started
+    logger.info("loaded %s: %d+%d tensors, %.1f MB of weights on %s as %s (quantization %s) in %.2f s",
+                folder, n_ema, n_ae, weight_bytes / 2**20, device, str(dtype).removeprefix("torch."),
+                quantization, seconds)
+    return LoadedCheckpoint(config=config, model=model, vae=vae, tokenizer=tokenizer,
+                            weight_bytes=weight_bytes, quantization=quantization, device=device,
+                            dtype=dtype, load_seconds=seconds)
+
+
+def paper_weight_bytes(config: ModelConfig, *, dtype: torch.dtype = torch.bfloat16,
+                       quantization: str = "none") -> int:
+    """Weight bytes a load of ``config`` would hold, computed from the meta-built modules (no
+    file needed): NF4 costs 4 bits per weight plus one float32 absmax per 64 weights, INT8 one
+    byte per weight plus one float32 scale per output row."""
+    quant.check_mode(quantization)
+    model, vae = build_empty(config)
+    item = torch.empty((), dtype=dtype).element_size()
+    total = 0
+    for module_name, module in [*model.named_modules(), *(("vae." + n, m) for n, m in vae.named_modules())]:
+        quantized = (quantization != "none" and type(module) is nn.Linear
+                     and should_quantize(module_name))
+        for leaf, param in [*module._parameters.items(), *module._buffers.items()]:
+            if param is None:
+                continue
+            n = param.numel()
+            if quantized and leaf == "weight":
+                if quantization == "nf4":
+                    total += n // 2 + (n // quant.NF4_BLOCKSIZE) * 4
+                else:
+                    total += n + module.out_features * 4
+            else:
+                size = item if param.is_floating_point() else param.element_size()
+                total += n * size
+    return total
