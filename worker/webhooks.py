@@ -1,0 +1,212 @@
+"""Webhook delivery from the outbox, and the checks on a callback URL.
+
+Owns: ``check_webhook_url`` (http(s) only, no credentials, no private/loopback/link-local
+targets unless ``webhook_allow_private``; checked on submission and again, after DNS, before
+each POST), the event envelope (``type``, ``timestamp``, ``data``; result keys become fresh
+download URLs at send time), and ``deliver_due``: POST every due outbox row signed per
+Standard Webhooks, record every attempt, retry non-2xx and timeouts with exponential backoff and
+full jitter until ``webhook_retry_window_s`` after the event. Leaves the rows and their state to
+``worker.jobs``, signatures to ``signing.py``.
+
+Redirects are not followed (a 3xx is a failed attempt): following one would let a public URL
+bounce the request to a private address.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import logging
+import random
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
+
+import httpx
+from sqlalchemy import select
+
+from worker import jobs, signing
+from worker.errors import InvalidWebhookUrl
+from worker.models import Tenant, utcnow
+
+if TYPE_CHECKING:
+    from sqlalchemy.orm import Session
+
+    from worker.settings import Settings
+    from worker.storage import ResultStore
+
+log = logging.getLogger(__name__)
+
+MAX_URL_CHARS = 2000
+MAX_BACKOFF_S = 3600.0
+MIN_BACKOFF_S = 0.05
+BATCH_LIMIT = 100
+USER_AGENT = "bagel-jobs-webhooks/1"
+
+
+def _is_private(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return not ip.is_global or ip.is_multicast
+
+
+def check_webhook_url(url: str, *, allow_private: bool) -> str:
+    """Validate a callback URL without network access; returns it unchanged.
+
+    Raises ``InvalidWebhookUrl`` (field ``webhook_url``) for a non-http(s) scheme, embedded
+    credentials, a missing host, or a literal private/loopback address or ``localhost`` while
+    ``allow_private`` is off. Host names are resolved and checked again at delivery time."""
+    if len(url) > MAX_URL_CHARS:
+        raise InvalidWebhookUrl(f"webhook_url: {len(url)} characters exceeds the {MAX_URL_CHARS} limit",
+                                field="webhook_url")
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as exc:
+        raise InvalidWebhookUrl(f"webhook_url: {url!r} is not a valid URL ({exc})", field="webhook_url") from exc
+    if parts.scheme not in ("http", "https"):
+        raise InvalidWebhookUrl(f"webhook_url: scheme {parts.scheme!r} is not allowed (use http or https)",
+                                field="webhook_url")
+    if parts.username is not None or parts.password is not None:
+        raise InvalidWebhookUrl("webhook_url: credentials in the URL are not allowed", field="webhook_url")
+    host = parts.hostname
+    if not host:
+        raise InvalidWebhookUrl(f"webhook_url: {url!r} has no host", field="webhook_url")
+    del port
+    if allow_private:
+        return url
+    if host == "localhost" or host.endswith(".localhost"):
+        raise InvalidWebhookUrl(f"webhook_url: host {host!r} is a loopback name; private targets are not "
+                                "allowed (BAGEL_JOBS_WEBHOOK_ALLOW_PRIVATE=false)", field="webhook_url")
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return url
+    if _is_private(ip):
+        raise InvalidWebhookUrl(f"webhook_url: address {host} is private, loopback or link-local; private "
+                                "targets are not allowed (BAGEL_JOBS_WEBHOOK_ALLOW_PRIVATE=false)",
+                                field="webhook_url")
+    return url
+
+
+def _check_resolved(url: str, allow_private: bool) -> None:
+    """Resolve the host and refuse private addresses (DNS may point a public name inward)."""
+    if allow_private:
+        return
+    parts = urlsplit(url)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        infos = socket.getaddrinfo(parts.hostname, port, proto=socket.IPPROTO_TCP)
+    except socket.gaierror as exc:
+        raise ConnectionError(f"cannot resolve {parts.hostname}: {exc}") from exc
+    for info in infos:
+        ip = ipaddress.ip_address(info[4][0])
+        if _is_private(ip):
+            raise InvalidWebhookUrl(f"webhook_url: {parts.hostname} resolves to private address {ip}",
+                                    field="webhook_url")
+
+
+def next_delay_s(base_s: float, attempt: int, rng: random.Random | None = None) -> float:
+    """Full-jitter exponential backoff after failed attempt number ``attempt`` (1-based)."""
+    cap = min(max(base_s, MIN_BACKOFF_S) * 2 ** (attempt - 1), MAX_BACKOFF_S)
+    return (rng or random).uniform(cap / 2, cap)
+
+
+def _with_urls(value: Any, url_for: Callable[[str], str]) -> Any:
+    """Copy of ``value`` where every ``{"output_key": k}`` also gets ``"output_url"``."""
+    if isinstance(value, dict):
+        out = {k: _with_urls(v, url_for) for k, v in value.items()}
+        key = value.get("output_key")
+        if isinstance(key, str) and key:
+            out["output_url"] = url_for(key)
+        return out
+    if isinstance(value, list):
+        return [_with_urls(v, url_for) for v in value]
+    return value
+
+
+def envelope(event: str, created_at: datetime, payload: dict[str, Any], url_for: Callable[[str], str]) -> bytes:
+    """The JSON body of one delivery: ``{"type", "timestamp", "data"}`` (Standard Webhooks style)."""
+    body = {"type": event, "timestamp": created_at.isoformat().replace("+00:00", "Z"),
+            "data": _with_urls(payload, url_for)}
+    return json.dumps(body, separators=(",", ":"), sort_keys=True).encode()
+
+
+@dataclass
+class _Due:
+    id: str
+    tenant_id: str
+    event: str
+    url: str
+    payload: dict[str, Any]
+    attempts: int
+    created_at: datetime
+
+
+def deliver_due(settings: Settings, session: Callable[[], Session], store: ResultStore, *,
+                limit: int = BATCH_LIMIT, client: httpx.Client | None = None) -> int:
+    """Deliver every outbox row due now (oldest first); returns how many were delivered."""
+    with session() as s:
+        rows = jobs.due_deliveries(s, utcnow(), limit)
+        due = [_Due(r.id, r.tenant_id, r.event, r.url, dict(r.payload), int(r.attempts), r.created_at)
+               for r in rows]
+        tenant_ids = {d.tenant_id for d in due}
+        secrets = dict(s.execute(select(Tenant.id, Tenant.webhook_secret).where(Tenant.id.in_(tenant_ids))).all())
+    if not due:
+        return 0
+    owns_client = client is None
+    http = client or httpx.Client(timeout=settings.webhook_timeout_s, follow_redirects=False,
+                                  headers={"user-agent": USER_AGENT})
+    delivered = 0
+    try:
+        for d in due:
+            delivered += _deliver_one(settings, session, store, http, d, secrets[d.tenant_id])
+    finally:
+        if owns_client:
+            http.close()
+    return delivered
+
+
+def _deliver_one(settings: Settings, session: Callable[[], Session], store: ResultStore,
+                 http: httpx.Client, d: _Due, secret: str) -> bool:
+    attempt = d.attempts + 1
+    body = envelope(d.event, d.created_at, d.payload,
+                    lambda key: store.url(key, settings.presign_expiry_s))
+    status_code: int | None = None
+    error: str | None = None
+    permanent = False
+    start = time.perf_counter()
+    try:
+        check_webhook_url(d.url, allow_private=settings.webhook_allow_private)
+        _check_resolved(d.url, settings.webhook_allow_private)
+        response = http.post(d.url, content=body, headers=signing.headers(secret, d.id, body))
+        status_code = response.status_code
+        if not 200 <= status_code < 300:
+            error = f"HTTP {status_code}"
+    except InvalidWebhookUrl as exc:
+        error, permanent = exc.message, True
+    except (httpx.HTTPError, OSError) as exc:
+        error = f"{type(exc).__name__}: {exc}"
+    duration_ms = (time.perf_counter() - start) * 1000.0
+    ok = error is None
+    next_at: datetime | None = None
+    if not ok and not permanent:
+        delay = next_delay_s(settings.retry_backoff_s, attempt)
+        candidate = utcnow() + timedelta(seconds=delay)
+        if candidate <= d.created_at + timedelta(seconds=settings.webhook_retry_window_s):
+            next_at = candidate
+    with session() as s:
+        jobs.record_attempt(s, d.id, status_code=status_code, error=error, duration_ms=duration_ms,
+                            delivered=ok, next_attempt_at=next_at)
+    if ok:
+        log.info("webhook %s %s attempt %d: %d in %.0f ms", d.id, d.event, attempt, status_code, duration_ms)
+    elif next_at is not None:
+        log.warning("webhook %s attempt %d: %s, retry in %.1f s", d.id, attempt, error,
+                    (next_at - utcnow()).total_seconds())
+    else:
+        log.error("webhook %s attempt %d: %s, giving up", d.id, attempt, error)
+    return ok
