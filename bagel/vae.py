@@ -236,6 +236,6 @@ class AutoEncoder(nn.Module):
         return self.scale_factor * (mean - self.shift_factor)
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """Latents [B, z, h, w] in model space → raw decoder output [B, 3, 8h, 8w], about [-1, 1]."""
+        """Latents [B, z, h, w] (model space) → raw decoder output [B, 3, 8h, 8w] in ~[-1, 1]."""
         z = z.to(self.dtype) / self.scale_factor + self.shift_factor
         return self.decoder(z)
