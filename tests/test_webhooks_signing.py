@@ -126,3 +126,13 @@ def test_envelope_adds_fresh_urls_next_to_output_keys() -> None:
     assert body["timestamp"] == "2026-01-02T00:00:00Z"
     assert body["data"]["jobs"][0]["output_url"] == "https://dl/results/t/j1.png"
     assert "output_url" not in body["data"]["jobs"][1]
+
+
+def test_envelope_keeps_an_outbox_envelope_as_is() -> None:
+    from datetime import UTC, datetime
+
+    payload = {"type": "job.succeeded", "timestamp": "2026-01-01T00:00:00+00:00",
+               "data": {"job_id": "j", "output_key": "results/t/j.png"}}
+    body = json.loads(envelope("job.succeeded", datetime(2026, 1, 2, tzinfo=UTC), payload, lambda k: "u:" + k))
+    assert body == {"type": "job.succeeded", "timestamp": "2026-01-01T00:00:00+00:00",
+                    "data": {"job_id": "j", "output_key": "results/t/j.png", "output_url": "u:results/t/j.png"}}

@@ -130,9 +130,14 @@ def _with_urls(value: Any, url_for: Callable[[str], str]) -> Any:
 
 
 def envelope(event: str, created_at: datetime, payload: dict[str, Any], url_for: Callable[[str], str]) -> bytes:
-    """The JSON body of one delivery: ``{"type", "timestamp", "data"}`` (Standard Webhooks style)."""
-    body = {"type": event, "timestamp": created_at.isoformat().replace("+00:00", "Z"),
-            "data": _with_urls(payload, url_for)}
+    """The JSON body of one delivery: ``{"type", "timestamp", "data"}`` (Standard Webhooks
+    style). Outbox rows already hold that envelope; a bare payload is wrapped. Result keys get
+    download URLs minted now, so a late retry still carries URLs that work."""
+    if "type" in payload and "data" in payload:
+        body = dict(payload, data=_with_urls(payload["data"], url_for))
+    else:
+        body = {"type": event, "timestamp": created_at.isoformat().replace("+00:00", "Z"),
+                "data": _with_urls(payload, url_for)}
     return json.dumps(body, separators=(",", ":"), sort_keys=True).encode()
 
 

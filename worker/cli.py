@@ -1,0 +1,216 @@
+"""``bagel-jobs``: the command line of the job service (console script → ``main``).
+
+Owns: argument parsing, logging set-up and settings construction for every entry point:
+``config``, ``db upgrade|downgrade``, ``tenant create``, ``key create``, ``api``,
+``worker --queues gpu|webhooks``, ``reconciler``, ``up`` and ``demo``. Each command is a few
+lines calling the module that owns the work. The API is started through uvicorn by import
+string, so the worker package never imports ``api``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+from worker.errors import SettingsError
+from worker.settings import Settings, load_settings
+
+log = logging.getLogger(__name__)
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s [%(process)d] %(message)s"
+
+
+def _configure_logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(), format=LOG_FORMAT, stream=sys.stderr, force=True)
+
+
+def _out(text: str) -> None:
+    sys.stdout.write(text + "\n")
+    sys.stdout.flush()
+
+
+def cmd_config(settings: Settings, args: argparse.Namespace) -> int:
+    _out(json.dumps(settings.masked_dump(), indent=2, sort_keys=True, default=str))
+    return 0
+
+
+def cmd_db(settings: Settings, args: argparse.Namespace) -> int:
+    from worker import db
+
+    if args.action == "upgrade":
+        db.upgrade(settings, args.revision or "head")
+    else:
+        db.downgrade(settings, args.revision or "base")
+    return 0
+
+
+def _session(settings: Settings) -> Any:
+    from worker.db import make_engine, session_factory
+
+    return session_factory(make_engine(settings))()
+
+
+def cmd_tenant(settings: Settings, args: argparse.Namespace) -> int:
+    from worker import tenants
+
+    with _session(settings) as session:
+        created = tenants.create_tenant(session, args.name)
+    _out(json.dumps({"tenant_id": created.tenant_id, "api_key": created.api_key,
+                     "webhook_secret": created.webhook_secret}, indent=2))
+    log.info("tenant %s created; the API key and webhook secret are shown once", created.tenant_id)
+    return 0
+
+
+def cmd_key(settings: Settings, args: argparse.Namespace) -> int:
+    from worker import tenants
+
+    with _session(settings) as session:
+        api_key = tenants.create_api_key(session, args.tenant, name=args.name or "")
+    _out(json.dumps({"tenant_id": args.tenant, "api_key": api_key}, indent=2))
+    return 0
+
+
+def cmd_api(settings: Settings, args: argparse.Namespace) -> int:
+    import uvicorn
+
+    host = args.host or settings.api_host
+    port = args.port or settings.api_port
+    # The factory reads the same BAGEL_JOBS_* environment; import by string keeps api → worker.
+    uvicorn.run("api.main:create_app", factory=True, host=host, port=port, log_level="info",
+                access_log=args.access_log)
+    return 0
+
+
+def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
+    from celery import signals
+
+    from worker.celery_app import GPU_QUEUE, QUEUES, make_celery
+    from worker.tasks import WorkerRuntime
+
+    queues = [q.strip() for q in args.queues.split(",") if q.strip()]
+    unknown = sorted(set(queues) - set(QUEUES))
+    if unknown:
+        raise SettingsError(f"--queues: {unknown} not among {list(QUEUES)}")
+    holder = None
+    if GPU_QUEUE in queues:
+        from worker.gpu import EngineHolder
+
+        holder = EngineHolder(settings)
+        holder.load()  # before consuming: a bad checkpoint stops the worker here, not per task
+    app = make_celery(settings)
+    rt = WorkerRuntime(settings, holder)
+    app.bagel_runtime = rt
+
+    def on_shutdown(**_: Any) -> None:
+        # Celery's warm shutdown waits for the running chunk; the flag makes that chunk stop at
+        # its next denoising step and release its jobs for another worker.
+        rt.shutting_down.set()
+
+    signals.worker_shutting_down.connect(on_shutdown, weak=False)
+    name = args.name or "-".join(queues)
+    worker = app.Worker(queues=queues, pool="solo", concurrency=1, hostname=f"{name}@%h",
+                        loglevel=args.log_level.upper(), without_heartbeat=True, without_mingle=True,
+                        without_gossip=True, optimization="fair")
+    log.info("worker %s consuming %s", rt.worker_id, queues)
+    worker.start()
+    return int(worker.exitcode or 0)
+
+
+def cmd_reconciler(settings: Settings, args: argparse.Namespace) -> int:
+    from worker.reconciler import run_forever
+    from worker.tasks import WorkerRuntime
+
+    rt = WorkerRuntime(settings)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    run_forever(settings, rt.session, rt.store, stop)
+    return 0
+
+
+def cmd_up(settings: Settings, args: argparse.Namespace) -> int:
+    from worker.stack import run_stack
+
+    return run_stack(settings, log_level=args.log_level)
+
+
+def cmd_demo(settings: Settings, args: argparse.Namespace) -> int:
+    from worker.demo import run_demo
+
+    return run_demo(settings, api_url=args.api_url, out_dir=args.out, wait_ready_s=args.wait_ready_s,
+                    api_key=args.api_key, webhook_secret=args.webhook_secret, steps=args.steps,
+                    receiver_host=args.receiver_host)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="bagel-jobs", description="BAGEL inference as asynchronous jobs.")
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    sub.add_parser("config", help="print the settings (secrets masked)").set_defaults(func=cmd_config)
+
+    p = sub.add_parser("db", help="run database migrations")
+    p.add_argument("action", choices=["upgrade", "downgrade"])
+    p.add_argument("revision", nargs="?", help="target revision (upgrade: head, downgrade: base)")
+    p.set_defaults(func=cmd_db)
+
+    p = sub.add_parser("tenant", help="manage tenants")
+    tsub = p.add_subparsers(dest="action", required=True)
+    tc = tsub.add_parser("create", help="create a tenant; prints its id, an API key and the webhook secret once")
+    tc.add_argument("name")
+    tc.set_defaults(func=cmd_tenant)
+
+    p = sub.add_parser("key", help="manage API keys")
+    ksub = p.add_subparsers(dest="action", required=True)
+    kc = ksub.add_parser("create", help="create another API key for a tenant")
+    kc.add_argument("tenant", help="tenant id")
+    kc.add_argument("--name", default="")
+    kc.set_defaults(func=cmd_key)
+
+    p = sub.add_parser("api", help="serve the HTTP API (uvicorn)")
+    p.add_argument("--host")
+    p.add_argument("--port", type=int)
+    p.add_argument("--access-log", action="store_true")
+    p.set_defaults(func=cmd_api)
+
+    p = sub.add_parser("worker", help="run a Celery worker (one per GPU for the gpu queue)")
+    p.add_argument("--queues", default="gpu", help="gpu, webhooks or both, comma-separated")
+    p.add_argument("--name", help="node name prefix (default: the queue names)")
+    p.set_defaults(func=cmd_worker)
+
+    sub.add_parser("reconciler", help="run the periodic reconciler").set_defaults(func=cmd_reconciler)
+    sub.add_parser("up", help="run API + GPU worker + webhook worker + reconciler (embedded mode)"
+                   ).set_defaults(func=cmd_up)
+
+    p = sub.add_parser("demo", help="submit a try-on batch to a running stack and collect the results")
+    p.add_argument("--api-url", help="default: BAGEL_JOBS_PUBLIC_BASE_URL")
+    p.add_argument("--out", default="var/demo", help="output folder (default var/demo)")
+    p.add_argument("--wait-ready-s", type=float, default=60.0)
+    p.add_argument("--api-key", help="default: create a demo tenant in the configured database")
+    p.add_argument("--webhook-secret", help="the tenant's secret (required with --api-key)")
+    p.add_argument("--steps", type=int, default=None, help="denoising steps per image")
+    p.add_argument("--receiver-host", default="127.0.0.1", help="address the webhook receiver binds")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _configure_logging(args.log_level)
+    try:
+        settings = load_settings()
+        return int(args.func(settings, args) or 0)
+    except SettingsError as exc:
+        log.error("%s", exc)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

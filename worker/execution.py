@@ -1,0 +1,267 @@
+"""Running one chunk: claim → read inputs → engine → upload → complete, with the failure policy.
+
+Owns: the body of the ``bagel_jobs.run_chunk`` task. It claims the chunk's queued jobs under a
+lease, reads their input images from storage (once per file), runs them through the GPU module
+in one call (progress written every ``progress_every_steps`` steps, the lease renewed, cancel
+requests polled between steps), uploads outputs to deterministic keys and records each outcome
+through ``worker.jobs`` (which writes the webhook outbox rows in the same transaction).
+
+Failure policy: a permanent error (bad input) fails the job at once; a transient one (storage
+down, engine crash) puts it back to ``queued`` until ``max_attempts`` and republishes the chunk
+after a capped exponential backoff. On worker shutdown (SIGTERM) the engine stops at the next
+step boundary and the unfinished jobs are released for another worker. Leaves engine details to
+``gpu.py`` and every state change to ``jobs.py``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from sqlalchemy import select
+
+from worker import dispatch, jobs
+from worker.errors import BrokerUnavailable, ObjectNotFound
+from worker.models import File, Job
+from worker.params import engine_prompt
+
+if TYPE_CHECKING:
+    from worker.gpu import JobInput, JobOutput
+    from worker.tasks import WorkerRuntime
+
+log = logging.getLogger(__name__)
+
+MAX_BACKOFF_S = 300.0
+CANCEL_POLL_S = 0.2
+PROGRESS_MIN_INTERVAL_S = 0.25
+
+
+@dataclass
+class ClaimedJob:
+    """A plain snapshot of a claimed job row (safe to use after its session closed)."""
+
+    id: str
+    tenant_id: str
+    task: str
+    prompt: str
+    input_file_ids: list[str]
+    params: dict
+    think: bool
+    width: int
+    height: int
+    attempts: int
+
+
+def result_key(tenant_id: str, job_id: str, ext: str) -> str:
+    """Deterministic output key: a rerun overwrites the same object, never adds a second one."""
+    return f"results/{tenant_id}/{job_id}.{ext}"
+
+
+def backoff_s(base_s: float, attempt: int) -> float:
+    """Delay before retry number ``attempt`` (1-based): base·2^(attempt−1), capped."""
+    return min(base_s * (2 ** max(attempt - 1, 0)), MAX_BACKOFF_S)
+
+
+class _ChunkMonitor:
+    """The engine's callbacks: throttled progress writes, lease renewal and cancel polling."""
+
+    def __init__(self, rt: WorkerRuntime, job_ids: list[str]) -> None:
+        self.rt = rt
+        self.job_ids = job_ids
+        self.every = rt.settings.progress_every_steps
+        self.renew_every_s = max(rt.settings.lease_s / 3.0, 0.5)
+        self.last_renew = time.monotonic()
+        self.last_cancel_poll = 0.0
+        self.canceled: set[str] = set()
+        self.pending: dict[int, tuple[int, int]] = {}
+        self.last_flush = 0.0
+
+    def progress(self, index: int, step: int, total: int) -> None:
+        if step % self.every and step != total:
+            return
+        self.pending[index] = (step, total)
+        now = time.monotonic()
+        if step == total or now - self.last_flush >= PROGRESS_MIN_INTERVAL_S:
+            self.flush()
+        if now - self.last_renew >= self.renew_every_s:
+            with self.rt.session() as session:
+                jobs.renew_lease(session, self.job_ids, self.rt.worker_id, self.rt.settings.lease_s)
+            self.last_renew = now
+
+    def flush(self) -> None:
+        groups: dict[tuple[int, int], list[str]] = {}
+        for index, st in self.pending.items():
+            groups.setdefault(st, []).append(self.job_ids[index])
+        self.pending.clear()
+        self.last_flush = time.monotonic()
+        if not groups:
+            return
+        with self.rt.session() as session:
+            for (step, total), ids in groups.items():
+                jobs.record_progress(session, ids, self.rt.worker_id, step, total)
+
+    def should_cancel(self, index: int) -> bool:
+        if self.rt.shutting_down.is_set():
+            return True
+        now = time.monotonic()
+        if now - self.last_cancel_poll >= CANCEL_POLL_S:
+            with self.rt.session() as session:
+                self.canceled = set(jobs.cancel_requested_ids(session, self.job_ids))
+            self.last_cancel_poll = now
+        return self.job_ids[index] in self.canceled
+
+
+def _claim(rt: WorkerRuntime, chunk_id: str) -> list[ClaimedJob]:
+    with rt.session() as session:
+        rows: list[Job] = jobs.claim_chunk(session, chunk_id, rt.worker_id, rt.settings.lease_s)
+        return [ClaimedJob(id=j.id, tenant_id=j.tenant_id, task=j.task, prompt=j.prompt,
+                           input_file_ids=list(j.input_file_ids or []), params=dict(j.params or {}),
+                           think=bool(j.think), width=int(j.width or 1024), height=int(j.height or 1024),
+                           attempts=int(j.attempts)) for j in rows]
+
+
+def _read_inputs(rt: WorkerRuntime, claimed: list[ClaimedJob]) -> tuple[dict[str, bytes], dict[str, str]]:
+    """Bytes per file id (each read once) and a permanent error per job whose file is gone."""
+    wanted = {fid for job in claimed for fid in job.input_file_ids}
+    with rt.session() as session:
+        rows = session.execute(select(File.id, File.tenant_id, File.storage_key).where(File.id.in_(wanted))).all()
+    keys = {fid: (tenant, key) for fid, tenant, key in rows}
+    data: dict[str, bytes] = {}
+    missing: dict[str, str] = {}
+    for job in claimed:
+        for n, fid in enumerate(job.input_file_ids):
+            if fid in data:
+                continue
+            entry = keys.get(fid)
+            if entry is None or entry[0] != job.tenant_id:
+                missing[job.id] = f"input_file_ids[{n}]: file {fid} does not exist"
+                continue
+            try:
+                data[fid] = rt.store.get(entry[1])  # StorageUnavailable propagates: transient
+            except ObjectNotFound:
+                missing[job.id] = f"input_file_ids[{n}]: object for file {fid} is missing from storage"
+    return data, missing
+
+
+def run_chunk(rt: WorkerRuntime, chunk_id: str) -> None:
+    """Execute chunk ``chunk_id`` (a repeat or a chunk with nothing queued does nothing)."""
+    settings = rt.settings
+    claimed = _claim(rt, chunk_id)
+    if not claimed:
+        log.info("chunk %s: nothing to claim (done, canceled or held by another worker)", chunk_id)
+        return
+    log.info("chunk %s: claimed %d job(s) as %s", chunk_id, len(claimed), rt.worker_id)
+    started = time.perf_counter()
+    try:
+        files, missing = _read_inputs(rt, claimed)
+        holder = rt.holder()
+        from worker.gpu import JobInput
+
+        runnable = [job for job in claimed if job.id not in missing]
+        inputs = [JobInput(job_id=job.id, task=job.task, prompt=engine_prompt(job.task, job.prompt),
+                           images=[files[fid] for fid in job.input_file_ids], think=job.think,
+                           width=job.width, height=job.height, params=job.params) for job in runnable]
+        monitor = _ChunkMonitor(rt, [job.id for job in runnable])
+        outputs = holder.run(inputs, progress=monitor.progress, should_cancel=monitor.should_cancel) if inputs else []
+        monitor.flush()
+    except Exception as exc:  # noqa: BLE001 - anything not a bad input is retried, then failed
+        code = getattr(exc, "code", "engine_error")
+        log.warning("chunk %s: transient failure %s: %s", chunk_id, code, exc, exc_info=True)
+        _retry(rt, chunk_id, claimed, code, f"{type(exc).__name__}: {exc}")
+        return
+
+    for job_id, message in missing.items():
+        with rt.session() as session:
+            jobs.fail_job(session, job_id, rt.worker_id, "unknown_file", message)
+    retry: list[ClaimedJob] = []
+    release: list[str] = []
+    finished = 0
+    for job, out in zip(runnable, outputs, strict=True):
+        outcome = _record(rt, job, out)
+        if outcome == "retry":
+            retry.append(job)
+        elif outcome == "release":
+            release.append(job.id)
+        else:
+            finished += 1
+    if retry:
+        _retry(rt, chunk_id, retry, "storage_unavailable", "could not upload the result")
+    if release:
+        with rt.session() as session:
+            jobs.release_jobs(session, release, rt.worker_id)
+        log.warning("chunk %s: worker shutting down, released %d job(s)", chunk_id, len(release))
+        _publish(rt, chunk_id, None)
+    _nudge(rt)
+    log.info("chunk %s: %d job(s) finished in %.2f s", chunk_id, finished + len(missing),
+             time.perf_counter() - started)
+
+
+def _record(rt: WorkerRuntime, job: ClaimedJob, out: JobOutput) -> str:
+    """Store and record one job's outcome; returns 'done', 'retry' or 'release'."""
+    wid = rt.worker_id
+    if out.error_code is not None:
+        with rt.session() as session:
+            jobs.fail_job(session, job.id, wid, out.error_code, out.error_message or out.error_code)
+        log.info("job %s failed permanently: %s", job.id, out.error_code)
+        return "done"
+    if out.canceled:
+        with rt.session() as session:
+            if jobs.mark_canceled(session, job.id, wid):
+                log.info("job %s canceled between steps", job.id)
+                return "done"
+        return "release" if rt.shutting_down.is_set() else "done"
+    try:
+        if out.png is not None:
+            key = result_key(job.tenant_id, job.id, "png")
+            rt.store.put(key, out.png, "image/png")
+        else:
+            key = result_key(job.tenant_id, job.id, "txt")
+            rt.store.put(key, (out.text or "").encode(), "text/plain; charset=utf-8")
+    except Exception as exc:  # noqa: BLE001 - storage trouble of any kind is transient
+        log.warning("job %s: upload failed (%s: %s)", job.id, type(exc).__name__, exc)
+        return "retry"
+    with rt.session() as session:
+        ok = jobs.complete_job(session, job.id, wid, output_key=key, output_text=out.text,
+                               think_text=out.think_text, model_seconds=out.model_seconds)
+    if ok:
+        log.info("job %s succeeded in %.2f s of model time", job.id, out.model_seconds)
+    else:
+        log.warning("job %s: lease lost before completion, result %s left for the new owner", job.id, key)
+    return "done"
+
+
+def _retry(rt: WorkerRuntime, chunk_id: str, claimed: list[ClaimedJob], code: str, message: str) -> None:
+    requeued = 0
+    attempts = 1
+    for job in claimed:
+        with rt.session() as session:
+            status = jobs.retry_or_fail(session, job.id, rt.worker_id, code, message)
+        if status == "queued":
+            requeued += 1
+            attempts = max(attempts, job.attempts)
+        else:
+            log.error("job %s failed after %d attempt(s): %s", job.id, job.attempts, message)
+    if requeued:
+        delay = backoff_s(rt.settings.retry_backoff_s, attempts)
+        log.warning("chunk %s: %d job(s) back to queued, retry in %.1f s", chunk_id, requeued, delay)
+        _publish(rt, chunk_id, delay)
+    _nudge(rt)
+
+
+def _publish(rt: WorkerRuntime, chunk_id: str, delay_s: float | None) -> None:
+    try:
+        dispatch.publish_chunks(rt.settings, [chunk_id], countdown_s=delay_s)
+    except BrokerUnavailable as exc:
+        log.warning("chunk %s: %s; the reconciler will publish it", chunk_id, exc)
+        return
+    with rt.session() as session:
+        jobs.mark_published(session, [chunk_id])
+
+
+def _nudge(rt: WorkerRuntime) -> None:
+    try:
+        dispatch.nudge_webhooks(rt.settings)
+    except BrokerUnavailable as exc:
+        log.warning("webhook nudge not sent (%s); the reconciler nudges on its next tick", exc)
