@@ -18,7 +18,7 @@ import threading
 from collections.abc import Sequence
 from typing import Any
 
-from worker.errors import SettingsError
+from worker.errors import ServiceError, SettingsError
 from worker.settings import Settings, load_settings
 
 log = logging.getLogger(__name__)
@@ -60,10 +60,12 @@ def cmd_tenant(settings: Settings, args: argparse.Namespace) -> int:
     from worker import tenants
 
     with _session(settings) as session:
-        created = tenants.create_tenant(session, args.name)
-    _out(json.dumps({"tenant_id": created.tenant_id, "api_key": created.api_key,
-                     "webhook_secret": created.webhook_secret}, indent=2))
-    log.info("tenant %s created; the API key and webhook secret are shown once", created.tenant_id)
+        tenant = tenants.create_tenant(session, args.name)
+        _, api_key = tenants.create_api_key(session, tenant.id, name="default")
+        out = {"tenant_id": tenant.id, "name": tenant.name, "api_key": api_key,
+               "webhook_secret": tenant.webhook_secret}
+    _out(json.dumps(out, indent=2))
+    log.info("tenant %s created; its API key and webhook secret are shown only this once", out["tenant_id"])
     return 0
 
 
@@ -71,8 +73,10 @@ def cmd_key(settings: Settings, args: argparse.Namespace) -> int:
     from worker import tenants
 
     with _session(settings) as session:
-        api_key = tenants.create_api_key(session, args.tenant, name=args.name or "")
-    _out(json.dumps({"tenant_id": args.tenant, "api_key": api_key}, indent=2))
+        tenant = tenants.find_tenant(session, args.tenant)
+        row, api_key = tenants.create_api_key(session, tenant.id, name=args.name or "")
+        out = {"tenant_id": tenant.id, "key_id": row.id, "api_key": api_key}
+    _out(json.dumps(out, indent=2))
     return 0
 
 
@@ -169,7 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("key", help="manage API keys")
     ksub = p.add_subparsers(dest="action", required=True)
     kc = ksub.add_parser("create", help="create another API key for a tenant")
-    kc.add_argument("tenant", help="tenant id")
+    kc.add_argument("tenant", help="tenant id or name")
     kc.add_argument("--name", default="")
     kc.set_defaults(func=cmd_key)
 
@@ -210,6 +214,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SettingsError as exc:
         log.error("%s", exc)
         return 2
+    except ServiceError as exc:
+        log.error("%s: %s", exc.code, exc)
+        return 1
 
 
 if __name__ == "__main__":
