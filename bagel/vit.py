@@ -136,7 +136,7 @@ class SiglipNaViT(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.vision_model.embeddings.patch_embedding.weight.dtype
+        return self.vision_model.post_layernorm.weight.dtype  # never quantized
 
     def forward(self, patches: torch.Tensor, position_ids: torch.Tensor,
                 cu_seqlens: torch.Tensor) -> torch.Tensor:
