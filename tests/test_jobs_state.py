@@ -1,0 +1,374 @@
+"""The job state machine (worker.jobs) on real PostgreSQL and SQLite: leases, outbox, batch
+completion, retries, reconciler queries, cancellation, webhook delivery bookkeeping."""
+
+from __future__ import annotations
+
+import threading
+from datetime import timedelta
+
+import pytest
+from sqlalchemy import select, text
+from sqlalchemy.orm import Session
+
+from worker import jobs, tenants
+from worker.db import session_factory
+from worker.jobs import JobSpec
+from worker.models import Batch, Chunk, DeliveryStatus, Job, JobStatus, WebhookAttempt, WebhookDelivery, utcnow
+
+HOOK = "http://127.0.0.1:9/hook"
+
+
+def spec(task: str = "edit", prompt: str = "a mug on a desk", files: tuple[str, ...] = ("f1",),
+         **kw: object) -> JobSpec:
+    return JobSpec(task=task, prompt=prompt, params={"num_timesteps": 4, "seed": 1},
+                   input_file_ids=files, **kw)
+
+
+@pytest.fixture
+def tenant_id(db_session: Session) -> str:
+    return tenants.create_tenant(db_session, "acme").id
+
+
+def deliveries(session: Session, event: str | None = None) -> list[WebhookDelivery]:
+    q = select(WebhookDelivery).order_by(WebhookDelivery.created_at)
+    if event:
+        q = q.where(WebhookDelivery.event == event)
+    rows = list(session.scalars(q.execution_options(populate_existing=True)).all())
+    session.commit()
+    return rows
+
+
+def submit_batch(session: Session, tenant_id: str, specs: list[JobSpec], chunk_size: int = 8,
+                 max_attempts: int = 3, webhook_url: str | None = HOOK):
+    return jobs.submit(session, tenant_id, specs, batch=True, webhook_url=webhook_url, metadata={"sku": "X1"},
+                       chunk_size=chunk_size, max_attempts=max_attempts)
+
+
+def test_submit_groups_jobs_into_chunks_by_shared_inputs(db_session, tenant_id):
+    specs = [spec(files=("a",)) for _ in range(5)] + [spec(files=("b",)) for _ in range(2)] + [
+        spec(task="generate", files=(), width=64, height=64), spec(files=("a",), think=True)]
+    batch, rows, chunks = submit_batch(db_session, tenant_id, specs, chunk_size=3)
+    assert batch is not None and batch.job_count == 9
+    # a×5 → 3+2, b×2 → 2, generate → 1, a+think → 1
+    assert len(chunks) == 5
+    by_chunk: dict[str, list[int]] = {}
+    for job in rows:
+        by_chunk.setdefault(job.chunk_id, []).append(job.position)
+    assert sorted(by_chunk.values()) == [[0, 1, 2], [3, 4], [5, 6], [7], [8]]
+    assert all(j.status == JobStatus.queued and j.attempts == 0 and j.batch_id == batch.id for j in rows)
+    assert rows[0].progress_total == 4
+    stored = db_session.scalars(select(Chunk)).all()
+    assert {c.id for c in stored} == {c.id for c in chunks}
+    assert all(c.published_at is None and c.batch_id == batch.id for c in stored)
+
+
+def test_claim_is_exclusive_and_repeat_claims_take_nothing(db_session, tenant_id):
+    _, rows, chunks = submit_batch(db_session, tenant_id, [spec() for _ in range(3)])
+    claimed = jobs.claim_chunk(db_session, chunks[0].id, "w1", lease_s=60)
+    assert [j.id for j in claimed] == [j.id for j in rows]
+    assert all(j.status == JobStatus.running and j.attempts == 1 and j.lease_owner == "w1" for j in claimed)
+    assert all(j.lease_until > utcnow() + timedelta(seconds=50) for j in claimed)
+    assert jobs.claim_chunk(db_session, chunks[0].id, "w2", lease_s=60) == []
+    assert jobs.claim_chunk(db_session, chunks[0].id, "w1", lease_s=60) == []
+    again = jobs.load_jobs(db_session, [j.id for j in rows])
+    assert all(j.attempts == 1 and j.lease_owner == "w1" for j in again)
+
+
+def test_concurrent_claims_split_nothing_and_lose_nothing(db_session, db_url, tenant_id):
+    _, rows, chunks = submit_batch(db_session, tenant_id, [spec() for _ in range(6)])
+    factory = session_factory(db_session.get_bind())
+    results: dict[str, list[str]] = {}
+    barrier = threading.Barrier(4)
+
+    def claim(worker: str) -> None:
+        with factory() as s:
+            barrier.wait()
+            results[worker] = [j.id for j in jobs.claim_chunk(s, chunks[0].id, worker, lease_s=60)]
+
+    threads = [threading.Thread(target=claim, args=(f"w{i}",)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    winners = [w for w, ids in results.items() if ids]
+    assert len(results) == 4 and len(winners) == 1
+    assert sorted(results[winners[0]]) == sorted(j.id for j in rows)
+
+
+def test_complete_needs_the_lease_and_writes_the_outbox_row_once(db_session, tenant_id):
+    _, rows, chunks = jobs.submit(db_session, tenant_id, [spec()], batch=False, webhook_url=HOOK,
+                                  metadata={"k": "v"}, chunk_size=8)
+    job_id = rows[0].id
+    assert not jobs.complete_job(db_session, job_id, "w1", output_key="k.png", model_seconds=1.0)  # not claimed
+    jobs.claim_chunk(db_session, chunks[0].id, "w1", lease_s=60)
+    assert not jobs.complete_job(db_session, job_id, "intruder", output_key="k.png", model_seconds=1.0)
+    assert deliveries(db_session) == []
+    assert jobs.complete_job(db_session, job_id, "w1", output_key="results/t/j.png", think_text="hmm",
+                             model_seconds=2.5)
+    assert not jobs.complete_job(db_session, job_id, "w1", output_key="other.png", model_seconds=9.0)
+    job = jobs.get_job(db_session, tenant_id, job_id)
+    assert job.status == JobStatus.succeeded and job.output_key == "results/t/j.png"
+    assert job.model_seconds == 2.5 and job.think_text == "hmm" and job.finished_at is not None
+    assert job.lease_until is None and job.progress_step == job.progress_total == 4
+    [row] = deliveries(db_session)
+    assert row.event == "job.succeeded" and row.url == HOOK and row.status == DeliveryStatus.pending
+    assert row.id.startswith("msg_") and row.next_attempt_at is not None
+    assert row.payload["type"] == "job.succeeded"
+    assert row.payload["data"]["job_id"] == job_id
+    assert row.payload["data"]["output_key"] == "results/t/j.png"
+    assert row.payload["data"]["metadata"] == {"k": "v"}
+    assert jobs.batch_counts(db_session, "none") == {s.value: 0 for s in JobStatus}
+
+
+def test_outbox_row_and_status_change_commit_together(db_session, db_kind, tenant_id):
+    """When the outbox insert fails, the job is not marked succeeded either (one transaction)."""
+    _, rows, chunks = jobs.submit(db_session, tenant_id, [spec()], batch=False, webhook_url=HOOK,
+                                  metadata={}, chunk_size=8)
+    jobs.claim_chunk(db_session, chunks[0].id, "w1", lease_s=60)
+    if db_kind == "postgres":
+        ddl = ["CREATE FUNCTION refuse_outbox() RETURNS trigger AS $$ BEGIN RAISE EXCEPTION 'outbox down'; "
+               "END $$ LANGUAGE plpgsql",
+               "CREATE TRIGGER refuse_outbox BEFORE INSERT ON webhook_deliveries "
+               "FOR EACH ROW EXECUTE FUNCTION refuse_outbox()"]
+        cleanup = ["DROP TRIGGER refuse_outbox ON webhook_deliveries", "DROP FUNCTION refuse_outbox()"]
+    else:
+        ddl = ["CREATE TRIGGER refuse_outbox BEFORE INSERT ON webhook_deliveries "
+               "BEGIN SELECT RAISE(ABORT, 'outbox down'); END"]
+        cleanup = ["DROP TRIGGER refuse_outbox"]
+    for stmt in ddl:
+        db_session.execute(text(stmt))
+    db_session.commit()
+    try:
+        with pytest.raises(Exception, match="outbox down"):
+            jobs.complete_job(db_session, rows[0].id, "w1", output_key="x.png", model_seconds=1.0)
+        db_session.rollback()
+    finally:
+        for stmt in cleanup:
+            db_session.execute(text(stmt))
+        db_session.commit()
+    job = jobs.load_jobs(db_session, [rows[0].id])[0]
+    assert job.status == JobStatus.running and job.output_key is None
+    assert jobs.complete_job(db_session, rows[0].id, "w1", output_key="x.png", model_seconds=1.0)
+    assert len(deliveries(db_session, "job.succeeded")) == 1
+
+
+def test_batch_completed_event_is_written_exactly_once_with_a_manifest(db_session, tenant_id):
+    batch, rows, chunks = submit_batch(db_session, tenant_id, [spec(files=("a",)), spec(files=("a",)),
+                                                               spec(files=("b",))])
+    assert len(chunks) == 2
+    jobs.claim_chunk(db_session, chunks[0].id, "w1", lease_s=60)
+    assert jobs.complete_job(db_session, rows[0].id, "w1", output_key="r0.png", model_seconds=1)
+    assert jobs.fail_job(db_session, rows[1].id, "w1", "invalid_input", "prompt: too long")
+    assert deliveries(db_session, "batch.completed") == []
+    assert jobs.get_batch(db_session, tenant_id, batch.id).completed_at is None
+    jobs.cancel_job(db_session, tenant_id, rows[2].id)  # queued → canceled finishes the batch
+    jobs.cancel_job(db_session, tenant_id, rows[2].id)
+    jobs.fail_job(db_session, rows[1].id, "w1", "x", "again")
+    [event] = deliveries(db_session, "batch.completed")
+    data = event.payload["data"]
+    assert data["batch_id"] == batch.id and data["metadata"] == {"sku": "X1"}
+    assert data["counts"] == {"queued": 0, "running": 0, "succeeded": 1, "failed": 1, "canceled": 1}
+    assert [(m["job_id"], m["status"], m["output_key"]) for m in data["jobs"]] == [
+        (rows[0].id, "succeeded", "r0.png"), (rows[1].id, "failed", None), (rows[2].id, "canceled", None)]
+    assert jobs.get_batch(db_session, tenant_id, batch.id).completed_at is not None
+    assert [d.event for d in deliveries(db_session)] == ["job.succeeded", "job.failed", "batch.completed"]
+    assert jobs.batch_progress(db_session, batch.id) == 1.0
+
+
+def test_concurrent_completion_of_the_last_jobs_completes_the_batch_once(db_session, tenant_id):
+    factory = session_factory(db_session.get_bind())
+    for round_ in range(5):
+        _, rows, chunks = submit_batch(db_session, tenant_id, [spec(files=(f"r{round_}",)) for _ in range(4)],
+                                       chunk_size=2)
+        for i, chunk in enumerate(chunks):
+            jobs.claim_chunk(db_session, chunk.id, f"w{i}", lease_s=60)
+        owners = {j.id: j.lease_owner for j in jobs.load_jobs(db_session, [j.id for j in rows])}
+        barrier = threading.Barrier(len(rows))
+        errors: list[BaseException] = []
+
+        def finish(job_id: str) -> None:
+            try:
+                with factory() as s:
+                    barrier.wait()
+                    assert jobs.complete_job(s, job_id, owners[job_id], output_key=f"{job_id}.png", model_seconds=1)
+            except BaseException as exc:  # noqa: BLE001 — reported below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=finish, args=(j.id,)) for j in rows]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        assert errors == []
+        assert len(deliveries(db_session, "batch.completed")) == round_ + 1
+
+
+def test_retry_or_fail_requeues_until_attempts_run_out(db_session, tenant_id):
+    _, rows, chunks = submit_batch(db_session, tenant_id, [spec()], max_attempts=2)
+    job_id = rows[0].id
+    jobs.claim_chunk(db_session, chunks[0].id, "w1", lease_s=60)
+    assert jobs.retry_or_fail(db_session, job_id, "other", "storage_unavailable", "S3 down") == "running"
+    assert jobs.retry_or_fail(db_session, job_id, "w1", "storage_unavailable", "S3 down") == "queued"
+    job = jobs.load_jobs(db_session, [job_id])[0]
+    assert job.attempts == 1 and job.lease_owner is None and job.error_code == "storage_unavailable"
+    assert deliveries(db_session) == []
+    [again] = jobs.claim_chunk(db_session, chunks[0].id, "w2", lease_s=60)
+    assert again.attempts == 2
+    assert jobs.retry_or_fail(db_session, job_id, "w2", "storage_unavailable", "S3 still down") == "failed"
+    job = jobs.load_jobs(db_session, [job_id])[0]
+    assert job.status == JobStatus.failed and job.error_message == "S3 still down"
+    assert [d.event for d in deliveries(db_session)] == ["job.failed", "batch.completed"]
+    assert deliveries(db_session, "job.failed")[0].payload["data"]["error"] == {
+        "code": "storage_unavailable", "message": "S3 still down"}
+
+
+def test_requeue_expired_returns_jobs_then_fails_them_when_attempts_run_out(db_session, tenant_id):
+    _, rows, chunks = submit_batch(db_session, tenant_id, [spec(), spec()], max_attempts=2)
+    jobs.mark_published(db_session, [chunks[0].id])
+    jobs.claim_chunk(db_session, chunks[0].id, "dead-worker", lease_s=30)
+    assert jobs.requeue_expired(db_session, utcnow()) == 0  # leases still live
+    later = utcnow() + timedelta(seconds=31)
+    assert jobs.requeue_expired(db_session, later) == 2
+    requeued = jobs.load_jobs(db_session, [j.id for j in rows])
+    assert all(j.status == JobStatus.queued and j.lease_owner is None and j.error_code == "lease_expired"
+               for j in requeued)
+    assert jobs.chunks_to_publish(db_session, utcnow(), republish_after_s=3600) == [chunks[0].id]
+    # The dead worker wakes up late: it no longer holds the lease.
+    assert not jobs.complete_job(db_session, rows[0].id, "dead-worker", output_key="x", model_seconds=1)
+    jobs.claim_chunk(db_session, chunks[0].id, "w2", lease_s=30)
+    assert jobs.requeue_expired(db_session, utcnow() + timedelta(seconds=31)) == 2
+    failed = jobs.load_jobs(db_session, [j.id for j in rows])
+    assert all(j.status == JobStatus.failed and j.error_code == "lease_expired" for j in failed)
+    assert "attempt 2 of 2" in failed[0].error_message
+    assert len(deliveries(db_session, "job.failed")) == 2
+    assert len(deliveries(db_session, "batch.completed")) == 1
+
+
+def test_chunks_to_publish_honours_the_republish_threshold(db_session, tenant_id):
+    _, rows, chunks = submit_batch(db_session, tenant_id, [spec(files=("a",)), spec(files=("b",))])
+    now = utcnow()
+    assert sorted(jobs.chunks_to_publish(db_session, now, 60)) == sorted(c.id for c in chunks)
+    jobs.mark_published(db_session, [chunks[0].id])
+    assert jobs.chunks_to_publish(db_session, utcnow(), 60) == [chunks[1].id]
+    assert sorted(jobs.chunks_to_publish(db_session, utcnow() + timedelta(seconds=61), 60)) == sorted(
+        c.id for c in chunks)
+    jobs.mark_published(db_session, [chunks[0].id])
+    chunk = db_session.get(Chunk, chunks[0].id, populate_existing=True)
+    assert chunk.publish_count == 2
+    jobs.claim_chunk(db_session, chunks[1].id, "w", lease_s=60)  # no queued job left there
+    assert jobs.chunks_to_publish(db_session, utcnow() + timedelta(seconds=61), 60) == [chunks[0].id]
+
+
+def test_cancel_queued_is_immediate_and_running_is_cooperative(db_session, tenant_id):
+    batch, rows, chunks = submit_batch(db_session, tenant_id, [spec(files=("a",)), spec(files=("b",))])
+    jobs.claim_chunk(db_session, chunks[0].id, "w1", lease_s=60)
+    assert jobs.cancel_requested_ids(db_session, [j.id for j in rows]) == set()
+    updated = jobs.cancel_batch(db_session, tenant_id, batch.id)
+    assert updated.cancel_requested and updated.completed_at is None
+    running, queued = jobs.load_jobs(db_session, [j.id for j in rows])
+    assert queued.status == JobStatus.canceled and queued.finished_at is not None
+    assert running.status == JobStatus.running and running.cancel_requested
+    assert jobs.claim_chunk(db_session, chunks[1].id, "w2", lease_s=60) == []
+    assert jobs.cancel_requested_ids(db_session, [j.id for j in rows]) == {running.id, queued.id}
+    assert not jobs.mark_canceled(db_session, running.id, "w2")
+    assert jobs.mark_canceled(db_session, running.id, "w1")
+    assert jobs.load_jobs(db_session, [running.id])[0].status == JobStatus.canceled
+    assert jobs.batch_counts(db_session, batch.id)["canceled"] == 2
+    [event] = deliveries(db_session, "batch.completed")
+    assert event.payload["data"]["counts"]["canceled"] == 2
+    assert deliveries(db_session, "job.succeeded") == []
+    # Cancelling a finished job changes nothing.
+    assert jobs.cancel_job(db_session, tenant_id, running.id).status == JobStatus.canceled
+
+
+def test_cancel_requested_during_a_retry_ends_canceled(db_session, tenant_id):
+    _, rows, chunks = jobs.submit(db_session, tenant_id, [spec()], batch=False, webhook_url=None,
+                                  metadata={}, chunk_size=8)
+    jobs.claim_chunk(db_session, chunks[0].id, "w1", lease_s=60)
+    assert jobs.cancel_job(db_session, tenant_id, rows[0].id).cancel_requested
+    assert jobs.retry_or_fail(db_session, rows[0].id, "w1", "transient", "blip") == "canceled"
+
+
+def test_release_jobs_puts_work_back_without_spending_an_attempt(db_session, tenant_id):
+    _, rows, chunks = submit_batch(db_session, tenant_id, [spec(), spec()])
+    jobs.mark_published(db_session, [chunks[0].id])
+    jobs.claim_chunk(db_session, chunks[0].id, "w1", lease_s=60)
+    jobs.cancel_job(db_session, tenant_id, rows[1].id)
+    assert jobs.release_jobs(db_session, [j.id for j in rows], "w2") == 0
+    assert jobs.release_jobs(db_session, [j.id for j in rows], "w1") == 1
+    released, canceled = jobs.load_jobs(db_session, [j.id for j in rows])
+    assert released.status == JobStatus.queued and released.attempts == 0 and released.lease_owner is None
+    assert canceled.status == JobStatus.canceled
+    assert jobs.chunks_to_publish(db_session, utcnow(), 3600) == [chunks[0].id]
+
+
+def test_progress_and_lease_renewal_need_the_lease(db_session, tenant_id):
+    _, rows, chunks = submit_batch(db_session, tenant_id, [spec()])
+    jobs.claim_chunk(db_session, chunks[0].id, "w1", lease_s=5)
+    before = jobs.load_jobs(db_session, [rows[0].id])[0].lease_until
+    jobs.record_progress(db_session, [rows[0].id], "w2", 3, 4)
+    jobs.renew_lease(db_session, [rows[0].id], "w2", lease_s=600)
+    job = jobs.load_jobs(db_session, [rows[0].id])[0]
+    assert job.progress_step == 0 and job.lease_until == before
+    jobs.record_progress(db_session, [rows[0].id], "w1", 2, 4)
+    jobs.renew_lease(db_session, [rows[0].id], "w1", lease_s=600)
+    job = jobs.load_jobs(db_session, [rows[0].id])[0]
+    assert (job.progress_step, job.progress_total) == (2, 4)
+    assert job.lease_until > before + timedelta(seconds=500)
+    assert jobs.batch_progress(db_session, job.batch_id) == 0.5
+
+
+def test_due_deliveries_are_claimed_once_and_attempts_are_recorded(db_session, tenant_id):
+    _, rows, chunks = submit_batch(db_session, tenant_id, [spec()])
+    jobs.claim_chunk(db_session, chunks[0].id, "w1", lease_s=60)
+    jobs.complete_job(db_session, rows[0].id, "w1", output_key="o.png", model_seconds=1)
+    now = utcnow()
+    due = jobs.due_deliveries(db_session, now, limit=10)
+    assert sorted(d.event for d in due) == ["batch.completed", "job.succeeded"]
+    assert jobs.due_deliveries(db_session, now, limit=10) == []  # claimed by the first caller
+    first, second = due
+    jobs.record_attempt(db_session, first.id, status_code=503, error="HTTP 503", duration_ms=12.0,
+                        delivered=False, next_attempt_at=now + timedelta(seconds=5))
+    jobs.record_attempt(db_session, first.id, status_code=None, error="timeout", duration_ms=10_000.0,
+                        delivered=False, next_attempt_at=None)
+    jobs.record_attempt(db_session, first.id, status_code=200, error=None, duration_ms=1.0,
+                        delivered=True, next_attempt_at=None)  # already failed: ignored
+    jobs.record_attempt(db_session, second.id, status_code=204, error=None, duration_ms=3.0,
+                        delivered=True, next_attempt_at=None)
+    rows_by_id = {d.id: d for d in deliveries(db_session)}
+    assert rows_by_id[first.id].status == DeliveryStatus.failed and rows_by_id[first.id].attempts == 2
+    assert rows_by_id[first.id].last_error == "timeout"
+    assert rows_by_id[second.id].status == DeliveryStatus.delivered
+    assert rows_by_id[second.id].delivered_at is not None and rows_by_id[second.id].last_status_code == 204
+    attempts = db_session.scalars(select(WebhookAttempt).order_by(WebhookAttempt.id)).all()
+    assert [(a.delivery_id, a.attempt_no, a.status_code) for a in attempts] == [
+        (first.id, 1, 503), (first.id, 2, None), (second.id, 1, 204)]
+
+
+def test_reads_are_tenant_scoped(db_session, tenant_id):
+    other = tenants.create_tenant(db_session, "globex").id
+    batch, rows, _ = submit_batch(db_session, tenant_id, [spec() for _ in range(5)])
+    assert jobs.get_job(db_session, other, rows[0].id) is None
+    assert jobs.get_batch(db_session, other, batch.id) is None
+    assert jobs.list_batch_jobs(db_session, other, batch.id) is None
+    assert jobs.cancel_job(db_session, other, rows[0].id) is None
+    assert jobs.cancel_batch(db_session, other, batch.id) is None
+    page2 = jobs.list_batch_jobs(db_session, tenant_id, batch.id, page=2, page_size=2)
+    assert [j.position for j in page2] == [2, 3]
+    assert jobs.batch_counts(db_session, batch.id)["queued"] == 5
+    assert db_session.get(Batch, batch.id).cancel_requested is False
+
+
+def test_expired_results_are_listed_and_forgotten_once(db_session, tenant_id):
+    _, rows, chunks = submit_batch(db_session, tenant_id, [spec()], webhook_url=None)
+    jobs.claim_chunk(db_session, chunks[0].id, "w1", lease_s=60)
+    jobs.complete_job(db_session, rows[0].id, "w1", output_key="o.png", think_text="t", model_seconds=1)
+    assert jobs.expired_results(db_session, utcnow(), retention_s=3600) == []
+    [old] = jobs.expired_results(db_session, utcnow() + timedelta(hours=2), retention_s=3600)
+    assert old.id == rows[0].id and old.output_key == "o.png"
+    assert jobs.mark_result_expired(db_session, old.id)
+    assert not jobs.mark_result_expired(db_session, old.id)
+    job = db_session.get(Job, old.id, populate_existing=True)
+    assert job.result_expired_at is not None and job.think_text is None
+    assert jobs.expired_results(db_session, utcnow() + timedelta(hours=2), retention_s=3600) == []
+    assert deliveries(db_session) == []
