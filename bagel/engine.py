@@ -1,0 +1,452 @@
+"""The engine: ``Engine.load(path)`` then ``engine.run([Request, ...]) -> [Result, ...]``.
+
+Owns: the loaded modules, device and dtype; validating every request before any model work
+(errors name ``requests[i].<field>``, the value and the limit); seeding one generator per
+request; and running a list of requests as numbered steps:
+
+  1. validate and plan every request (pictures resized, prompts tokenized, sizes snapped);
+  2. draw each edit's VAE posterior noise (first draw of its generator, as in the reference)
+     and encode each distinct picture once;
+  3. prefill every context of every request, sharing common prefixes (``contexts.py``);
+  4. decode all texts together: understanding answers and think texts (``tasks.py``);
+  5. append each think text to its request's main context;
+  6. draw the initial noise and denoise every image, requests with the same schedule in one
+     packed forward per step with all their CFG branches (``tasks.py``);
+  7. decode latents to pictures and assemble the results.
+
+Contexts per task (the reference's ``interleave_inference``): understand — [think prompt],
+pictures (ViT only), question. Generate — main [think prompt], prompt; text-free CFG = [think
+prompt]; image-free CFG = main before the think text. Edit — main [think prompt], picture
+(VAE block, then ViT block), instruction; text-free CFG = everything before the instruction;
+image-free CFG = [think prompt], instruction.
+
+Sizes: a generate request's width and height are snapped to the nearest multiple of the
+16-px latent stride (at least 16); a side beyond ``max_image_side_px`` (max_latent_size·16,
+1024 px for BAGEL-7B-MoT) is an error. An edit's output has the VAE-resized input's size.
+Token limits: ``max_new_tokens`` bounds an understanding reply (with think: the whole reply,
+reasoning included), ``max_think_tokens`` a generate/edit think text; both count returned tokens.
+
+``mode="naive"`` (or ``run(..., naive=True)``) runs requests one at a time with one forward
+per context item, decode step and CFG branch — the reference's shape, kept as the baseline
+of the throughput benchmark. Batched and naive results agree within float tolerance.
+
+Departures from the reference: batching and prefix sharing as above; understanding requests
+skip the image-free context the reference builds but never reads; posterior noise is shared
+by requests that use the same picture and the same seed (or the same injected noise), so their
+whole picture context is prefilled once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import secrets
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from bagel import transforms
+from bagel.config import ModelConfig
+from bagel.contexts import ContextStore, Counters, LatentInput, Path as CtxPath, TextItem, VaeItem, VitInput, VitItem
+from bagel.errors import InputError
+from bagel.kv_cache import KVCache
+from bagel.loading import LoadedCheckpoint, load_checkpoint
+from bagel.prompts import think_system_prompt
+from bagel.requests import CancelFn, ProgressFn, Request, Result
+from bagel.sampler import make_schedule
+from bagel.tasks import ImageJob, TextJob, decode_texts, denoise, reply_text
+
+logger = logging.getLogger(__name__)
+
+MODES = ("batched", "naive")
+THINK_END = "</think>"
+
+
+def _image_key(img: Image.Image) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    h.update(f"{img.mode}:{img.size}".encode())
+    h.update(img.tobytes())
+    return h.hexdigest()
+
+
+def _tensor_key(t: torch.Tensor) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    h.update(str(tuple(t.shape)).encode())
+    h.update(t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+@dataclass
+class _Picture:
+    """An input picture after the reference's resizes."""
+
+    key: str
+    vae_image: Image.Image  # VAE-resized RGB picture
+    vit: VitInput
+
+
+@dataclass
+class _Plan:
+    """One validated request and everything computed for it on the way."""
+
+    index: int
+    request: Request
+    seed: int
+    generator: torch.Generator
+    pictures: list[_Picture]
+    out_hw: tuple[int, int] | None = None  # output picture (H, W) px for generate/edit
+    latent_key: str | None = None
+    main: CtxPath = ()
+    text_uncond: CtxPath = ()
+    img_uncond: CtxPath | None = ()
+    think_text: str | None = None
+    reply: str | None = None
+    text_job: TextJob | None = None
+    image_job: ImageJob | None = None
+    canceled: bool = False
+    trace: dict = field(default_factory=dict)
+
+
+class Engine:
+    """BAGEL inference on one device. Thread-compatible, not thread-safe: one ``run`` at a time."""
+
+    def __init__(self, checkpoint: LoadedCheckpoint, *, mode: str = "batched",
+                 max_rows_per_forward: int = 1 << 16) -> None:
+        if mode not in MODES:
+            raise InputError(f"mode: {mode!r} is not one of {MODES}")
+        self.checkpoint = checkpoint
+        self.model = checkpoint.model
+        self.vae = checkpoint.vae
+        self.mode = mode
+        self.max_rows_per_forward = max_rows_per_forward
+
+    @classmethod
+    def load(cls, path: str | Path, quantization: str = "none", device: str | torch.device = "auto",
+             dtype: torch.dtype | str | None = None, *, mode: str = "batched") -> Engine:
+        """Load a checkpoint folder. ``device="auto"``: CUDA when available, else CPU; ``dtype``
+        defaults to float32 on CPU and bfloat16 on CUDA."""
+        from bagel.loading import resolve_device
+
+        dev = resolve_device(device)
+        if dtype is None:
+            dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+        return cls(load_checkpoint(path, device=dev, dtype=dtype, quantization=quantization), mode=mode)
+
+    @property
+    def config(self) -> ModelConfig:
+        return self.checkpoint.config
+
+    @property
+    def device(self) -> torch.device:
+        return self.checkpoint.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.checkpoint.dtype
+
+    @property
+    def tokenizer(self):
+        return self.checkpoint.tokenizer
+
+    @property
+    def max_image_side_px(self) -> int:
+        return self.config.constants.max_image_side_px(self.config.vae)
+
+    @property
+    def latent_stride_px(self) -> int:
+        return self.config.constants.latent_downsample(self.config.vae)
+
+    # ---- step 1: validation -------------------------------------------------------------
+
+    def _snap(self, value: int, field_name: str) -> int:
+        stride, limit = self.latent_stride_px, self.max_image_side_px
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise InputError(f"{field_name}: {value!r} must be a positive number of pixels")
+        if value > limit:
+            raise InputError(f"{field_name}: {value} px exceeds the {limit} px maximum side")
+        return min(limit, max(stride, (value + stride // 2) // stride * stride))
+
+    def _picture(self, img: Image.Image, field_name: str) -> _Picture:
+        consts = self.config.constants
+        if not isinstance(img, Image.Image):
+            raise InputError(f"{field_name}: a decoded PIL picture is required, got {type(img).__name__}")
+        try:
+            rgb = transforms.to_rgb(img)
+            vae_img = transforms.resize_for_vae(rgb, consts)
+            vit_img = transforms.resize_for_vit(vae_img, consts)
+            patches, pos = transforms.patchify_vit(transforms.image_to_tensor(vit_img), self.config.vit.patch_size,
+                                                   consts.vit_max_num_patch_per_side)
+        except InputError as exc:
+            raise InputError(f"{field_name}: {exc}") from exc
+        except (OSError, ValueError) as exc:
+            raise InputError(f"{field_name}: cannot be read as a picture ({exc})") from exc
+        return _Picture(_image_key(rgb), vae_img, VitInput(patches, pos))
+
+    def _plan(self, i: int, req: Request) -> _Plan:
+        where = f"requests[{i}]"
+        if not isinstance(req, Request):
+            raise InputError(f"{where}: a bagel.requests.Request is required, got {type(req).__name__}")
+        p = req.params
+        seed = p.seed if p.seed is not None else secrets.randbits(63)
+        gen = torch.Generator(device=self.device).manual_seed(seed)
+        pictures = [self._picture(img, f"{where}.images[{k}]") for k, img in enumerate(req.images)]
+        plan = _Plan(i, req, seed, gen, pictures)
+        n_tokens = len(self.tokenizer.encode(req.prompt)) + 2
+        think = p.max_think_tokens + 2 if req.think else 0
+        limit = self.config.llm.max_position_embeddings
+        if n_tokens + think + 256 > limit:
+            raise InputError(f"{where}.prompt: {n_tokens} tokens (+{think} think tokens) exceed the "
+                             f"{limit}-position context of the model")
+        z = self.config.vae.z_channels
+        lp = self.config.constants.latent_patch_size
+        if req.task == "generate":
+            plan.out_hw = (self._snap(req.height, f"{where}.height"), self._snap(req.width, f"{where}.width"))
+        elif req.task == "edit":
+            w, h = pictures[0].vae_image.size
+            plan.out_hw = (h, w)
+            down = self.config.vae.downsample
+            expected = (1, z, h // down, w // down)
+            if req.posterior_noise is not None and tuple(req.posterior_noise.shape) != expected:
+                raise InputError(f"{where}.posterior_noise: shape {tuple(req.posterior_noise.shape)} given, "
+                                 f"expected {expected} for the {w}x{h} px resized input")
+        if req.posterior_noise is not None and req.task != "edit":
+            raise InputError(f"{where}.posterior_noise: only an edit encodes its input picture with the VAE")
+        if req.init_noise is not None:
+            if plan.out_hw is None:
+                raise InputError(f"{where}.init_noise: an understand request generates no picture")
+            stride = self.latent_stride_px
+            expected = ((plan.out_hw[0] // stride) * (plan.out_hw[1] // stride), lp * lp * z)
+            if tuple(req.init_noise.shape) != expected:
+                raise InputError(f"{where}.init_noise: shape {tuple(req.init_noise.shape)} given, expected "
+                                 f"{expected} for a {plan.out_hw[1]}x{plan.out_hw[0]} px output")
+        return plan
+
+    # ---- the run ------------------------------------------------------------------------
+
+    def run(self, requests: list[Request], progress: ProgressFn | None = None,
+            should_cancel: CancelFn | None = None, naive: bool | None = None) -> list[Result]:
+        """Run ``requests``; one ``Result`` per request, in order. Raises ``InputError`` (nothing
+        computed) when any request is invalid."""
+        results, _ = self.run_traced(requests, progress=progress, should_cancel=should_cancel, naive=naive)
+        return results
+
+    def run_traced(self, requests: list[Request], *, progress: ProgressFn | None = None,
+                   should_cancel: CancelFn | None = None, naive: bool | None = None,
+                   record: bool = False) -> tuple[list[Result], list[dict]]:
+        """``run`` that also returns, per request, the intermediate values the parity verifier
+        compares (decode logits, first-step CFG branches, final latent, raw decoder output)."""
+        if not isinstance(requests, list | tuple) or not requests:
+            raise InputError("requests: a non-empty list of Request is required")
+        plans = [self._plan(i, r) for i, r in enumerate(requests)]  # 1. validate everything first
+        naive = self.mode == "naive" if naive is None else naive
+        started = time.perf_counter()
+        with torch.inference_mode():
+            if naive:
+                outcomes = []
+                for plan in plans:
+                    outcomes += self._execute([plan], progress, should_cancel, naive=True, record=record)
+            else:
+                outcomes = self._execute(plans, progress, should_cancel, naive=False, record=record)
+        seconds = time.perf_counter() - started
+        results = []
+        for plan, (result, counters) in zip(plans, outcomes):
+            result.stats.update({
+                "seed": plan.seed, "model_seconds": seconds,
+                "llm_forwards": counters.llm_forwards.get(plan.index, 0),
+                "context_encodes": counters.context_encodes.get(plan.index, 0),
+                "run_llm_forwards": counters.run_llm_forwards,
+                "run_context_encodes": counters.run_context_encodes,
+            })
+            results.append(result)
+        logger.info("ran %d requests in %.2f s (%s)", len(plans), seconds, "naive" if naive else "batched")
+        return results, [p.trace for p in plans]
+
+    def _execute(self, plans: list[_Plan], progress: ProgressFn | None, should_cancel: CancelFn | None,
+                 *, naive: bool, record: bool) -> list[tuple[Result, Counters]]:
+        cfg = self.config.llm
+        counters = Counters()
+        cache = KVCache(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim,
+                        self._capacity_estimate(plans), self.device, self.dtype)
+        store = ContextStore(self.model, self.tokenizer, cache, counters, naive=naive)
+        self._encode_pictures(plans, store, counters)  # 2.
+        self._build_paths(plans)
+        paths, owners = [], []  # 3.
+        for plan in plans:
+            for path in (plan.main, plan.text_uncond, plan.img_uncond):
+                if path:
+                    paths.append(path)
+                    owners.append(plan.index)
+        store.prefill(paths, owners)
+        self._decode(plans, store, cache, counters, should_cancel, progress, naive, record)  # 4.
+        think_paths = []  # 5.
+        for plan in plans:
+            if plan.think_text is not None and not plan.canceled:
+                plan.main = (*plan.main, TextItem(plan.think_text))
+                think_paths.append((plan.main, plan.index))
+        if think_paths:
+            store.prefill([p for p, _ in think_paths], [o for _, o in think_paths])
+        self._denoise(plans, store, cache, counters, progress, should_cancel, naive, record)  # 6.
+        return [(self._result(plan, record), counters) for plan in plans]  # 7.
+
+    def _capacity_estimate(self, plans: list[_Plan]) -> int:
+        total = 0
+        stride = self.latent_stride_px
+        for plan in plans:
+            p = plan.request.params
+            total += 2 * (len(plan.request.prompt) + 8) + 300
+            total += sum(pic.vit.patches.shape[0] + 2 for pic in plan.pictures)
+            if plan.request.task == "edit":
+                h, w = plan.out_hw
+                total += (h // stride) * (w // stride) + 2
+            if plan.request.think:
+                total += 3 * (p.max_think_tokens + 2)
+            if plan.request.task == "understand":
+                total += p.max_new_tokens + 2
+        return total
+
+    # ---- step 2: pictures -----------------------------------------------------------------
+
+    def _encode_pictures(self, plans: list[_Plan], store: ContextStore, counters: Counters) -> None:
+        consts, vae_cfg = self.config.constants, self.config.vae
+        by_picture: dict[str, list[tuple[_Plan, torch.Tensor]]] = {}
+        for plan in plans:
+            for pic in plan.pictures:
+                store.vit_inputs.setdefault(pic.key, pic.vit)
+            if plan.request.task != "edit":
+                continue
+            pic = plan.pictures[0]
+            w, h = pic.vae_image.size
+            shape = (1, vae_cfg.z_channels, h // vae_cfg.downsample, w // vae_cfg.downsample)
+            noise = plan.request.posterior_noise
+            if noise is None:  # the generator's first draw, as in the reference
+                noise = torch.randn(shape, generator=plan.generator, device=self.device)
+            noise = noise.to(self.device, torch.float32)
+            plan.latent_key = f"{pic.key}:{_tensor_key(noise)}"
+            by_picture.setdefault(pic.key, []).append((plan, noise))
+        p = consts.latent_patch_size
+        for entries in by_picture.values():
+            distinct: dict[str, tuple[_Plan, torch.Tensor]] = {}
+            for plan, noise in entries:
+                distinct.setdefault(plan.latent_key, (plan, noise))
+            pic = entries[0][0].pictures[0]
+            pixels = transforms.image_to_tensor(pic.vae_image).to(self.device)[None]
+            noises = torch.cat([n for _, n in distinct.values()])
+            latents = self.vae.encode(pixels.expand(noises.shape[0], -1, -1, -1), noise=noises)
+            counters.encode(min(pl.index for pl, _ in distinct.values()))
+            h, w = latents.shape[2] // p, latents.shape[3] // p
+            pos = transforms.grid_position_ids(h, w, consts.max_latent_size)
+            for k, key in enumerate(distinct):
+                store.latents[key] = LatentInput(transforms.pack_latent(latents[k:k + 1].float(), p), pos)
+
+    def _build_paths(self, plans: list[_Plan]) -> None:
+        for plan in plans:
+            req = plan.request
+            head = (TextItem(think_system_prompt(req.task)),) if req.think else ()
+            prompt = TextItem(req.prompt)
+            if req.task == "understand":
+                plan.main = (*head, *(VitItem(pic.key) for pic in plan.pictures), prompt)
+                plan.text_uncond, plan.img_uncond = (), None
+            elif req.task == "generate":
+                plan.main = (*head, prompt)
+                plan.text_uncond = head
+                plan.img_uncond = plan.main if req.think else None  # None: identical to the main context
+            else:
+                picture = (VaeItem(plan.latent_key), VitItem(plan.pictures[0].key))
+                plan.main = (*head, *picture, prompt)
+                plan.text_uncond = (*head, *picture)
+                plan.img_uncond = (*head, prompt)
+
+    # ---- step 4: text ---------------------------------------------------------------------
+
+    def _decode(self, plans: list[_Plan], store: ContextStore, cache: KVCache, counters: Counters,
+                should_cancel: CancelFn | None, progress: ProgressFn | None, naive: bool, record: bool) -> None:
+        jobs = []
+        for plan in plans:
+            req, p = plan.request, plan.request.params
+            if req.task != "understand" and not req.think:
+                continue
+            limit = p.max_new_tokens if req.task == "understand" else p.max_think_tokens
+            plan.text_job = TextJob(plan.index, store.get(plan.main), limit, p.do_sample, p.text_temperature,
+                                    plan.generator, record_logits=record)
+            jobs.append(plan.text_job)
+        if not jobs:
+            return
+        on_step = None
+        if progress is not None:
+            understand = {pl.index for pl in plans if pl.request.task == "understand"}
+
+            def on_step(index: int, step: int, total: int) -> None:
+                if index in understand:
+                    progress(index, step, total)
+        decode_texts(self.model, self.tokenizer, cache, jobs, counters, should_cancel=should_cancel,
+                     on_step=on_step, naive=naive)
+        for plan in plans:
+            job = plan.text_job
+            if job is None:
+                continue
+            if job.canceled:
+                plan.canceled = True
+                continue
+            text = reply_text(self.tokenizer, job.fed)
+            if plan.request.task == "understand":
+                plan.reply = text
+            else:
+                plan.think_text = text
+            if record:
+                plan.trace.update(generated_ids=job.generated_ids, stop_reason=job.stop_reason,
+                                  step_logits=torch.stack(job.logits) if job.logits else None, raw_text=text)
+
+    # ---- step 6: images -------------------------------------------------------------------
+
+    def _denoise(self, plans: list[_Plan], store: ContextStore, cache: KVCache, counters: Counters,
+                 progress: ProgressFn | None, should_cancel: CancelFn | None, naive: bool, record: bool) -> None:
+        consts, stride = self.config.constants, self.latent_stride_px
+        lp, z = consts.latent_patch_size, self.config.vae.z_channels
+        groups: dict[tuple, list[ImageJob]] = {}
+        for plan in plans:
+            req, p = plan.request, plan.request.params
+            if req.task == "understand" or plan.canceled:
+                continue
+            h, w = plan.out_hw[0] // stride, plan.out_hw[1] // stride
+            noise = req.init_noise
+            if noise is None:
+                noise = torch.randn((h * w, lp * lp * z), generator=plan.generator, device=self.device)
+            schedule = make_schedule(p.num_timesteps, p.timestep_shift, p.cfg_interval)
+            img_uncond = None if plan.img_uncond is None else store.get(plan.img_uncond)
+            job = ImageJob(plan.index, (h, w), noise.to(self.device, torch.float32),
+                           transforms.grid_position_ids(h, w, consts.max_latent_size),
+                           store.get(plan.main), store.get(plan.text_uncond), img_uncond, p, schedule,
+                           record=record)
+            plan.image_job = job
+            groups.setdefault((p.num_timesteps, p.timestep_shift), []).append(job)
+        for jobs in groups.values():
+            denoise(self.model, self.tokenizer, cache, jobs, counters, progress=progress,
+                    should_cancel=should_cancel, naive=naive, max_rows_per_forward=self.max_rows_per_forward)
+
+    # ---- step 7: results ------------------------------------------------------------------
+
+    def decode_latent(self, packed: torch.Tensor, grid_hw: tuple[int, int]) -> torch.Tensor:
+        """Packed latent ``[h·w, p·p·z]`` → raw decoder output ``[1, 3, 16h, 16w]``."""
+        lp, z = self.config.constants.latent_patch_size, self.config.vae.z_channels
+        latent = transforms.unpack_latent(packed.to(self.device), grid_hw[0], grid_hw[1], lp, z)
+        return self.vae.decode(latent)
+
+    def _result(self, plan: _Plan, record: bool) -> Result:
+        job = plan.image_job
+        if plan.canceled or (job is not None and job.canceled):
+            return Result(canceled=True, think_text=plan.think_text)
+        if plan.request.task == "understand":
+            think, answer = None, plan.reply
+            if plan.request.think and THINK_END in plan.reply:
+                reasoning, answer = plan.reply.split(THINK_END, 1)
+                think, answer = reasoning.replace("<think>", "").strip(), answer.strip()
+            return Result(text=answer, think_text=think)
+        raw = self.decode_latent(job.x, job.grid_hw)
+        image = transforms.tensor_to_image(raw[0])
+        if record:
+            plan.trace.update(job.trace, final_latent=job.x.cpu(), decode_out_raw=raw.float().cpu())
+        return Result(image=image, think_text=plan.think_text)
+

@@ -1,0 +1,231 @@
+"""The Qwen2 mixture-of-transformers decoder BAGEL uses as its backbone.
+
+Owns: RMS norms, rotary position embedding, the attention shared by both experts, the
+understanding and generation projections, norms and MLPs (chosen per row by the packed
+layout's ``gen_index``), the final norms and the LM head. Attention is packed and
+variable-length: each segment of a ``PackedBatch`` attends to its cached context plus its own
+rows (causal aligned bottom-right for text, full for image and latent blocks), through
+``torch.nn.functional.scaled_dot_product_attention``. Leaves embedding of ViT and latent rows,
+cache bookkeeping and sampling to the engine.
+
+Parameter names follow the checkpoint (``model.layers.N.self_attn.q_proj_moe_gen`` ...), so
+``state_dict()`` keys equal the ``language_model.*`` keys of ``ema.safetensors``. Linear layers
+are only ever called as modules, so a loader may swap them for quantized ones.
+
+Departures from the reference:
+  * dtype-generic: the reference casts q/k/v and the generation-expert MLP inputs to bfloat16
+    unconditionally; here activations keep the model's dtype (float32 gives the exact math the
+    goldens were recorded with), and norm statistics and RoPE tables are computed in float32;
+  * one attention call per segment over cache views instead of flash-attn over a merged copy;
+  * the RoPE frequency table is computed on the fly (no buffer), so the module has exactly the
+    checkpoint's parameters and can be built on the meta device.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bagel.config import LLMConfig
+from bagel.kv_cache import KVCache
+from bagel.packing import PackedBatch
+
+
+class RMSNorm(nn.Module):
+    """Qwen2 RMS norm: statistics in float32, scale applied after casting back."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        h = x.to(torch.float32)
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(dtype)
+
+
+def rope_tables(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin ``[L, 1, D]`` for 1-D positions (Qwen2 default RoPE, computed in float32)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=positions.device)
+                                .float() / head_dim))
+    freqs = positions.float()[:, None] * inv_freq[None, :]
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos().to(dtype)[:, None, :], emb.sin().to(dtype)[:, None, :]
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    return x * cos + _rotate_half(x) * sin
+
+
+def routed(x: torch.Tensor, batch: PackedBatch, und: Callable[[torch.Tensor], torch.Tensor],
+           gen: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """Apply ``und`` to understanding rows and ``gen`` to generation rows of ``x`` ``[L, ...]``."""
+    if batch.gen_index is None:
+        return und(x)
+    y_und = und(x.index_select(0, batch.und_index))
+    y_gen = gen(x.index_select(0, batch.gen_index))
+    out = y_und.new_empty((x.shape[0], *y_und.shape[1:]))
+    out.index_copy_(0, batch.und_index, y_und)
+    out.index_copy_(0, batch.gen_index, y_gen.to(y_und.dtype))
+    return out
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward: ``down(silu(gate(x)) * up(x))``."""
+
+    def __init__(self, hidden: int, intermediate: int) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.up_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.down_proj = nn.Linear(intermediate, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+def _causal_bottom_right(q_len: int, k_len: int, device: torch.device) -> torch.Tensor:
+    """Boolean mask ``[q_len, k_len]``: query i sees key j iff j <= i + k_len - q_len."""
+    i = torch.arange(q_len, device=device)[:, None]
+    j = torch.arange(k_len, device=device)[None, :]
+    return j <= i + (k_len - q_len)
+
+
+class MoTAttention(nn.Module):
+    """Grouped-query attention with a projection/qk-norm set per expert and one shared softmax."""
+
+    def __init__(self, cfg: LLMConfig) -> None:
+        super().__init__()
+        c, h, kv, d = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.num_heads, self.num_kv_heads, self.head_dim = h, kv, d
+        self.q_proj = nn.Linear(c, h * d, bias=True)
+        self.k_proj = nn.Linear(c, kv * d, bias=True)
+        self.v_proj = nn.Linear(c, kv * d, bias=True)
+        self.o_proj = nn.Linear(h * d, c, bias=False)
+        self.q_norm = RMSNorm(d, cfg.rms_norm_eps)
+        self.k_norm = RMSNorm(d, cfg.rms_norm_eps)
+        self.q_proj_moe_gen = nn.Linear(c, h * d, bias=True)
+        self.k_proj_moe_gen = nn.Linear(c, kv * d, bias=True)
+        self.v_proj_moe_gen = nn.Linear(c, kv * d, bias=True)
+        self.o_proj_moe_gen = nn.Linear(h * d, c, bias=False)
+        self.q_norm_moe_gen = RMSNorm(d, cfg.rms_norm_eps)
+        self.k_norm_moe_gen = RMSNorm(d, cfg.rms_norm_eps)
+
+    def _qkv_und(self, x: torch.Tensor) -> torch.Tensor:
+        return self._qkv(x, self.q_proj, self.k_proj, self.v_proj, self.q_norm, self.k_norm)
+
+    def _qkv_gen(self, x: torch.Tensor) -> torch.Tensor:
+        return self._qkv(x, self.q_proj_moe_gen, self.k_proj_moe_gen, self.v_proj_moe_gen,
+                         self.q_norm_moe_gen, self.k_norm_moe_gen)
+
+    def _qkv(self, x: torch.Tensor, qp: nn.Module, kp: nn.Module, vp: nn.Module, qn: nn.Module,
+             kn: nn.Module) -> torch.Tensor:
+        """Projected and qk-normed rows, concatenated per head: ``[n, H + 2·Hkv, D]``."""
+        n = x.shape[0]
+        q = qn(qp(x).view(n, self.num_heads, self.head_dim))
+        k = kn(kp(x).view(n, self.num_kv_heads, self.head_dim))
+        v = vp(x).view(n, self.num_kv_heads, self.head_dim)
+        return torch.cat((q, k, v.to(q.dtype)), dim=1)
+
+    def forward(self, x: torch.Tensor, batch: PackedBatch, rope: tuple[torch.Tensor, torch.Tensor],
+                cache: KVCache | None, layer: int) -> torch.Tensor:
+        h, kv = self.num_heads, self.num_kv_heads
+        qkv = routed(x, batch, self._qkv_und, self._qkv_gen)
+        cos, sin = rope
+        q = apply_rope(qkv[:, :h], cos, sin)
+        k = apply_rope(qkv[:, h:h + kv], cos, sin)
+        v = qkv[:, h + kv:]
+        out = torch.empty_like(q)
+        groups = h // kv
+        for seg in batch.segments:
+            rows = slice(seg.query_start, seg.query_start + seg.query_len)
+            k_new, v_new = k[rows], v[rows]
+            if seg.past.length:
+                assert cache is not None, "a segment with a past context needs the cache"
+                k_past, v_past = cache.read(layer, seg.past)
+                keys, values = torch.cat((k_past, k_new), 0), torch.cat((v_past, v_new), 0)
+            else:
+                keys, values = k_new, v_new
+            if seg.write_start is not None:
+                cache.write(layer, seg.write_start, k_new, v_new)
+            mask = None
+            if seg.is_causal and seg.query_len > 1:
+                mask = _causal_bottom_right(seg.query_len, keys.shape[0], x.device)
+            if groups > 1:
+                keys = keys.repeat_interleave(groups, dim=1)
+                values = values.repeat_interleave(groups, dim=1)
+            o = F.scaled_dot_product_attention(
+                q[rows].transpose(0, 1)[None], keys.transpose(0, 1)[None], values.transpose(0, 1)[None],
+                attn_mask=mask)
+            out[rows] = o[0].transpose(0, 1)
+        out = out.reshape(x.shape[0], h * self.head_dim)
+        return routed(out, batch, self.o_proj, self.o_proj_moe_gen)
+
+
+class MoTDecoderLayer(nn.Module):
+    """Pre-norm block: norm → shared attention → residual → norm → MLP → residual, with a norm
+    and MLP per expert."""
+
+    def __init__(self, cfg: LLMConfig) -> None:
+        super().__init__()
+        c, eps = cfg.hidden_size, cfg.rms_norm_eps
+        self.self_attn = MoTAttention(cfg)
+        self.mlp = MLP(c, cfg.intermediate_size)
+        self.mlp_moe_gen = MLP(c, cfg.intermediate_size)
+        self.input_layernorm = RMSNorm(c, eps)
+        self.input_layernorm_moe_gen = RMSNorm(c, eps)
+        self.post_attention_layernorm = RMSNorm(c, eps)
+        self.post_attention_layernorm_moe_gen = RMSNorm(c, eps)
+
+    def forward(self, x: torch.Tensor, batch: PackedBatch, rope: tuple[torch.Tensor, torch.Tensor],
+                cache: KVCache | None, layer: int) -> torch.Tensor:
+        normed = routed(x, batch, self.input_layernorm, self.input_layernorm_moe_gen)
+        x = x + self.self_attn(normed, batch, rope, cache, layer)
+        mlp_out = routed(x, batch, lambda t: self.mlp(self.post_attention_layernorm(t)),
+                         lambda t: self.mlp_moe_gen(self.post_attention_layernorm_moe_gen(t)))
+        return x + mlp_out
+
+
+class Qwen2MoTModel(nn.Module):
+    """Embedding table, decoder layers and the final norm of each expert."""
+
+    def __init__(self, cfg: LLMConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(MoTDecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.norm_moe_gen = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, x: torch.Tensor, batch: PackedBatch, cache: KVCache | None) -> torch.Tensor:
+        """Packed rows ``[L, C]`` → final-normed hidden states ``[L, C]``; writes new keys of
+        segments with a ``write_start`` into ``cache``."""
+        rope = rope_tables(batch.positions, self.cfg.head_dim, self.cfg.rope_theta, x.dtype)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, batch, rope, cache, i)
+        return routed(x, batch, self.norm, self.norm_moe_gen)
+
+
+class Qwen2MoTForCausalLM(nn.Module):
+    """Decoder plus the (untied) LM head; the checkpoint's ``language_model`` subtree."""
+
+    def __init__(self, cfg: LLMConfig) -> None:
+        super().__init__()
+        self.model = Qwen2MoTModel(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.model.embed_tokens(ids)
+
+    def forward(self, x: torch.Tensor, batch: PackedBatch, cache: KVCache | None) -> torch.Tensor:
+        return self.model(x, batch, cache)

@@ -1,0 +1,154 @@
+"""Packing: text, ViT patches and VAE latents of many contexts into one LLM forward.
+
+Owns: the layout of one packed forward — which rows are text tokens (and their ids), which
+rows take ViT features or latent tokens, the RoPE position of every row, which rows use the
+generation expert, and for every segment the cached context it attends to, whether it is
+causal and where its new keys are written. Pure bookkeeping on the host; tensors are built
+once per forward in ``PackBuilder.build``. Leaves embedding and the forward itself to the
+engine and ``llm.py``.
+
+Conventions (observed in the reference, see the fixture README):
+  * a text segment is ``<|im_start|>`` + ids + ``<|im_end|>``, causal, consecutive positions;
+  * an image block is ``<|vision_start|>`` + tokens + ``<|vision_end|>``, bidirectional, every
+    row at the context's current position; afterwards the position advances by one;
+  * the denoising query block has the same shape, sits at its own context's position and
+    writes nothing to the cache;
+  * latent rows (clean VAE context tokens and noisy query tokens) use the generation expert,
+    everything else the understanding expert.
+
+Departures from the reference: the reference builds index tensors for a merged key sequence
+(cache + new rows) per forward; here a segment names its cached context and the attention
+reads the cache directly, so no merged copy is indexed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from bagel.kv_cache import CacheSeq, KVCache
+
+ROW_KINDS = ("vit", "latent")
+
+
+@dataclass(frozen=True)
+class Segment:
+    """Rows ``query_start..query_start+query_len`` attend to ``past`` plus themselves."""
+
+    query_start: int
+    query_len: int
+    past: CacheSeq
+    is_causal: bool
+    write_start: int | None  # first cache slot for this segment's keys; None: not cached
+
+
+@dataclass(frozen=True)
+class Block:
+    """Where one image block's inner rows sit in the packed sequence."""
+
+    row_start: int
+    num_rows: int
+
+    @property
+    def rows(self) -> slice:
+        return slice(self.row_start, self.row_start + self.num_rows)
+
+
+@dataclass
+class PackedBatch:
+    """One forward's layout, as tensors on the model's device. ``gen_index`` is None when every
+    row uses the understanding expert."""
+
+    length: int
+    positions: torch.Tensor  # [L] long
+    segments: list[Segment]
+    text_ids: torch.Tensor  # [Nt] long
+    text_index: torch.Tensor  # [Nt] long, rows of the text tokens
+    row_index: dict[str, torch.Tensor]  # kind -> [N] long rows (vit / latent)
+    gen_index: torch.Tensor | None
+    und_index: torch.Tensor | None
+
+
+@dataclass
+class PackBuilder:
+    """Accumulates segments for one forward. Methods return the context as it will be once the
+    forward has run (new keys written), so callers chain contexts without waiting."""
+
+    cache: KVCache | None = None
+    _positions: list[int] = field(default_factory=list)
+    _segments: list[Segment] = field(default_factory=list)
+    _text_ids: list[int] = field(default_factory=list)
+    _text_rows: list[int] = field(default_factory=list)
+    _rows: dict[str, list[int]] = field(default_factory=lambda: {k: [] for k in ROW_KINDS})
+
+    @property
+    def length(self) -> int:
+        return len(self._positions)
+
+    def _reserve(self, past: CacheSeq, count: int, rope_advance: int, write: bool) -> tuple[CacheSeq, int | None]:
+        if not write:
+            return past, None
+        if self.cache is None:
+            raise ValueError("a segment that writes the cache needs a PackBuilder with a cache")
+        return self.cache.extend(past, count, rope_advance)
+
+    def add_text(self, ids: list[int], past: CacheSeq, *, write: bool = True,
+                 slot: int | None = None) -> CacheSeq:
+        """A causal run of text tokens at positions ``past.rope, past.rope+1, ...``. ``slot``:
+        write into these already allocated slots (a decode loop's reservation) instead of
+        allocating new ones."""
+        start = self.length
+        if slot is not None:
+            new = past.with_range(slot, len(ids), len(ids))
+        else:
+            new, slot = self._reserve(past, len(ids), len(ids), write)
+        self._positions.extend(range(past.rope, past.rope + len(ids)))
+        self._text_ids.extend(ids)
+        self._text_rows.extend(range(start, start + len(ids)))
+        self._segments.append(Segment(start, len(ids), past, True, slot))
+        return new
+
+    def add_image_block(self, kind: str, num_rows: int, past: CacheSeq, start_id: int, end_id: int,
+                        *, write: bool = True) -> tuple[CacheSeq, Block]:
+        """``start_id`` + ``num_rows`` rows of ``kind`` + ``end_id``, bidirectional, all at
+        ``past.rope``; the context's position then advances by one."""
+        if kind not in ROW_KINDS:
+            raise ValueError(f"kind: {kind!r} is not one of {ROW_KINDS}")
+        start = self.length
+        total = num_rows + 2
+        new, slot = self._reserve(past, total, 1, write)
+        self._positions.extend([past.rope] * total)
+        self._text_ids.extend([start_id, end_id])
+        self._text_rows.extend([start, start + total - 1])
+        self._rows[kind].extend(range(start + 1, start + 1 + num_rows))
+        self._segments.append(Segment(start, total, past, False, slot))
+        return new, Block(start + 1, num_rows)
+
+    def build(self, device: torch.device | str) -> PackedBatch:
+        def tensor(values: list[int]) -> torch.Tensor:
+            return torch.tensor(values, dtype=torch.long).to(device)
+
+        gen_rows = self._rows["latent"]
+        if gen_rows:
+            is_gen = torch.zeros(self.length, dtype=torch.bool)
+            is_gen[gen_rows] = True
+            gen_index = torch.nonzero(is_gen).squeeze(1).to(device)
+            und_index = torch.nonzero(~is_gen).squeeze(1).to(device)
+        else:
+            gen_index = und_index = None
+        return PackedBatch(
+            length=self.length,
+            positions=tensor(self._positions),
+            segments=list(self._segments),
+            text_ids=tensor(self._text_ids),
+            text_index=tensor(self._text_rows),
+            row_index={k: tensor(v) for k, v in self._rows.items()},
+            gen_index=gen_index,
+            und_index=und_index,
+        )
+
+
+def prompt_ids(token_ids: list[int], bos_id: int, eos_id: int) -> list[int]:
+    """The ids the reference prefills for one text segment: BOS + ids + EOS, no template."""
+    return [bos_id, *token_ids, eos_id]
