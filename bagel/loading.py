@@ -293,7 +293,8 @@ def paper_weight_bytes(config: ModelConfig, *, dtype: torch.dtype = torch.bfloat
                        quantization: str = "none") -> int:
     """Weight bytes a load of ``config`` would hold, computed from the meta-built modules (no
     file needed): NF4 costs 4 bits per weight plus one float32 absmax per 64 weights, INT8 one
-    byte per weight plus one float32 scale per output row."""
+    byte per weight plus one float32 scale per output row. Equals ``weight_bytes`` of a real
+    load (a test checks it), so it gives the figures for checkpoints too big to load here."""
     quant.check_mode(quantization)
     model, vae = build_empty(config)
     item = torch.empty((), dtype=dtype).element_size()
@@ -306,8 +307,8 @@ def paper_weight_bytes(config: ModelConfig, *, dtype: torch.dtype = torch.bfloat
                 continue
             n = param.numel()
             if quantized and leaf == "weight":
-                if quantization == "nf4":
-                    total += n // 2 + (n // quant.NF4_BLOCKSIZE) * 4
+                if quantization == "nf4":  # + each layer's 16-entry float32 code table
+                    total += n // 2 + (n // quant.NF4_BLOCKSIZE) * 4 + 16 * 4
                 else:
                     total += n + module.out_features * 4
             else:
