@@ -145,8 +145,9 @@ def _decoder_outputs(model, tokenizer, ids: list[int], n_latent: int) -> torch.T
 
 # vs its dequantized twin: the same weights, so only the kernels' arithmetic differs (INT8 rounds
 # activations to 8 bits; NF4's CPU kernel multiplies in bf16), amplified over two layers by the
-# random tiny model's sharp attention (measured: nf4 0.019, int8 0.036). vs the float model: the quantization error itself, which the random
-# tiny model (sharp q/k norms) amplifies (measured: nf4 0.49, int8 0.047); sanity bounds only.
+# random tiny model's sharp attention (measured: nf4 0.019, int8 0.036). vs the float model: the
+# quantization error itself, amplified the same way (measured: nf4 0.49, int8 0.047); the float
+# bounds are sanity limits, not quality claims.
 @pytest.mark.parametrize(("mode", "twin_tolerance", "float_tolerance"),
                          [("nf4", 0.05, 1.0), ("int8", 0.08, 0.2)])
 def test_quantized_llm_forward_matches_its_dequantized_twin(loaded, mode, twin_tolerance, float_tolerance):
