@@ -1,0 +1,143 @@
+"""Settings: embedded defaults, env variables, start-up validation naming the variable, masking;
+and the per-task parameter rules (worker.params)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from worker import params
+from worker.errors import InvalidParameter, InvalidWebhookUrl, SettingsError
+from worker.settings import Settings, load_settings, mask_url
+
+
+@pytest.fixture(autouse=True)
+def no_env(monkeypatch, tmp_path):
+    for name in list(__import__("os").environ):
+        if name.startswith("BAGEL_JOBS_"):
+            monkeypatch.delenv(name)
+    monkeypatch.chdir(tmp_path)  # no stray .env
+
+
+def test_defaults_are_the_embedded_stack():
+    s = load_settings()
+    assert s.database_url == "sqlite:///var/bagel-jobs.db" and s.is_sqlite
+    assert s.broker_url == "sqla+sqlite:///var/broker.db"
+    assert s.storage_backend == "local" and str(s.storage_dir) == "var/storage"
+    assert s.model_path is None and s.quantization == "none" and s.device == "auto"
+    assert (s.chunk_size, s.max_batch_items, s.max_upload_bytes) == (8, 256, 20 * 1024 * 1024)
+    assert (s.lease_s, s.max_attempts, s.webhook_allow_private) == (600, 3, False)
+
+
+def test_env_variables_and_dotenv_are_read(monkeypatch, tmp_path):
+    (tmp_path / ".env").write_text("BAGEL_JOBS_CHUNK_SIZE=4\nBAGEL_JOBS_QUANTIZATION=nf4\n")
+    monkeypatch.setenv("BAGEL_JOBS_STORAGE_BACKEND", "s3")
+    monkeypatch.setenv("BAGEL_JOBS_S3_BUCKET", "results")
+    monkeypatch.setenv("BAGEL_JOBS_S3_SECRET_ACCESS_KEY", "hunter2")
+    s = load_settings()
+    assert s.chunk_size == 4 and s.quantization == "nf4" and s.storage_backend == "s3"
+    assert "hunter2" not in repr(s)
+
+
+def test_bad_values_name_the_variable(monkeypatch):
+    monkeypatch.setenv("BAGEL_JOBS_CHUNK_SIZE", "0")
+    with pytest.raises(SettingsError, match=r"BAGEL_JOBS_CHUNK_SIZE='0': Input should be greater than or equal to 1"):
+        load_settings()
+    monkeypatch.delenv("BAGEL_JOBS_CHUNK_SIZE")
+    with pytest.raises(SettingsError, match=r"BAGEL_JOBS_QUANTIZATION='fp8'"):
+        load_settings(quantization="fp8")
+    with pytest.raises(SettingsError, match=r"BAGEL_JOBS_S3_BUCKET: required when BAGEL_JOBS_STORAGE_BACKEND=s3"):
+        load_settings(storage_backend="s3")
+    with pytest.raises(SettingsError, match=r"BAGEL_JOBS_DATABASE_URL: scheme 'mysql' is not supported"):
+        load_settings(database_url="mysql://x/y")
+
+
+def test_masked_dump_hides_secrets_and_url_passwords():
+    s = Settings(_env_file=None, database_url="postgresql+psycopg://app:pw123@db:5432/jobs",
+                 broker_url="redis://:redispw@redis:6379/0", s3_secret_access_key="topsecret",
+                 url_signing_key="signme")
+    dump = s.masked_dump()
+    text = json.dumps(dump)
+    for secret in ("pw123", "redispw", "topsecret", "signme"):
+        assert secret not in text
+    assert dump["database_url"] == "postgresql+psycopg://app:***@db:5432/jobs"
+    assert dump["broker_url"] == "redis://:***@redis:6379/0"
+    assert dump["s3_secret_access_key"] == "***" and dump["storage_dir"] == "var/storage"
+    assert mask_url("redis://localhost:6379/0") == "redis://localhost:6379/0"
+
+
+# --- worker.params -----------------------------------------------------------------------------
+
+
+def test_resolve_fills_task_defaults_and_always_sets_a_seed():
+    gen = params.resolve("generate", {}, think=False)
+    assert gen["cfg_img_scale"] == 1.0 and gen["cfg_interval"] == [0.4, 1.0] and gen["cfg_renorm_type"] == "global"
+    assert isinstance(gen["seed"], int) and gen["think"] is False
+    edit = params.resolve("edit", {"seed": 7}, think=True)
+    assert edit["cfg_img_scale"] == 2.0 and edit["cfg_interval"] == [0.0, 1.0] and edit["seed"] == 7
+    assert edit["cfg_renorm_type"] == "text_channel" and edit["think"] is True
+    tryon = params.resolve("tryon", {"num_timesteps": 4}, think=False)
+    assert tryon["cfg_img_scale"] > edit["cfg_img_scale"] and tryon["num_timesteps"] == 4
+
+
+@pytest.mark.parametrize(("user", "message"), [
+    ({"num_timesteps": 1}, r"params.num_timesteps: 1 is outside the allowed range 2 <= value <= 200"),
+    ({"num_timesteps": 2.5}, r"params.num_timesteps: 2.5 must be a whole number"),
+    ({"cfg_text_scale": 31}, r"params.cfg_text_scale: 31.0 is outside the allowed range 0.0 <= value <= 30.0"),
+    ({"timestep_shift": 0}, r"params.timestep_shift: 0.0 is outside the allowed range 0.0 < value <= 20.0"),
+    ({"cfg_interval": [0.8, 0.2]}, r"params.cfg_interval: start 0.8 is after end 0.2"),
+    ({"cfg_interval": [0.1]}, r"params.cfg_interval: \[0.1\] must be a pair"),
+    ({"cfg_renorm_type": "local"}, r"params.cfg_renorm_type: 'local' is not one of"),
+    ({"do_sample": "yes"}, r"params.do_sample: 'yes' must be true or false"),
+    ({"seed": -1}, r"params.seed: -1 is outside the allowed range"),
+    ({"guidance": 3}, r"params.guidance: unknown parameter"),
+])
+def test_resolve_refuses_out_of_range_values(user, message):
+    with pytest.raises(InvalidParameter, match=message):
+        params.resolve("generate", user, think=False)
+
+
+def test_tryon_prompt_keeps_the_product_and_runs_as_edit():
+    assert params.engine_task("tryon") == "edit" and params.engine_task("understand") == "understand"
+    prompt = params.engine_prompt("tryon", "  on a marble kitchen counter ")
+    assert prompt.endswith("Scene: on a marble kitchen counter") and "unchanged" in prompt
+    assert params.engine_prompt("generate", " a cat ") == "a cat"
+
+
+def test_sizes_and_input_counts():
+    assert params.resolve_size("generate", None, None, max_side_px=1024) == (1024, 1024)
+    assert params.resolve_size("generate", 64, 32, max_side_px=1024) == (64, 32)
+    assert params.resolve_size("tryon", None, None, max_side_px=1024) == (None, None)
+    with pytest.raises(InvalidParameter, match=r"width: 2048 px is outside 16..1024 px"):
+        params.resolve_size("generate", 2048, 64, max_side_px=1024)
+    with pytest.raises(InvalidParameter, match=r"height: 100 px is not a multiple of 16"):
+        params.resolve_size("generate", 64, 100, max_side_px=1024)
+    with pytest.raises(InvalidParameter, match=r"width: not accepted for task 'edit'"):
+        params.resolve_size("edit", 64, None, max_side_px=1024)
+    params.check_input_count("understand", 3)
+    with pytest.raises(InvalidParameter, match=r"input_file_ids: task 'tryon' takes 1 input image\(s\), got 0"):
+        params.check_input_count("tryon", 0)
+
+
+@pytest.mark.parametrize(("url", "message"), [
+    ("ftp://example.com/hook", "scheme 'ftp' is not allowed"),
+    ("https://user:pw@example.com/hook", "credentials in the URL are not allowed"),
+    ("http://127.0.0.1:8080/hook", "non-public address 127.0.0.1"),
+    ("http://10.1.2.3/hook", "non-public address 10.1.2.3"),
+    ("http://169.254.169.254/latest", "non-public address 169.254.169.254"),
+    ("http://[::1]/hook", "non-public address ::1"),
+    ("http://[::ffff:192.168.0.1]/hook", "non-public address"),
+    ("http://localhost/hook", "loopback name"),
+    ("https:///nohost", "has no host"),
+])
+def test_webhook_urls_are_checked(url, message):
+    with pytest.raises(InvalidWebhookUrl, match=message):
+        params.check_webhook_url(url, allow_private=False)
+
+
+def test_webhook_private_targets_allowed_when_configured():
+    assert params.check_webhook_url("http://127.0.0.1:8080/hook", allow_private=True)
+    assert params.check_webhook_url("https://93.184.216.34/hook", allow_private=False)
+    with pytest.raises(InvalidWebhookUrl, match="credentials"):
+        params.check_webhook_url("http://u:p@127.0.0.1/", allow_private=True)
