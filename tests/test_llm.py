@@ -1,0 +1,149 @@
+"""LLM, packing and KV cache: key layout, cached vs uncached, packed vs separate, expert routing."""
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from bagel.config import ModelConfig
+from bagel.kv_cache import EMPTY, CacheSeq, KVCache
+from bagel.llm import RMSNorm, _causal_bottom_right
+from bagel.loading import load_checkpoint
+from bagel.model import BagelModel, timestep_features
+from bagel.packing import PackBuilder
+
+
+@pytest.fixture(scope="module")
+def loaded(golden_dir):
+    return load_checkpoint(golden_dir, device="cpu", dtype=torch.float32)
+
+
+def _cache(cfg, capacity=256):
+    llm = cfg.llm
+    return KVCache(llm.num_hidden_layers, llm.num_key_value_heads, llm.head_dim, capacity, "cpu", torch.float32)
+
+
+def _forward(model, builder, cache, latent_rows=None):
+    batch = builder.build("cpu")
+    lm = model.language_model
+    text = lm.embed(batch.text_ids)
+    x = text.new_zeros(batch.length, text.shape[1])
+    x[batch.text_index] = text
+    if latent_rows is not None:
+        x[batch.row_index["latent"]] = latent_rows
+    return lm(x, batch, cache)
+
+
+def test_state_dict_keys_and_shapes_equal_the_checkpoint(golden_dir):
+    cfg = ModelConfig.from_folder(golden_dir)
+    with torch.device("meta"):
+        model = BagelModel(cfg)
+    ours = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    with safe_open(str(golden_dir / "ema.safetensors"), "pt") as f:
+        theirs = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    assert ours == theirs
+    assert not list(model.buffers()), "no buffers: every tensor comes from the checkpoint"
+
+
+@torch.inference_mode()
+def test_cached_prefill_equals_one_uncached_pass(loaded):
+    model, cfg = loaded.model, loaded.config
+    ids_a, ids_b = [481, 39, 68, 273, 482], [481, 78, 266, 78, 81, 387, 482]
+    cache = _cache(cfg)
+    b1 = PackBuilder(cache)
+    ctx = b1.add_text(ids_a, EMPTY)
+    _forward(model, b1, cache)
+    b2 = PackBuilder(cache)
+    b2.add_text(ids_b, ctx)
+    cached = _forward(model, b2, cache)
+    b3 = PackBuilder(None)
+    b3.add_text(ids_a + ids_b, EMPTY, write=False)
+    whole = _forward(model, b3, None)
+    assert torch.allclose(cached, whole[len(ids_a):], atol=1e-5)
+
+
+@torch.inference_mode()
+def test_packed_segments_equal_separate_forwards(loaded):
+    model, cfg, tok = loaded.model, loaded.config, loaded.tokenizer
+    cache = _cache(cfg)
+    b = PackBuilder(cache)
+    ctx_a = b.add_text([481, 39, 68, 482], EMPTY)
+    ctx_b = b.add_text([481, 77, 68, 86, 291, 482], EMPTY)
+    _forward(model, b, cache)
+    torch.manual_seed(0)
+    rows = torch.randn(6, cfg.llm.hidden_size)
+    packed = PackBuilder(cache)
+    _, blk_a = packed.add_image_block("latent", 6, ctx_a, tok.start_of_image_id, tok.end_of_image_id, write=False)
+    _, blk_b = packed.add_image_block("latent", 6, ctx_b, tok.start_of_image_id, tok.end_of_image_id, write=False)
+    out = _forward(model, packed, cache, torch.cat([rows, rows]))
+    for ctx, blk in ((ctx_a, blk_a), (ctx_b, blk_b)):
+        alone = PackBuilder(cache)
+        _, blk1 = alone.add_image_block("latent", 6, ctx, tok.start_of_image_id, tok.end_of_image_id, write=False)
+        single = _forward(model, alone, cache, rows)
+        assert torch.allclose(out[blk.rows], single[blk1.rows], atol=1e-5)
+    assert not torch.allclose(out[blk_a.rows], out[blk_b.rows]), "different contexts give different rows"
+
+
+@torch.inference_mode()
+def test_latent_rows_use_the_generation_expert(loaded):
+    """Zeroing the last layer's generation-expert MLP changes latent rows, not the marker rows."""
+    import copy
+
+    model, cfg, tok = loaded.model, loaded.config, loaded.tokenizer
+    twin = copy.deepcopy(model)
+    twin.language_model.model.layers[-1].mlp_moe_gen.down_proj.weight.zero_()
+    torch.manual_seed(0)
+    rows = torch.randn(4, cfg.llm.hidden_size)
+    outs = []
+    for m in (model, twin):
+        b = PackBuilder(None)
+        b.add_image_block("latent", 4, EMPTY, tok.start_of_image_id, tok.end_of_image_id, write=False)
+        outs.append(_forward(m, b, None, rows))
+    assert torch.equal(outs[0][0], outs[1][0])  # <|vision_start|>: understanding expert
+    assert not torch.allclose(outs[0][1:5], outs[1][1:5])
+
+
+def test_image_block_positions_and_rope_advance():
+    cache = KVCache(1, 1, 4, 64, "cpu", torch.float32)
+    b = PackBuilder(cache)
+    ctx = b.add_text([1, 2, 3], EMPTY)
+    ctx2, blk = b.add_image_block("vit", 5, ctx, 7, 8)
+    batch = b.build("cpu")
+    assert batch.positions.tolist() == [0, 1, 2] + [3] * 7
+    assert (ctx.rope, ctx.length, ctx2.rope, ctx2.length) == (3, 3, 4, 10)
+    assert batch.row_index["vit"].tolist() == list(range(4, 9)) and blk.rows == slice(4, 9)
+    assert batch.gen_index is None
+    assert [s.is_causal for s in batch.segments] == [True, False]
+
+
+def test_causal_mask_is_aligned_bottom_right():
+    mask = _causal_bottom_right(2, 5, torch.device("cpu"))
+    assert mask.tolist() == [[True, True, True, True, False], [True] * 5]
+
+
+def test_kv_cache_fork_shares_slots_and_growth_keeps_contents():
+    cache = KVCache(2, 1, 2, 16, "cpu", torch.float32)
+    base, start = cache.extend(EMPTY, 10, 10)
+    cache.write(1, start, torch.ones(10, 1, 2), torch.full((10, 1, 2), 2.0))
+    fork_a, _ = cache.extend(base, 3, 3)
+    fork_b, sb = cache.extend(base, 4, 4)
+    assert fork_a.ranges == ((0, 13),) and fork_b.ranges == ((0, 10), (13, 17))
+    assert cache.capacity >= 17 and cache.grow_count == 1
+    cache.write(1, sb, torch.zeros(4, 1, 2), torch.zeros(4, 1, 2))
+    keys, values = cache.read(1, fork_b)
+    assert keys.shape == (14, 1, 2) and keys[:10].eq(1).all() and values[:10].eq(2).all()
+    assert CacheSeq(((0, 2),), 2).with_range(2, 3, 1).ranges == ((0, 5),)
+
+
+def test_rms_norm_keeps_statistics_in_float32_for_bfloat16():
+    norm = RMSNorm(64, 1e-6)
+    x = torch.randn(8, 64) * 1e3
+    ref = norm(x)
+    got = norm.to(torch.bfloat16)(x.to(torch.bfloat16))
+    assert got.dtype == torch.bfloat16
+    assert torch.allclose(got.float(), ref, rtol=2e-2, atol=2e-2)
+
+
+def test_timestep_features_order_is_cos_then_sin():
+    f = timestep_features(torch.tensor([0.0]))
+    assert f.shape == (1, 256)
+    assert torch.equal(f[0, :128], torch.ones(128)) and torch.equal(f[0, 128:], torch.zeros(128))
