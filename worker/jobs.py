@@ -510,6 +510,11 @@ def get_file(session: Session, tenant_id: str, file_id: str) -> File | None:
     return session.scalar(select(File).where(File.id == file_id, File.tenant_id == tenant_id))
 
 
+def files_by_sha256(session: Session, tenant_id: str, sha256: str) -> File | None:
+    """The tenant's file with this content, if uploaded before."""
+    return session.scalar(select(File).where(File.tenant_id == tenant_id, File.sha256 == sha256))
+
+
 def files_by_ids(session: Session, tenant_id: str, file_ids: Iterable[str]) -> dict[str, File]:
     """The tenant's files among ``file_ids`` (ids of other tenants are simply absent)."""
     ids = list(set(file_ids))

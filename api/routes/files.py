@@ -1,0 +1,73 @@
+"""``/v1/files``: upload an input image (multipart), read its metadata.
+
+Owns: reading the upload within the byte limit (refused from Content-Length before parsing
+when possible), validating it (``worker.images``), storing it content-addressed
+(``inputs/{tenant}/{sha256}``) and recording it. The same content uploaded twice is one file.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, File, Header, Request, UploadFile
+from fastapi.responses import JSONResponse
+from sqlalchemy.exc import IntegrityError
+
+from api import idempotency
+from api.deps import SessionDep, SettingsDep, StoreDep, TenantDep
+from api.schemas import FileOut
+from worker import jobs
+from worker.errors import NotFound, PayloadTooLarge
+from worker.images import inspect_image
+from worker.storage import input_key
+
+router = APIRouter(prefix="/v1/files", tags=["files"])
+MULTIPART_OVERHEAD_BYTES = 64 * 1024
+ROUTE = "POST /v1/files"
+
+
+def _refuse_oversized(request: Request, limit: int) -> None:
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit + MULTIPART_OVERHEAD_BYTES:
+        raise PayloadTooLarge(f"file: request of {int(declared):,} bytes exceeds the {limit:,} byte upload limit",
+                              field="file")
+
+
+@router.post("", status_code=201, response_model=FileOut,
+             responses={413: {"description": "too many bytes or pixels"}, 415: {"description": "not PNG/JPEG/WebP"}})
+def upload_file(request: Request, tenant: TenantDep, session: SessionDep, settings: SettingsDep, store: StoreDep,
+                file: Annotated[UploadFile, File(description="PNG, JPEG or WebP image")],
+                idempotency_key: Annotated[str | None, Header()] = None) -> JSONResponse:
+    _refuse_oversized(request, settings.max_upload_bytes)
+    key = idempotency.check_key(idempotency_key)
+    data = file.file.read(settings.max_upload_bytes + 1)
+    digest = idempotency.fingerprint(data + b"\0" + (file.filename or "").encode())
+    if (previous := idempotency.replay(session, tenant.id, key, ROUTE, digest)) is not None:
+        return previous
+    info = inspect_image(data, max_bytes=settings.max_upload_bytes, max_pixels=settings.max_image_pixels,
+                         max_side_px=settings.max_image_side_px)
+    storage_key = input_key(tenant.id, info.sha256)
+    existing = jobs.files_by_sha256(session, tenant.id, info.sha256)
+    if existing is None or not store.exists(storage_key):
+        store.put(storage_key, data, info.content_type)
+    try:
+        row = jobs.add_file(session, tenant.id, sha256=info.sha256, storage_key=storage_key,
+                            content_type=info.content_type, fmt=info.format, width=info.width,
+                            height=info.height, size_bytes=info.size_bytes,
+                            filename=(file.filename or None) and file.filename[:255], commit=False)
+    except IntegrityError:  # the same content uploaded concurrently: use the winner's row
+        session.rollback()
+        row = jobs.files_by_sha256(session, tenant.id, info.sha256)
+        assert row is not None
+    body = FileOut.model_validate(row, from_attributes=True).model_dump(mode="json")
+    if (winner := idempotency.commit_with_record(session, tenant.id, key, ROUTE, digest, 201, body)) is not None:
+        return winner
+    return JSONResponse(body, status_code=201)
+
+
+@router.get("/{file_id}", response_model=FileOut)
+def get_file(file_id: str, tenant: TenantDep, session: SessionDep) -> FileOut:
+    row = jobs.get_file(session, tenant.id, file_id)
+    if row is None:
+        raise NotFound(f"file_id: file {file_id!r} not found", field="file_id")
+    return FileOut.model_validate(row, from_attributes=True)

@@ -1,0 +1,56 @@
+"""Rows to response bodies: jobs (with result URLs) and batches (with counts and progress).
+
+Owns: what a client sees of a job or batch — status, error, progress, timings and the result
+(a presigned S3 URL or a signed API download URL with its expiry, texts inline). Leaves the
+rows to ``worker.jobs`` and the URLs to ``worker.storage``.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from sqlalchemy.orm import Session
+
+from api.schemas import BatchOut, ErrorInfo, JobOut, Progress, Result, Timings
+from worker import jobs
+from worker.models import Batch, Job, JobStatus, utcnow
+from worker.settings import Settings
+from worker.storage import ResultStore, content_type_for
+
+
+def _result(job: Job, store: ResultStore, settings: Settings) -> Result | None:
+    if JobStatus(job.status) != JobStatus.succeeded:
+        return None
+    if job.result_expired_at is not None:
+        return Result(expired=True)
+    result = Result(text=job.output_text, think_text=job.think_text)
+    if job.output_key:
+        result.url = store.url(job.output_key, settings.presign_expiry_s)
+        result.url_expires_at = utcnow() + timedelta(seconds=settings.presign_expiry_s)
+        result.content_type = content_type_for(job.output_key)
+    return result
+
+
+def job_out(job: Job, store: ResultStore, settings: Settings) -> JobOut:
+    return JobOut(
+        id=job.id, batch_id=job.batch_id, position=job.position, task=job.task,
+        status=JobStatus(job.status).value, prompt=job.prompt, input_file_ids=list(job.input_file_ids),
+        think=job.think, width=job.width, height=job.height, params=dict(job.params),
+        attempts=job.attempts, max_attempts=job.max_attempts, cancel_requested=job.cancel_requested,
+        error=ErrorInfo(code=job.error_code, message=job.error_message)
+        if job.error_code and JobStatus(job.status) == JobStatus.failed else None,
+        progress=Progress(step=job.progress_step, total=job.progress_total),
+        timings=Timings(queued_at=job.queued_at, started_at=job.started_at, finished_at=job.finished_at,
+                        model_seconds=job.model_seconds),
+        result=_result(job, store, settings), metadata=dict(job.meta or {}), webhook_url=job.webhook_url,
+        created_at=job.created_at,
+    )
+
+
+def batch_out(session: Session, batch: Batch, job_ids: list[str] | None = None) -> BatchOut:
+    return BatchOut(
+        id=batch.id, status="completed" if batch.completed_at else "active", job_count=batch.job_count,
+        counts=jobs.batch_counts(session, batch.id), progress=round(jobs.batch_progress(session, batch.id), 4),
+        cancel_requested=batch.cancel_requested, webhook_url=batch.webhook_url, metadata=dict(batch.meta or {}),
+        created_at=batch.created_at, completed_at=batch.completed_at, job_ids=job_ids,
+    )
