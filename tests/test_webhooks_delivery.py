@@ -63,7 +63,7 @@ def test_webhook_worker_delivers_signed_job_and_batch_events(stack: Stack, recei
 
 def test_receiver_errors_are_retried_until_delivered_once_with_a_stable_id(
         stack: Stack, receiver: WebhookReceiver) -> None:
-    receiver.fail_next(2, status=503)
+    receiver.fail_next(4, status=503)  # both events (job, batch) fail twice
     secret, batch_id, _ = _finished_batch(stack, receiver.url, n=1)
     stack.start("webhooks")
     stack.start("reconciler")  # nudges the webhook worker when a retry is due
@@ -73,6 +73,8 @@ def test_receiver_errors_are_retried_until_delivered_once_with_a_stable_id(
     assert [r.status for r in attempts] == [503, 503, 200]
     assert len({r.headers["webhook-id"] for r in attempts}) == 1
     SvixWebhook(secret).verify(got[0].body, got[0].headers)
+    wait_until(lambda: all(d.status == DeliveryStatus.delivered for d in _deliveries(stack)), 10,
+               what="deliveries marked delivered")
     with stack.session() as s:
         delivery = s.scalar(select(WebhookDelivery).where(WebhookDelivery.event == "batch.completed"))
         tries = s.scalars(select(WebhookAttempt).where(WebhookAttempt.delivery_id == delivery.id)

@@ -71,6 +71,17 @@ def publish_chunks(settings: Settings, chunk_ids: list[str], *, countdown_s: flo
              f" with a {countdown_s:.1f} s delay" if countdown_s else "")
 
 
+def queue_length(settings: Settings, queue: str) -> int:
+    """Messages waiting in ``queue`` (not counting ones a worker holds). Raises
+    ``BrokerUnavailable``."""
+    app = publisher(settings)
+    try:
+        with app.connection_for_write() as conn:
+            return int(conn.default_channel.queue_declare(queue=queue, passive=False).message_count)
+    except _BROKER_ERRORS as exc:
+        raise BrokerUnavailable(f"broker_url: cannot read the length of queue {queue!r}: {exc}") from exc
+
+
 def nudge_webhooks(settings: Settings) -> None:
     """Ask the webhook worker to deliver whatever is due now. Raises ``BrokerUnavailable``;
     callers may ignore it because the reconciler nudges on every tick."""

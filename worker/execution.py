@@ -26,6 +26,7 @@ from worker import dispatch, jobs
 from worker.errors import BrokerUnavailable, ObjectNotFound
 from worker.models import File, Job
 from worker.params import engine_prompt
+from worker.storage import output_key
 
 if TYPE_CHECKING:
     from worker.gpu import JobInput, JobOutput
@@ -52,11 +53,6 @@ class ClaimedJob:
     width: int
     height: int
     attempts: int
-
-
-def result_key(tenant_id: str, job_id: str, ext: str) -> str:
-    """Deterministic output key: a rerun overwrites the same object, never adds a second one."""
-    return f"results/{tenant_id}/{job_id}.{ext}"
 
 
 def backoff_s(base_s: float, attempt: int) -> float:
@@ -214,10 +210,10 @@ def _record(rt: WorkerRuntime, job: ClaimedJob, out: JobOutput) -> str:
         return "release" if rt.shutting_down.is_set() else "done"
     try:
         if out.png is not None:
-            key = result_key(job.tenant_id, job.id, "png")
+            key = output_key(job.tenant_id, job.id, "png")
             rt.store.put(key, out.png, "image/png")
         else:
-            key = result_key(job.tenant_id, job.id, "txt")
+            key = output_key(job.tenant_id, job.id, "txt")
             rt.store.put(key, (out.text or "").encode(), "text/plain; charset=utf-8")
     except Exception as exc:  # noqa: BLE001 - storage trouble of any kind is transient
         log.warning("job %s: upload failed (%s: %s)", job.id, type(exc).__name__, exc)

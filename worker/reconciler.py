@@ -24,8 +24,9 @@ from typing import TYPE_CHECKING
 from sqlalchemy import select
 
 from worker import dispatch, jobs
+from worker.celery_app import WEBHOOK_QUEUE
 from worker.errors import BrokerUnavailable
-from worker.models import Chunk, utcnow
+from worker.models import Chunk, DeliveryStatus, WebhookDelivery, utcnow
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session
@@ -100,9 +101,12 @@ def reconcile_once(settings: Settings, session: Callable[[], Session], store: Re
         log.exception("reconciler: expiring results failed")
 
     try:
-        with session() as s:
-            due = jobs.due_deliveries(s, utcnow(), 1)
-        if due:
+        with session() as s:  # a plain read: due_deliveries would claim the row
+            due = s.scalar(select(WebhookDelivery.id).where(
+                WebhookDelivery.status == DeliveryStatus.pending,
+                WebhookDelivery.next_attempt_at <= utcnow()).limit(1))
+        # One waiting nudge is enough: a stopped webhook worker must not pile them up.
+        if due is not None and dispatch.queue_length(settings, WEBHOOK_QUEUE) == 0:
             dispatch.nudge_webhooks(settings)
             report.nudged = True
     except BrokerUnavailable as exc:

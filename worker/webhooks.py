@@ -1,12 +1,11 @@
 """Webhook delivery from the outbox, and the checks on a callback URL.
 
-Owns: ``check_webhook_url`` (http(s) only, no credentials, no private/loopback/link-local
-targets unless ``webhook_allow_private``; checked on submission and again, after DNS, before
-each POST), the event envelope (``type``, ``timestamp``, ``data``; result keys become fresh
+Owns: the event envelope (``type``, ``timestamp``, ``data``; result keys become fresh
 download URLs at send time), and ``deliver_due``: POST every due outbox row signed per
 Standard Webhooks, record every attempt, retry non-2xx and timeouts with exponential backoff and
-full jitter until ``webhook_retry_window_s`` after the event. Leaves the rows and their state to
-``worker.jobs``, signatures to ``signing.py``.
+full jitter until ``webhook_retry_window_s`` after the event. The callback-URL policy
+(``params.check_webhook_url``) is applied again, with DNS, before every POST. Leaves the rows
+and their state to ``worker.jobs``, signatures to ``signing.py``.
 
 Redirects are not followed (a 3xx is a failed attempt): following one would let a public URL
 bounce the request to a private address.
@@ -14,7 +13,6 @@ bounce the request to a private address.
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import logging
 import random
@@ -32,6 +30,7 @@ from sqlalchemy import select
 from worker import jobs, signing
 from worker.errors import InvalidWebhookUrl
 from worker.models import Tenant, utcnow
+from worker.params import check_webhook_url
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session
@@ -41,73 +40,25 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-MAX_URL_CHARS = 2000
 MAX_BACKOFF_S = 3600.0
 MIN_BACKOFF_S = 0.05
 BATCH_LIMIT = 100
 USER_AGENT = "bagel-jobs-webhooks/1"
 
 
-def _is_private(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    return not ip.is_global or ip.is_multicast
-
-
-def check_webhook_url(url: str, *, allow_private: bool) -> str:
-    """Validate a callback URL without network access; returns it unchanged.
-
-    Raises ``InvalidWebhookUrl`` (field ``webhook_url``) for a non-http(s) scheme, embedded
-    credentials, a missing host, or a literal private/loopback address or ``localhost`` while
-    ``allow_private`` is off. Host names are resolved and checked again at delivery time."""
-    if len(url) > MAX_URL_CHARS:
-        raise InvalidWebhookUrl(f"webhook_url: {len(url)} characters exceeds the {MAX_URL_CHARS} limit",
-                                field="webhook_url")
-    try:
-        parts = urlsplit(url)
-        port = parts.port
-    except ValueError as exc:
-        raise InvalidWebhookUrl(f"webhook_url: {url!r} is not a valid URL ({exc})", field="webhook_url") from exc
-    if parts.scheme not in ("http", "https"):
-        raise InvalidWebhookUrl(f"webhook_url: scheme {parts.scheme!r} is not allowed (use http or https)",
-                                field="webhook_url")
-    if parts.username is not None or parts.password is not None:
-        raise InvalidWebhookUrl("webhook_url: credentials in the URL are not allowed", field="webhook_url")
-    host = parts.hostname
-    if not host:
-        raise InvalidWebhookUrl(f"webhook_url: {url!r} has no host", field="webhook_url")
-    del port
-    if allow_private:
-        return url
-    if host == "localhost" or host.endswith(".localhost"):
-        raise InvalidWebhookUrl(f"webhook_url: host {host!r} is a loopback name; private targets are not "
-                                "allowed (BAGEL_JOBS_WEBHOOK_ALLOW_PRIVATE=false)", field="webhook_url")
-    try:
-        ip = ipaddress.ip_address(host)
-    except ValueError:
-        return url
-    if _is_private(ip):
-        raise InvalidWebhookUrl(f"webhook_url: address {host} is private, loopback or link-local; private "
-                                "targets are not allowed (BAGEL_JOBS_WEBHOOK_ALLOW_PRIVATE=false)",
-                                field="webhook_url")
-    return url
-
-
-def _check_resolved(url: str, allow_private: bool) -> None:
-    """Resolve the host and refuse private addresses (DNS may point a public name inward)."""
+def _check_target(url: str, allow_private: bool) -> None:
+    """The submission-time policy (``params.check_webhook_url``) applied again before a POST,
+    with DNS: an answer may have changed since submission. A name that does not resolve right
+    now is a transient failure (retried), a private target a permanent one."""
+    check_webhook_url(url, allow_private=allow_private, resolve_dns=False)
     if allow_private:
         return
-    parts = urlsplit(url)
-    port = parts.port or (443 if parts.scheme == "https" else 80)
+    host = urlsplit(url).hostname or ""
     try:
-        infos = socket.getaddrinfo(parts.hostname, port, proto=socket.IPPROTO_TCP)
-    except socket.gaierror as exc:
-        raise ConnectionError(f"cannot resolve {parts.hostname}: {exc}") from exc
-    for info in infos:
-        ip = ipaddress.ip_address(info[4][0])
-        if _is_private(ip):
-            raise InvalidWebhookUrl(f"webhook_url: {parts.hostname} resolves to private address {ip}",
-                                    field="webhook_url")
+        socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
+    except OSError as exc:
+        raise ConnectionError(f"cannot resolve {host}: {exc}") from exc
+    check_webhook_url(url, allow_private=False, resolve_dns=True)
 
 
 def next_delay_s(base_s: float, attempt: int, rng: random.Random | None = None) -> float:
@@ -186,8 +137,7 @@ def _deliver_one(settings: Settings, session: Callable[[], Session], store: Resu
     permanent = False
     start = time.perf_counter()
     try:
-        check_webhook_url(d.url, allow_private=settings.webhook_allow_private)
-        _check_resolved(d.url, settings.webhook_allow_private)
+        _check_target(d.url, settings.webhook_allow_private)
         response = http.post(d.url, content=body, headers=signing.headers(secret, d.id, body))
         status_code = response.status_code
         if not 200 <= status_code < 300:
