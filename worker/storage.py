@@ -20,9 +20,11 @@ import os
 import re
 import secrets
 import tempfile
+import threading
 import time
 from abc import ABC, abstractmethod
 from pathlib import Path
+from typing import Any
 from urllib.parse import quote, urlencode
 
 from worker.errors import ObjectNotFound, SignatureInvalid, StorageUnavailable
@@ -35,6 +37,9 @@ MAX_KEY_CHARS = 512
 SIGNING_KEY_FILE = ".url-signing-key"
 MULTIPART_THRESHOLD_BYTES = 16 * 1024 * 1024
 MULTIPART_CHUNK_BYTES = 8 * 1024 * 1024
+
+_clients: dict[tuple[str | None, ...], Any] = {}
+_clients_lock = threading.Lock()
 
 
 def input_key(tenant_id: str, sha256: str) -> str:
@@ -170,9 +175,13 @@ class S3Store(ResultStore):
         config = Config(signature_version="s3v4", connect_timeout=5, read_timeout=60,
                         retries={"max_attempts": 3, "mode": "standard"},
                         s3={"addressing_style": "path" if settings.s3_endpoint_url else "auto"})
-        self._client = boto3.session.Session().client(
-            "s3", endpoint_url=settings.s3_endpoint_url, region_name=settings.s3_region,
-            aws_access_key_id=settings.s3_access_key_id, aws_secret_access_key=secret, config=config)
+        ident = (settings.s3_endpoint_url, settings.s3_region, settings.s3_access_key_id, secret)
+        with _clients_lock:  # building a client loads botocore's models (~0.3 s); clients are thread-safe
+            if ident not in _clients:
+                _clients[ident] = boto3.session.Session().client(
+                    "s3", endpoint_url=settings.s3_endpoint_url, region_name=settings.s3_region,
+                    aws_access_key_id=settings.s3_access_key_id, aws_secret_access_key=secret, config=config)
+            self._client = _clients[ident]
         self._transfer = TransferConfig(multipart_threshold=multipart_threshold_bytes,
                                         multipart_chunksize=multipart_chunk_bytes, max_concurrency=4)
 
