@@ -57,6 +57,7 @@ class _Checks:
     def __init__(self) -> None:
         self.ok = True
         self.max_diff = 0.0
+        self.exact = 0
         self.parts: list[str] = []
 
     def close(self, name: str, ours: torch.Tensor, gold: torch.Tensor, atol: float) -> None:
@@ -72,11 +73,10 @@ class _Checks:
         self.parts.append(f"{name}={diff:.2e}" + ("" if good else f" (> {atol:g})"))
 
     def equal(self, name: str, ours: object, gold: object) -> None:
+        self.exact += 1
         if ours != gold:
             self.ok = False
             self.parts.append(f"{name}: {ours!r} != {gold!r}")
-        else:
-            self.parts.append(f"{name} equal")
 
     def png(self, name: str, ours: Image.Image, gold_path: Path) -> None:
         gold = np.asarray(Image.open(gold_path).convert("RGB"), dtype=np.int16)
@@ -90,7 +90,11 @@ class _Checks:
         self.parts.append(f"{name}={diff}" + ("" if diff <= PNG_TOL else f" (> {PNG_TOL})"))
 
     def report(self, case_id: str) -> CaseReport:
-        return CaseReport(case_id, self.ok, self.max_diff, ", ".join(self.parts))
+        parts = list(self.parts)
+        if self.exact:
+            mismatches = sum(1 for p in self.parts if " != " in p)
+            parts.append(f"{self.exact - mismatches}/{self.exact} exact checks equal")
+        return CaseReport(case_id, self.ok, self.max_diff, ", ".join(parts))
 
 
 class _Golden:

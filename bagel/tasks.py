@@ -30,7 +30,7 @@ from bagel.config import GenerationParams
 from bagel.contexts import Counters
 from bagel.kv_cache import CacheSeq, KVCache
 from bagel.model import BagelModel
-from bagel.packing import Block, PackBuilder
+from bagel.packing import Block, PackBuilder, PackedBatch
 from bagel.sampler import Schedule, branches_needed, euler_step, guided_velocity
 from bagel.tokenizer import BOS_TOKEN, EOS_TOKEN, Tokenizer
 
@@ -176,6 +176,10 @@ def denoise(model: BagelModel, tokenizer: Tokenizer, cache: KVCache, jobs: list[
     assert all(torch.equal(j.schedule.t, schedule.t) for j in jobs), "denoise groups share one schedule"
     device = model.device
     t_all = schedule.t.to(device)
+    positions = {id(j): j.position_ids.to(device) for j in jobs}
+    # The packed layout only changes when a branch switches on/off (cfg_interval) or a request is
+    # canceled: build it once per distinct work list, not every step (no host→device copy per step).
+    layouts: dict[tuple, tuple[PackedBatch, list[Block]]] = {}
     for step in range(schedule.num_steps):
         if should_cancel is not None:
             for j in jobs:
@@ -186,20 +190,14 @@ def denoise(model: BagelModel, tokenizer: Tokenizer, cache: KVCache, jobs: list[
             return
         t = t_all[step:step + 1]
         rows = model.embed_latents(torch.cat([j.x for j in active]), t,
-                                   torch.cat([j.position_ids for j in active]).to(device))
+                                   torch.cat([positions[id(j)] for j in active]))
         job_rows = dict(zip((id(j) for j in active), rows.split([j.x.shape[0] for j in active])))
         work = [(j, name, ctx) for j in active for name, ctx in _branches(j, step)]
         groups = ([[w] for w in work] if naive
                   else _chunks(work, lambda w: w[0].x.shape[0] + 2, max_rows_per_forward))
         velocities: dict[tuple[int, str], torch.Tensor] = {}
         for group in groups:
-            builder = PackBuilder(cache)
-            blocks: list[Block] = []
-            for j, _, ctx in group:
-                _, block = builder.add_image_block("latent", j.x.shape[0], ctx, tokenizer.start_of_image_id,
-                                                   tokenizer.end_of_image_id, write=False)
-                blocks.append(block)
-            batch = builder.build(device)
+            batch, blocks = _layout(layouts, group, tokenizer, cache, device)
             text_rows = model.language_model.embed(batch.text_ids)
             x = text_rows.new_zeros(batch.length, text_rows.shape[1])
             x[batch.text_index] = text_rows
@@ -223,6 +221,21 @@ def denoise(model: BagelModel, tokenizer: Tokenizer, cache: KVCache, jobs: list[
             j.x = euler_step(j.x, v, dt)
             if progress is not None:
                 progress(j.index, step + 1, schedule.num_steps)
+
+
+def _layout(layouts: dict, group: list, tokenizer: Tokenizer, cache: KVCache,
+            device: torch.device) -> tuple[PackedBatch, list[Block]]:
+    """The packed layout of one denoising forward over ``group`` ``[(job, branch, context)]``."""
+    key = tuple((id(j), name) for j, name, _ in group)
+    if key not in layouts:
+        builder = PackBuilder(cache)
+        blocks = []
+        for j, _, ctx in group:
+            _, block = builder.add_image_block("latent", j.x.shape[0], ctx, tokenizer.start_of_image_id,
+                                               tokenizer.end_of_image_id, write=False)
+            blocks.append(block)
+        layouts[key] = (builder.build(device), blocks)
+    return layouts[key]
 
 
 def _record(job: ImageJob, step: int, v_cond: torch.Tensor, v_text: torch.Tensor | None,
