@@ -1,0 +1,128 @@
+"""The ``bagel`` command line, run as a real subprocess (``python -m bagel.cli``)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from bagel.cli import PARAM_FLAGS, build_parser, main
+from bagel.config import GenerationParams
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def bagel(*args: str | Path, timeout: float = 240) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "bagel.cli", *map(str, args)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("cli") / "tiny"
+    done = bagel("make-tiny", folder, "--seed", "5")
+    assert done.returncode == 0, done.stderr
+    assert f"to {folder}" in done.stdout
+    return folder
+
+
+@pytest.fixture(scope="module")
+def picture(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("pictures") / "in.png"
+    Image.new("RGB", (40, 30), (200, 30, 30)).save(path)
+    return path
+
+
+def test_make_tiny_writes_a_loadable_checkpoint(ckpt):
+    assert (ckpt / "ema.safetensors").is_file() and (ckpt / "tokenizer.json").is_file()
+
+
+def test_generate_writes_a_png_of_the_requested_size(ckpt, tmp_path):
+    out = tmp_path / "sub" / "gen.png"
+    done = bagel("generate", "--model", ckpt, "--prompt", "a red circle", "--width", "64", "--height", "48",
+                 "--steps", "3", "--seed", "1", "--cfg-renorm-type", "channel", "--out", out)
+    assert done.returncode == 0, done.stderr
+    assert "denoising" in done.stderr  # the progress bar
+    assert f"wrote {out} (64x48)" in done.stderr
+    assert Image.open(out).size == (64, 48)
+
+
+def test_edit_with_think_writes_a_png_and_the_think_text(ckpt, picture, tmp_path):
+    out = tmp_path / "edit.png"
+    done = bagel("edit", "--model", ckpt, "--image", picture, "--prompt", "make it blue", "--steps", "2",
+                 "--think", "--max-think-tokens", "4", "--seed", "3", "--no-progress", "--out", out)
+    assert done.returncode == 0, done.stderr
+    assert "think: " in done.stderr and "denoising" not in done.stderr
+    assert Image.open(out).size[0] % 16 == 0
+
+
+def test_understand_writes_the_answer_to_stdout(ckpt, picture):
+    done = bagel("understand", "--model", ckpt, "--image", picture, "--prompt", "What is it?",
+                 "--max-new-tokens", "6")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip()
+    assert len(done.stdout.splitlines()) == 1
+
+
+def test_user_errors_exit_2_with_one_line_and_no_traceback(ckpt, tmp_path, capsys):
+    junk = tmp_path / "junk.png"
+    junk.write_bytes(b"definitely not a picture")
+    cases = [
+        (("edit", "--model", ckpt, "--image", junk, "--prompt", "x"), f"image ({junk}): not a PNG"),
+        (("understand", "--model", ckpt, "--image", tmp_path / "absent.png", "--prompt", "x"),
+         "image[0]: cannot read"),
+        (("generate", "--model", tmp_path / "nowhere", "--prompt", "x"), "checkpoint folder does not exist"),
+        (("generate", "--model", ckpt, "--prompt", "x", "--steps", "1"),
+         "num_timesteps: 1 is outside the allowed range 2..1000"),
+        (("make-tiny", ckpt), "already exists and is not an empty directory"),
+    ]
+    for args, needle in cases:
+        assert main([str(a) for a in args]) == 2, args
+        err = capsys.readouterr().err
+        assert err.startswith("bagel: error [") and needle in err, err
+        assert len(err.splitlines()) == 1
+
+
+def test_a_size_over_the_maximum_is_refused_in_a_real_process(ckpt):
+    done = bagel("generate", "--model", ckpt, "--prompt", "x", "--width", "4096", "--height", "64")
+    assert done.returncode == 2
+    assert "width: 4096 px exceeds the 1024 px maximum" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_verify_passes_on_the_golden_fixture(golden_dir):
+    done = bagel("verify", golden_dir, "--case", "tokenize", "--case", "understand")
+    assert done.returncode == 0, done.stdout + done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0].startswith("tokenize") and lines[0].split()[2] == "ok"
+    assert lines[1].startswith("understand") and "max_abs_diff=" in lines[1]
+    assert lines[-1] == "2/2 cases ok"
+
+
+def test_verify_fails_when_a_golden_value_is_off(golden_dir, tmp_path, capsys):
+    folder = tmp_path / "golden-copy"
+    shutil.copytree(golden_dir, folder)
+    cases_path = folder / "golden" / "cases.json"
+    raw = json.loads(cases_path.read_text())
+    case = next(c for c in raw["cases"] if c["id"] == "tokenize")
+    case["expected"]["items"][1]["decoded"] += "!"
+    cases_path.write_text(json.dumps(raw))
+    done = bagel("verify", folder, "--case", "tokenize")
+    assert done.returncode == 1
+    assert "FAIL" in done.stdout.splitlines()[0]
+    assert "failed: tokenize" in done.stdout
+    assert main(["verify", str(folder), "--case", "no_such_case"]) == 2
+    assert "--case: no_such_case not found in" in capsys.readouterr().err
+
+
+def test_every_generation_knob_has_a_flag():
+    assert set(PARAM_FLAGS.values()) == {f.name for f in dataclasses.fields(GenerationParams)}
+    args = build_parser().parse_args(["generate", "--model", "m", "--prompt", "p", "--cfg-interval", "0.1",
+                                      "0.9", "--do-sample", "--temperature", "0.7"])
+    assert args.cfg_interval == [0.1, 0.9] and args.do_sample is True and args.temperature == 0.7
