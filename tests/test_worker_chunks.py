@@ -1,0 +1,150 @@
+"""The GPU worker as a real Celery worker process running the tiny real engine, on both stacks
+(PostgreSQL + Redis + S3 and SQLite + embedded broker + local folder).
+
+Covers: a chunk runs end to end (claim → engine → upload → succeeded, progress, timings,
+webhook outbox); a bad input fails at once without a retry; a storage outage is retried with
+backoff and then fails with a clear code; a retried job succeeds once storage is back;
+cancellation between denoising steps; SIGKILL mid-chunk → lease expiry → another worker
+finishes with one result; SIGTERM mid-chunk → leases released → another worker finishes.
+"""
+
+from __future__ import annotations
+
+import io
+import signal
+
+from PIL import Image
+from sqlalchemy import func, select
+
+from tests.fixtures.worker import Stack, job_rows, submit_jobs, wait_jobs, wait_until
+from worker import jobs
+from worker.models import WebhookDelivery
+from worker.receiver import WebhookReceiver
+from worker.storage import make_store, output_key
+
+DONE = {"succeeded", "failed", "canceled"}
+LONG_STEPS = 200  # the per-job maximum: long enough (seconds) to interrupt mid-denoise
+LONG_PX = 64
+
+
+def _bad_storage_env(stack: Stack) -> dict[str, str]:
+    """Environment that makes the worker's storage refuse every write."""
+    if stack.settings.storage_backend == "s3":
+        return {"BAGEL_JOBS_S3_SECRET_ACCESS_KEY": "wrong-secret"}
+    blocker = stack.tmp / "not-a-folder"
+    blocker.write_text("a file where the storage folder should be")
+    return {"BAGEL_JOBS_STORAGE_DIR": str(blocker)}
+
+
+def test_chunk_runs_through_the_engine_and_records_everything(stack: Stack, receiver: WebhookReceiver) -> None:
+    stack.start("gpu")
+    sub = submit_jobs(stack, 3, steps=2, px=32, webhook_url=receiver.url)
+    rows = wait_jobs(stack, sub.job_ids, DONE)
+    store = make_store(stack.settings)
+    for row in rows:
+        assert row.status == "succeeded", (row.error_code, row.error_message)
+        assert row.attempts == 1 and row.lease_owner is not None
+        assert row.output_key == output_key(sub.tenant_id, row.id, "png")
+        assert row.progress_step == row.progress_total >= 1  # the engine counts Euler steps (timesteps − 1)
+        assert row.model_seconds > 0 and row.started_at <= row.finished_at
+        img = Image.open(io.BytesIO(store.get(row.output_key)))
+        assert img.size == (32, 32)
+    with stack.session() as s:
+        events = sorted(s.scalars(select(WebhookDelivery.event)).all())
+    assert events == ["batch.completed"] + ["job.succeeded"] * 3
+
+
+def test_bad_input_fails_at_once_without_retry(stack: Stack) -> None:
+    stack.start("gpu")
+    good = submit_jobs(stack, 1, steps=2)
+    with stack.session() as s:  # an input file that exists in the DB but not in storage
+        f = jobs.add_file(s, good.tenant_id, sha256="0" * 64, storage_key=f"inputs/{good.tenant_id}/{'0' * 64}",
+                          content_type="image/png", fmt="PNG", width=32, height=32, size_bytes=10, filename=None)
+    bad = submit_jobs(stack, 1, task="edit", input_file_ids=(f.id,), tenant_id=good.tenant_id)
+    [row] = wait_jobs(stack, bad.job_ids, DONE)
+    assert (row.status, row.attempts, row.error_code) == ("failed", 1, "unknown_file")
+    assert "input_file_ids[0]" in row.error_message and "missing from storage" in row.error_message
+    assert wait_jobs(stack, good.job_ids, DONE)[0].status == "succeeded"
+
+
+def test_undecodable_input_fails_with_the_engine_code(stack: Stack) -> None:
+    stack.start("gpu")
+    sub = submit_jobs(stack, 1, publish=False)
+    store = make_store(stack.settings)
+    key = f"inputs/{sub.tenant_id}/{'1' * 64}"
+    store.put(key, b"\x89PNG\r\n\x1a\n but truncated", "image/png")
+    with stack.session() as s:
+        f = jobs.add_file(s, sub.tenant_id, sha256="1" * 64, storage_key=key, content_type="image/png", fmt="PNG",
+                          width=32, height=32, size_bytes=20, filename=None)
+    bad = submit_jobs(stack, 1, task="edit", input_file_ids=(f.id,), tenant_id=sub.tenant_id)
+    [row] = wait_jobs(stack, bad.job_ids, DONE)
+    assert (row.status, row.attempts, row.error_code) == ("failed", 1, "invalid_input")
+    assert row.error_message.startswith("input_file_ids[0]:")
+
+
+def test_storage_outage_is_retried_then_fails_with_a_clear_code(stack: Stack) -> None:
+    stack.start("gpu", extra_env=_bad_storage_env(stack))
+    sub = submit_jobs(stack, 1, steps=2)
+    [row] = wait_jobs(stack, sub.job_ids, DONE, timeout_s=90)
+    assert (row.status, row.attempts, row.error_code) == ("failed", stack.settings.max_attempts,
+                                                          "storage_unavailable")
+    assert row.output_key is None
+
+
+def test_retried_job_succeeds_once_storage_is_back(stack: Stack) -> None:
+    # A long backoff keeps the job queued between attempts; the delayed retry message dies with
+    # the killed worker, so the reconciler has to publish the chunk again.
+    broken = stack.start("gpu", extra_env={**_bad_storage_env(stack), "BAGEL_JOBS_RETRY_BACKOFF_S": "30"})
+    sub = submit_jobs(stack, 1, steps=2)
+    wait_until(lambda: (lambda r: r.attempts == 1 and r.status == "queued")(job_rows(stack, sub.job_ids)[0]),
+               60, what="first attempt to be retried")
+    assert job_rows(stack, sub.job_ids)[0].error_code == "storage_unavailable"
+    broken.kill()
+    stack.start("gpu")
+    stack.start("reconciler")
+    [row] = wait_jobs(stack, sub.job_ids, DONE, timeout_s=90)
+    assert row.status == "succeeded" and row.attempts >= 2
+    assert make_store(stack.settings).exists(row.output_key)
+
+
+def test_cancel_stops_a_running_job_between_denoising_steps(stack: Stack) -> None:
+    stack.start("gpu")
+    sub = submit_jobs(stack, 1, steps=LONG_STEPS, px=LONG_PX)
+    wait_until(lambda: job_rows(stack, sub.job_ids)[0].progress_step >= 2, 60, 0.02, "denoising to start")
+    with stack.session() as s:
+        jobs.cancel_job(s, sub.tenant_id, sub.job_ids[0])
+    [row] = wait_jobs(stack, sub.job_ids, DONE)
+    assert row.status == "canceled"
+    assert row.progress_step < LONG_STEPS and row.output_key is None
+
+
+def test_killed_worker_loses_its_lease_and_another_finishes_with_one_result(
+        stack: Stack, receiver: WebhookReceiver) -> None:
+    first = stack.start("gpu")
+    stack.start("reconciler")
+    sub = submit_jobs(stack, 1, steps=LONG_STEPS, px=LONG_PX, webhook_url=receiver.url)
+    wait_until(lambda: job_rows(stack, sub.job_ids)[0].progress_step >= 2, 60, 0.02, "denoising to start")
+    owner = job_rows(stack, sub.job_ids)[0].lease_owner
+    first.kill()  # SIGKILL: no chance to release anything
+    stack.start("gpu")
+    [row] = wait_jobs(stack, sub.job_ids, DONE, timeout_s=120)
+    assert row.status == "succeeded" and row.attempts == 2
+    assert row.lease_owner != owner
+    with stack.session() as s:
+        assert s.scalar(select(func.count()).select_from(WebhookDelivery)
+                        .where(WebhookDelivery.event == "job.succeeded")) == 1
+    assert make_store(stack.settings).exists(output_key(sub.tenant_id, row.id, "png"))
+
+
+def test_sigterm_releases_the_running_chunk_for_another_worker(stack: Stack) -> None:
+    first = stack.start("gpu")
+    sub = submit_jobs(stack, 1, steps=LONG_STEPS, px=LONG_PX)
+    wait_until(lambda: job_rows(stack, sub.job_ids)[0].progress_step >= 2, 60, 0.02, "denoising to start")
+    first.signal(signal.SIGTERM)
+    assert first.popen.wait(30) == 0
+    assert "released 1 job(s)" in first.log()
+    row = job_rows(stack, sub.job_ids)[0]
+    assert row.status in ("queued", "running") and row.attempts <= 1
+    stack.start("gpu")
+    [row] = wait_jobs(stack, sub.job_ids, DONE, timeout_s=120)
+    assert row.status == "succeeded" and row.attempts == 1  # the released attempt does not count
