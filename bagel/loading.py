@@ -15,7 +15,9 @@ How a load goes (``load_checkpoint``):
    shapes agree — else ``CheckpointError`` naming the file and the first offending keys;
 5. stream tensors one at a time from the memory-mapped file: cast floating tensors to the load
    dtype, move them to the device (quantizing there when the target is quantized) and assign
-   them in place of the meta tensor. No second full copy of the model is ever held;
+   them in place of the meta tensor. No second full copy of the model is ever held; on CPU in
+   the file's own dtype nothing is copied at all (the parameters stay views of the mapped file,
+   paged in on first use);
 6. recompute non-persistent buffers (rotary tables and the like) by calling ``reset_buffers()``
    on every module that has one, then check that nothing is left on meta.
 

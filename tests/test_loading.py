@@ -165,3 +165,15 @@ def test_quantized_set_is_the_decoder_linears_of_both_experts(golden_fp32):
 def test_paper_weight_bytes_matches_a_real_load(golden_dir, golden_fp32):
     cfg = ModelConfig.from_folder(golden_dir)
     assert paper_weight_bytes(cfg, dtype=torch.float32) == golden_fp32.weight_bytes
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("quantization", ["none", "nf4", "int8"])
+def test_cuda_load_streams_every_tensor_to_the_gpu(golden_dir, quantization):
+    if quantization != "none":
+        pytest.importorskip("bitsandbytes")
+    ckpt = load_checkpoint(golden_dir, device="cuda", dtype=torch.bfloat16, quantization=quantization)
+    tensors = [*ckpt.model.parameters(), *ckpt.model.buffers(), *ckpt.vae.parameters()]
+    assert all(t.device.type == "cuda" for t in tensors)
+    assert torch.cuda.memory_allocated() >= ckpt.weight_bytes
