@@ -4,10 +4,11 @@ Owns: argument parsing, turning flags into ``Request``/``GenerationParams``, rea
 pictures and writing PNG/text outputs, the progress bar over denoising steps, logging set-up,
 and the mapping of user errors to exit status 2 with a one-line message (no traceback).
 Leaves everything else to the library: ``Engine`` (``engine.py``), ``make_tiny`` (``tiny.py``),
-``verify_folder`` (``parity.py``).
+``verify_folder`` (``parity.py``), ``run_bench`` (``bench.py``).
 
     bagel make-tiny DIR [--seed N] [--size tiny|small]
     bagel verify DIR [--device cpu] [--case ID ...]
+    bagel bench [--size tiny|small] [--scenario NAME ...] [--json report.json]
     bagel generate --model DIR --prompt P [--width W --height H] [--think] --out out.png
     bagel edit --model DIR --image in.png --prompt P --out out.png
     bagel understand --model DIR --image in.png --prompt P [--think] [--max-new-tokens N]
@@ -95,6 +96,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.add_argument("--case", action="append", dest="cases", metavar="ID",
                    help="run only this case (repeatable; default: every case)")
+
+    p = sub.add_parser("bench", parents=[common], help="naive vs optimised engine throughput (bench.py)")
+    p.add_argument("--size", choices=("tiny", "small"), default="small")
+    p.add_argument("--model", type=Path, default=None, help="checkpoint folder (default: a cached random one)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--scenario", action="append", dest="scenarios", metavar="NAME",
+                   help="run only this scenario (repeatable)")
+    p.add_argument("--steps", type=int, default=None, help="num_timesteps of every request")
+    p.add_argument("--think-tokens", type=int, default=None)
+    p.add_argument("--repeats", type=int, default=None)
+    p.add_argument("--cache-dir", type=Path, default=None, help="where the random checkpoint is cached")
+    p.add_argument("--no-warm-up", action="store_true")
+    p.add_argument("--json", type=Path, default=None, help="also write the report here")
 
     p = sub.add_parser("generate", parents=[common], help="prompt → picture")
     _add_engine_flags(p)
@@ -212,6 +226,24 @@ def _verify(args: argparse.Namespace) -> int:
     return 1 if failed or not reports else 0
 
 
+def _bench(args: argparse.Namespace) -> int:
+    import json
+
+    from bagel.bench import BenchOptions, format_table, run_bench
+
+    given = {"size": args.size, "model": args.model, "device": args.device, "steps": args.steps,
+             "think_tokens": args.think_tokens, "repeats": args.repeats, "cache_dir": args.cache_dir,
+             "scenarios": tuple(args.scenarios) if args.scenarios else None,
+             "warm_up": False if args.no_warm_up else None}
+    options = BenchOptions(**{k: v for k, v in given.items() if v is not None})
+    report = run_bench(options, on_scenario=lambda row: logger.info("bench %s done", row.get("scenario")))
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+    _write(sys.stdout, format_table(report))
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
@@ -221,6 +253,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _make_tiny(args)
         if args.command == "verify":
             return _verify(args)
+        if args.command == "bench":
+            return _bench(args)
         return _run_engine(args, args.command)
     except (InputError, CheckpointError) as exc:
         _write(sys.stderr, f"bagel: error [{exc.code}]: {exc}")

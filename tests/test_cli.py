@@ -126,3 +126,13 @@ def test_every_generation_knob_has_a_flag():
     args = build_parser().parse_args(["generate", "--model", "m", "--prompt", "p", "--cfg-interval", "0.1",
                                       "0.9", "--do-sample", "--temperature", "0.7"])
     assert args.cfg_interval == [0.1, 0.9] and args.do_sample is True and args.temperature == 0.7
+
+
+def test_bench_writes_the_json_report_and_prints_the_table(tmp_path, capsys):
+    out = tmp_path / "reports" / "bench.json"
+    code = main(["bench", "--size", "tiny", "--scenario", "t2i1", "--steps", "2", "--no-warm-up",
+                 "--cache-dir", str(tmp_path / "cache"), "--json", str(out)])
+    assert code == 0
+    report = json.loads(out.read_text())
+    assert report["size"] == "tiny" and [r["scenario"] for r in report["results"]] == ["t2i1"]
+    assert "t2i1" in capsys.readouterr().out
