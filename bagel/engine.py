@@ -53,7 +53,7 @@ from bagel.config import ModelConfig
 from bagel.contexts import ContextStore, Counters, LatentInput, Path as CtxPath, TextItem, VaeItem, VitInput, VitItem
 from bagel.errors import InputError
 from bagel.kv_cache import KVCache
-from bagel.loading import LoadedCheckpoint, load_checkpoint
+from bagel.loading import LoadedCheckpoint, load_checkpoint, resolve_device
 from bagel.prompts import think_system_prompt
 from bagel.requests import CancelFn, ProgressFn, Request, Result
 from bagel.sampler import make_schedule
@@ -128,8 +128,6 @@ class Engine:
              dtype: torch.dtype | str | None = None, *, mode: str = "batched") -> Engine:
         """Load a checkpoint folder. ``device="auto"``: CUDA when available, else CPU; ``dtype``
         defaults to float32 on CPU and bfloat16 on CUDA."""
-        from bagel.loading import resolve_device
-
         dev = resolve_device(device)
         if dtype is None:
             dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
@@ -374,15 +372,16 @@ class Engine:
             jobs.append(plan.text_job)
         if not jobs:
             return
-        on_step = None
-        if progress is not None:
-            understand = {pl.index for pl in plans if pl.request.task == "understand"}
+        understand = {pl.index for pl in plans if pl.request.task == "understand"}
 
-            def on_step(index: int, step: int, total: int) -> None:
-                if index in understand:
-                    progress(index, step, total)
+        def report_answer_step(index: int, step: int, total: int) -> None:
+            # Progress of an understanding request is its decode; a think text precedes the
+            # denoising steps, which report themselves.
+            if progress is not None and index in understand:
+                progress(index, step, total)
+
         decode_texts(self.model, self.tokenizer, cache, jobs, counters, should_cancel=should_cancel,
-                     on_step=on_step, naive=naive)
+                     on_step=report_answer_step, naive=naive)
         for plan in plans:
             job = plan.text_job
             if job is None:
