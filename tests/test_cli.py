@@ -80,6 +80,9 @@ def test_user_errors_exit_2_with_one_line_and_no_traceback(ckpt, tmp_path, capsy
         (("generate", "--model", tmp_path / "nowhere", "--prompt", "x"), "checkpoint folder does not exist"),
         (("generate", "--model", ckpt, "--prompt", "x", "--steps", "1"),
          "num_timesteps: 1 is outside the allowed range 2..1000"),
+        (("generate", "--model", ckpt, "--prompt", "x", "--width", "4096", "--height", "64"),
+         "width: 4096 px exceeds the 1024 px maximum"),
+        (("generate", "--model", ckpt, "--prompt", "   "), "prompt: must be a non-empty string"),
         (("make-tiny", ckpt), "already exists and is not an empty directory"),
     ]
     for args, needle in cases:
@@ -89,10 +92,12 @@ def test_user_errors_exit_2_with_one_line_and_no_traceback(ckpt, tmp_path, capsy
         assert len(err.splitlines()) == 1
 
 
-def test_a_size_over_the_maximum_is_refused_in_a_real_process(ckpt):
-    done = bagel("generate", "--model", ckpt, "--prompt", "x", "--width", "4096", "--height", "64")
+def test_a_bad_picture_is_refused_in_a_real_process_without_traceback(ckpt, tmp_path):
+    junk = tmp_path / "junk.png"
+    junk.write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    done = bagel("edit", "--model", ckpt, "--image", junk, "--prompt", "x")
     assert done.returncode == 2
-    assert "width: 4096 px exceeds the 1024 px maximum" in done.stderr
+    assert done.stderr.startswith(f"bagel: error [invalid_input]: image ({junk}):")
     assert "Traceback" not in done.stderr
 
 
