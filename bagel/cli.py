@@ -101,8 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", choices=("tiny", "small"), default="small")
     p.add_argument("--model", type=Path, default=None, help="checkpoint folder (default: a cached random one)")
     p.add_argument("--device", default="auto")
-    p.add_argument("--scenario", action="append", dest="scenarios", metavar="NAME",
-                   help="run only this scenario (repeatable)")
+    p.add_argument("--scenario", "--scenarios", action="extend", nargs="+", dest="scenarios", metavar="NAME",
+                   help="run only these scenarios (t2i1 edit1 tryon8 think8 mixed; repeatable)")
     p.add_argument("--steps", type=int, default=None, help="num_timesteps of every request")
     p.add_argument("--think-tokens", type=int, default=None)
     p.add_argument("--repeats", type=int, default=None)
