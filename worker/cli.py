@@ -3,8 +3,8 @@
 Owns: argument parsing, logging set-up and settings construction for every entry point:
 ``config``, ``db upgrade|downgrade``, ``tenant create``, ``key create``, ``api``,
 ``worker --queues gpu|webhooks``, ``reconciler``, ``up`` and ``demo``. Each command is a few
-lines calling the module that owns the work. The API is started through uvicorn by import
-string, so the worker package never imports ``api``.
+lines calling the module that owns the work. The API app is looked up by module name when the
+``api`` command runs, so the worker package has no import-time dependency on ``api``.
 """
 
 from __future__ import annotations
@@ -28,6 +28,9 @@ LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s [%(process)d] %(message)s"
 
 def _configure_logging(level: str) -> None:
     logging.basicConfig(level=level.upper(), format=LOG_FORMAT, stream=sys.stderr, force=True)
+    # One line per HTTP request is noise at INFO (the demo polls); keep their warnings.
+    for name in ("httpx", "httpcore", "alembic.runtime.plugins"):
+        logging.getLogger(name).setLevel(max(logging.WARNING, logging.getLogger().level))
 
 
 def _out(text: str) -> None:
@@ -81,13 +84,14 @@ def cmd_key(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_api(settings: Settings, args: argparse.Namespace) -> int:
+    import importlib
+
     import uvicorn
 
-    host = args.host or settings.api_host
-    port = args.port or settings.api_port
-    # The factory reads the same BAGEL_JOBS_* environment; import by string keeps api → worker.
-    uvicorn.run("api.main:create_app", factory=True, host=host, port=port, log_level="info",
-                access_log=args.access_log)
+    # Imported by name at run time: the worker package has no static dependency on api/.
+    app = importlib.import_module("api.main").create_app(settings)
+    uvicorn.run(app, host=args.host or settings.api_host, port=args.port or settings.api_port,
+                log_level="info", access_log=args.access_log)
     return 0
 
 

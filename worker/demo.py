@@ -96,7 +96,7 @@ def _jobs_of(client: httpx.Client, batch_id: str) -> list[dict[str, Any]]:
     page = 1
     while True:
         body = _check(client.get(f"/v1/batches/{batch_id}/jobs", params={"page": page}), "list jobs")
-        got = body.get("items", body.get("jobs", []))
+        got = body["items"]
         items.extend(got)
         if not got or not body.get("next_page"):
             return items
@@ -135,7 +135,7 @@ def run_demo(settings: Settings, *, api_url: str | None, out_dir: str | Path, wa
             "task": "tryon", "product_file": file_id, "items": items, "webhook_url": receiver.url,
             "metadata": {"source": "bagel-jobs demo"}}, headers={"idempotency-key": f"demo-{time.time_ns()}"}),
             "submit batch")
-        batch_id = batch.get("batch_id", batch.get("id"))
+        batch_id = batch["id"]
         log.info("batch %s submitted: %d jobs", batch_id, len(items))
         bar = tqdm(total=100, desc=f"batch {batch_id[:8]}", unit="%", file=sys.stderr,
                    bar_format="{l_bar}{bar}| {n:.0f}/{total} {unit} [{elapsed}]")
@@ -162,9 +162,12 @@ def run_demo(settings: Settings, *, api_url: str | None, out_dir: str | Path, wa
         jobs = _jobs_of(client, batch_id)
         summary_jobs = []
         for job in sorted(jobs, key=lambda j: j.get("position", 0)):
-            entry = {k: job.get(k) for k in ("id", "position", "status", "prompt", "think", "think_text",
-                                             "error", "timings")}
-            url = job.get("output_url") or (job.get("outputs") or {}).get("image_url")
+            result = job.get("result") or {}
+            entry = {"id": job.get("id"), "position": job.get("position"), "status": job.get("status"),
+                     "prompt": job.get("prompt"), "think": job.get("think"), "attempts": job.get("attempts"),
+                     "think_text": result.get("think_text"), "error": job.get("error"),
+                     "timings": job.get("timings")}
+            url = result.get("url")
             if job.get("status") == "succeeded" and url:
                 r = client.get(url) if url.startswith("/") else httpx.get(url, timeout=30.0)
                 r.raise_for_status()

@@ -2,8 +2,8 @@
 
 Owns: the body of the ``bagel_jobs.run_chunk`` task. It claims the chunk's queued jobs under a
 lease, reads their input images from storage (once per file), runs them through the GPU module
-in one call (progress written every ``progress_every_steps`` steps, the lease renewed, cancel
-requests polled between steps), uploads outputs to deterministic keys and records each outcome
+in one call (progress written every ``progress_every_steps`` steps, the lease renewed by a heartbeat
+thread, cancel requests polled between steps), uploads outputs to deterministic keys and records each outcome
 through ``worker.jobs`` (which writes the webhook outbox rows in the same transaction).
 
 Failure policy: a permanent error (bad input) fails the job at once; a transient one (storage
@@ -16,6 +16,7 @@ step boundary and the unfinished jobs are released for another worker. Leaves en
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -61,30 +62,46 @@ def backoff_s(base_s: float, attempt: int) -> float:
 
 
 class _ChunkMonitor:
-    """The engine's callbacks: throttled progress writes, lease renewal and cancel polling."""
+    """The engine's callbacks (throttled progress writes, cancel polling) plus a heartbeat
+    thread renewing the chunk's lease every lease_s/3: long phases without denoising steps
+    (prefill, think text, VAE decode) must not let the lease lapse."""
 
     def __init__(self, rt: WorkerRuntime, job_ids: list[str]) -> None:
         self.rt = rt
         self.job_ids = job_ids
         self.every = rt.settings.progress_every_steps
-        self.renew_every_s = max(rt.settings.lease_s / 3.0, 0.5)
-        self.last_renew = time.monotonic()
         self.last_cancel_poll = 0.0
         self.canceled: set[str] = set()
         self.pending: dict[int, tuple[int, int]] = {}
         self.last_flush = 0.0
+        self._stop = threading.Event()
+        self._heartbeat = threading.Thread(target=self._renew_loop, name="lease-heartbeat", daemon=True)
+
+    def __enter__(self) -> _ChunkMonitor:
+        if self.job_ids:
+            self._heartbeat.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._heartbeat.is_alive():
+            self._heartbeat.join()
+
+    def _renew_loop(self) -> None:
+        interval = max(self.rt.settings.lease_s / 3.0, 0.2)
+        while not self._stop.wait(interval):
+            try:
+                with self.rt.session() as session:
+                    jobs.renew_lease(session, self.job_ids, self.rt.worker_id, self.rt.settings.lease_s)
+            except Exception:  # noqa: BLE001 - a missed renewal is retried next interval
+                log.warning("lease renewal for %d job(s) failed", len(self.job_ids), exc_info=True)
 
     def progress(self, index: int, step: int, total: int) -> None:
         if step % self.every and step != total:
             return
         self.pending[index] = (step, total)
-        now = time.monotonic()
-        if step == total or now - self.last_flush >= PROGRESS_MIN_INTERVAL_S:
+        if step == total or time.monotonic() - self.last_flush >= PROGRESS_MIN_INTERVAL_S:
             self.flush()
-        if now - self.last_renew >= self.renew_every_s:
-            with self.rt.session() as session:
-                jobs.renew_lease(session, self.job_ids, self.rt.worker_id, self.rt.settings.lease_s)
-            self.last_renew = now
 
     def flush(self) -> None:
         groups: dict[tuple[int, int], list[str]] = {}
@@ -159,9 +176,10 @@ def run_chunk(rt: WorkerRuntime, chunk_id: str) -> None:
         inputs = [JobInput(job_id=job.id, task=job.task, prompt=engine_prompt(job.task, job.prompt),
                            images=[files[fid] for fid in job.input_file_ids], think=job.think,
                            width=job.width, height=job.height, params=job.params) for job in runnable]
-        monitor = _ChunkMonitor(rt, [job.id for job in runnable])
-        outputs = holder.run(inputs, progress=monitor.progress, should_cancel=monitor.should_cancel) if inputs else []
-        monitor.flush()
+        with _ChunkMonitor(rt, [job.id for job in runnable]) as monitor:
+            outputs = (holder.run(inputs, progress=monitor.progress, should_cancel=monitor.should_cancel)
+                       if inputs else [])
+            monitor.flush()
     except Exception as exc:  # noqa: BLE001 - anything not a bad input is retried, then failed
         code = getattr(exc, "code", "engine_error")
         log.warning("chunk %s: transient failure %s: %s", chunk_id, code, exc, exc_info=True)
