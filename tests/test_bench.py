@@ -6,9 +6,14 @@ No timing assertions: the figures are the benchmark's output, not a test's pass 
 import json
 
 import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
 
-from bagel.bench import BenchOptions, format_table, run_bench, scenario_requests
+from bagel.bench import BenchOptions, bench_checkpoint, checkpoint_folder, format_table, run_bench, scenario_requests
+from bagel.engine import Engine
 from bagel.errors import InputError
+from bagel.flops import attended_pairs, attention_flops, forward_flops, linear_flops_per_row
+from bagel.loading import load_checkpoint
 from bagel.sampler import branches_needed, make_schedule
 
 STEPS = 3  # num_timesteps: two Euler steps
@@ -19,10 +24,14 @@ ROW_KEYS = {"scenario", "naive_images_per_s", "optimised_images_per_s", "ratio",
 
 
 @pytest.fixture(scope="module")
-def report(tmp_path_factory) -> dict:
-    cache = tmp_path_factory.mktemp("bench-cache")
-    options = BenchOptions(size="tiny", device="cpu", scenarios=("tryon8", "think8"), steps=STEPS,
-                           think_tokens=THINK_TOKENS, cache_dir=cache, warm_up=False, gemm_min_seconds=0.05)
+def options(tmp_path_factory) -> BenchOptions:
+    return BenchOptions(size="tiny", device="cpu", scenarios=("tryon8", "think8"), steps=STEPS,
+                        think_tokens=THINK_TOKENS, cache_dir=tmp_path_factory.mktemp("bench-cache"),
+                        warm_up=False, gemm_min_seconds=0.05)
+
+
+@pytest.fixture(scope="module")
+def report(options) -> dict:
     return run_bench(options)
 
 
@@ -110,3 +119,39 @@ def test_table_states_the_conditions_and_every_scenario(report):
 def test_bad_options_are_refused_with_field_and_limit(kwargs, message):
     with pytest.raises(InputError, match=message.replace("(", r"\(").replace("[", r"\[")):
         BenchOptions(**kwargs)
+
+
+def test_flop_model_matches_torch_counted_matmuls_of_a_real_loop_forward(options):
+    """The linear part of ``forward_flops`` equals what torch's FlopCounterMode counts for the
+    matmuls of one real denoising forward; attention adds 4·pairs·H·D per layer on top."""
+    checkpoint = bench_checkpoint(load_checkpoint(checkpoint_folder(options), device="cpu", dtype=torch.float32), 64)
+    cfg = checkpoint.config.llm
+    lm = checkpoint.model.language_model
+    seen = []
+
+    def pre(module, args):
+        batch = args[1]
+        if not seen and any(seg.write_start is None for seg in batch.segments):
+            counter = FlopCounterMode(display=False)
+            counter.__enter__()
+            seen.append((batch, counter))
+
+    def post(module, args, output):
+        if len(seen) == 1:
+            seen[0][1].__exit__(None, None, None)
+            seen.append(None)
+
+    handles = [lm.register_forward_pre_hook(pre), lm.register_forward_hook(post)]
+    try:
+        request = scenario_requests("t2i1", image_px=64, steps=2, think_tokens=1, latent_shape=(16, 8, 8))
+        Engine(checkpoint).run(request)
+    finally:
+        for handle in handles:
+            handle.remove()
+    batch, counter = seen[0]
+    per_op = counter.get_flop_counts()["Global"]
+    matmuls = sum(n for op, n in per_op.items() if str(op).split(".")[1] in ("mm", "addmm"))
+    assert matmuls == batch.length * linear_flops_per_row(cfg)
+    pairs = sum(attended_pairs(seg.query_len, seg.past.length, seg.is_causal) for seg in batch.segments)
+    assert pairs > batch.length  # the query block really attends to the picture context
+    assert forward_flops(cfg, batch) == matmuls + attention_flops(cfg, pairs)
