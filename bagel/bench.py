@@ -464,6 +464,11 @@ def _device_name(device: torch.device) -> str:
     return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
+def _load_average() -> float | None:
+    """The 1-minute load average (other processes skew CPU timings; the report says how much)."""
+    return os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+
+
 def run_bench(options: BenchOptions, *, on_scenario: Callable[[dict], None] | None = None) -> dict:
     """Run every scenario of ``options`` in both modes and return the report (JSON-ready).
     ``on_scenario`` is called with each finished row (for live output)."""
@@ -482,6 +487,7 @@ def run_bench(options: BenchOptions, *, on_scenario: Callable[[dict], None] | No
         return scenario_requests(name, image_px=image_px, steps=steps, think_tokens=think_tokens,
                                  latent_shape=latent_shape)
 
+    load_before = _load_average()
     instruments = _Instruments(checkpoint)
     try:
         if options.warm_up:
@@ -525,6 +531,8 @@ def run_bench(options: BenchOptions, *, on_scenario: Callable[[dict], None] | No
         "warm_up": options.warm_up,
         "checkpoint": str(folder),
         "torch": torch.__version__,
+        "cpu_count": os.cpu_count(),
+        "load_average_1m": [load_before, _load_average()],
         "results": rows,
     }
 
@@ -565,6 +573,9 @@ def format_table(report: dict) -> str:
             f"{report['image_px']}x{report['image_px']} px pictures, task defaults except "
             f"num_timesteps={report['num_timesteps']} and max_think_tokens={report['max_think_tokens']}; "
             f"best of {report['repeats']} run(s) per mode")
+    load = report.get("load_average_1m") or [None, None]
+    if None not in load:
+        head += f"; 1-min load average {load[0]:.1f} -> {load[1]:.1f} on {report['cpu_count']} CPUs"
     cells = [[title for title, _, _ in _COLUMNS]]
     cells += [[_cell(row, fmt, key, title) for title, fmt, key in _COLUMNS] for row in report["results"]]
     widths = [max(len(r[c]) for r in cells) for c in range(len(_COLUMNS))]
