@@ -23,7 +23,7 @@ from worker.receiver import WebhookReceiver
 from worker.storage import make_store, output_key
 
 DONE = {"succeeded", "failed", "canceled"}
-LONG_STEPS = 200  # the per-job maximum: long enough (seconds) to interrupt mid-denoise
+LONG_STEPS = 120  # long enough (seconds at 64 px) to interrupt mid-denoise
 LONG_PX = 64
 
 
