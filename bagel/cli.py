@@ -6,7 +6,7 @@ and the mapping of user errors to exit status 2 with a one-line message (no trac
 Leaves everything else to the library: ``Engine`` (``engine.py``), ``make_tiny`` (``tiny.py``),
 ``verify_folder`` (``parity.py``), ``run_bench`` (``bench.py``).
 
-    bagel make-tiny DIR [--seed N] [--size tiny|small]
+    bagel make-tiny DIR [--seed N] [--size tiny|small] [--min-side-px N]
     bagel verify DIR [--device cpu] [--case ID ...]
     bagel bench [--size tiny|small] [--scenario NAME ...] [--json report.json]
     bagel generate --model DIR --prompt P [--width W --height H] [--think] --out out.png
@@ -90,6 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dir", type=Path)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--size", choices=("tiny", "small"), default="tiny")
+    p.add_argument("--min-side-px", type=int, default=None,
+                   help="lower the transforms' minimum picture side (fast CPU edits; real: 512)")
 
     p = sub.add_parser("verify", parents=[common], help="check a checkpoint against DIR/golden/cases.json")
     p.add_argument("dir", type=Path)
@@ -202,7 +204,7 @@ def _make_tiny(args: argparse.Namespace) -> int:
     from bagel.tiny import make_tiny
 
     started = time.perf_counter()
-    folder = make_tiny(args.dir, seed=args.seed, size=args.size)
+    folder = make_tiny(args.dir, seed=args.seed, size=args.size, min_side_px=args.min_side_px)
     _write(sys.stdout, f"wrote a {args.size} random checkpoint (seed {args.seed}) to {folder} "
                        f"in {time.perf_counter() - started:.1f} s")
     return 0

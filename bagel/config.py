@@ -19,6 +19,7 @@ from bagel.errors import CheckpointError, InputError
 
 RENORM_TYPES = ("global", "channel", "text_channel")
 TASKS = ("generate", "edit", "understand")
+BAGEL_CONFIG_FILE = "bagel_config.json"
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -162,6 +163,24 @@ class BagelConstants:
     vit_stride: int = 14
     max_pixels: int = 14 * 14 * 9 * 1024
 
+    @classmethod
+    def from_folder(cls, folder: Path) -> BagelConstants:
+        """The reference's values, overridden by the optional ``bagel_config.json``. The real
+        checkpoint has no such file; tiny test checkpoints use it to lower the transforms'
+        minimum sides (``vae_min_px``, ``vit_min_px``) so CPU tests and demos stay small."""
+        path = folder / BAGEL_CONFIG_FILE
+        if not path.exists():
+            return cls()
+        raw = _read_json(path)
+        known = {f.name: f.type for f in fields(cls)}
+        unknown = sorted(set(raw) - set(known))
+        if unknown:
+            raise CheckpointError(f"{path}: unknown fields {unknown}")
+        consts = cls(**raw)
+        if not (0 < consts.vae_min_px <= consts.vae_max_px and 0 < consts.vit_min_px <= consts.vit_max_px):
+            raise CheckpointError(f"{path}: need 0 < vae_min_px <= vae_max_px and 0 < vit_min_px <= vit_max_px")
+        return consts
+
     def latent_downsample(self, vae: VAEConfig) -> int:
         return vae.downsample * self.latent_patch_size
 
@@ -187,6 +206,7 @@ class ModelConfig:
             llm=LLMConfig.from_file(folder / "llm_config.json"),
             vit=ViTConfig.from_file(folder / "vit_config.json"),
             vae=VAEConfig.from_folder(folder),
+            constants=BagelConstants.from_folder(folder),
         )
 
 

@@ -31,7 +31,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from bagel.config import ModelConfig
+from bagel.config import BAGEL_CONFIG_FILE, ModelConfig
 from bagel.errors import InputError
 from bagel.loading import AE_FILE, AE_NAME_MAP, EMA_FILE, EMA_NAME_MAP, build_empty, tensor_slots, to_checkpoint_key
 from bagel.pos_embed import PositionTable, sincos_table
@@ -185,14 +185,19 @@ def _write_json(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data, indent=2) + "\n")
 
 
-def make_tiny(folder: Path | str, *, seed: int = 0, size: str = "tiny") -> Path:
+def make_tiny(folder: Path | str, *, seed: int = 0, size: str = "tiny",
+              min_side_px: int | None = None) -> Path:
     """Write a random checkpoint of preset ``size`` into ``folder`` (created; it must not exist
     or be empty) and return the folder. The folder appears complete or not at all: everything
-    is written into a temporary sibling that is renamed at the end."""
+    is written into a temporary sibling that is renamed at the end. ``min_side_px`` writes a
+    ``bagel_config.json`` lowering the VAE/ViT transforms' minimum short side (the reference's
+    512/224 px), so that edits of small pictures stay small on a CPU."""
     if size not in SIZES:
         raise InputError(f"size: {size!r} is not one of {sorted(SIZES)}")
     if not 0 <= seed < 2**63:
         raise InputError(f"seed: {seed} must be in 0..2^63-1")
+    if min_side_px is not None and not 16 <= min_side_px <= 512:
+        raise InputError(f"min_side_px: {min_side_px} must be in 16..512")
     folder = Path(folder)
     if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
         raise InputError(f"folder: {folder} already exists and is not an empty directory")
@@ -209,6 +214,9 @@ def make_tiny(folder: Path | str, *, seed: int = 0, size: str = "tiny") -> Path:
             preset, vocab_size, eos_id=tokenizer.eos_id, pad_id=tokenizer.token_to_id(SPECIAL_TOKENS[0])))
         _write_json(staging / "vit_config.json", _vit_config(preset))
         _write_json(staging / "ae_config.json", _ae_config(preset))
+        if min_side_px is not None:
+            _write_json(staging / BAGEL_CONFIG_FILE, {"vae_min_px": min_side_px,
+                                                      "vit_min_px": min(min_side_px, 224)})
         config = ModelConfig.from_folder(staging)
         model, vae = build_empty(config)
         gen = torch.Generator().manual_seed(seed)

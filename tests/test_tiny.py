@@ -109,3 +109,29 @@ def test_small_preset_is_qwen2_shaped():
     assert small.hidden // small.heads == 64
     assert small.heads % small.kv_heads == 0
     assert small.ae_ch_mult == (1, 2, 4, 4)
+
+
+def test_min_side_px_writes_bagel_config_and_edits_keep_small_pictures(tmp_path):
+    from PIL import Image
+
+    from bagel.config import GenerationParams
+    from bagel.engine import Engine
+    from bagel.requests import Request
+
+    folder = make_tiny(tmp_path / "small-sides", seed=3, min_side_px=64)
+    assert json.loads((folder / "bagel_config.json").read_text()) == {"vae_min_px": 64, "vit_min_px": 64}
+    assert ModelConfig.from_folder(folder).constants.vae_min_px == 64
+    engine = Engine.load(folder, device="cpu")
+    picture = Image.new("RGB", (80, 64), (200, 40, 40))
+    [result] = engine.run([Request(task="edit", prompt="make it blue", images=[picture],
+                                   params=GenerationParams.for_task("edit", num_timesteps=2, seed=1))])
+    assert result.image.size == (80, 64)  # the reference rule would have resized it to 640x512
+
+
+def test_bagel_config_rejects_unknown_fields(tmp_path):
+    from bagel.errors import CheckpointError
+
+    folder = make_tiny(tmp_path / "bad", seed=3, min_side_px=64)
+    (folder / "bagel_config.json").write_text(json.dumps({"vae_min_side": 64}))
+    with pytest.raises(CheckpointError, match=r"bagel_config.json: unknown fields \['vae_min_side'\]"):
+        ModelConfig.from_folder(folder)
