@@ -30,6 +30,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+DEMO_MIN_SIDE_PX = 256
+
 _PARAM_NAMES = frozenset(f.name for f in fields(GenerationParams))
 # The service's "tryon" is the engine's edit with try-on defaults (chosen in worker.params).
 _ENGINE_TASK = {"generate": "generate", "edit": "edit", "understand": "understand", "tryon": "edit"}
@@ -82,7 +84,9 @@ class EngineHolder:
         folder = TINY_MODEL_DIR
         if not (folder / "ema.safetensors").exists():
             log.warning("BAGEL_JOBS_MODEL_PATH is unset: generating a tiny RANDOM checkpoint in %s", folder)
-            make_tiny(folder, seed=0, size="tiny")
+            # The demo checkpoint keeps 256-px product shots at 256 px (the real model's
+            # transforms would upscale them to 512) so the embedded demo stays quick on a CPU.
+            make_tiny(folder, seed=0, size="tiny", min_side_px=DEMO_MIN_SIDE_PX)
         log.warning("!!! using the tiny RANDOM demo checkpoint in %s: outputs are noise; set "
                     "BAGEL_JOBS_MODEL_PATH to the real BAGEL-7B-MoT weights for real images !!!", folder)
         return folder
