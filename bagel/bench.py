@@ -590,5 +590,7 @@ def format_table(report: dict) -> str:
                   "decoder FLOPs of the denoising forwards / wall time of the denoising loop.",
               "fwd/img: LLM forwards (prefill + think decode + denoising) per image; ctx enc: input pictures "
               "encoded (VAE + SigLIP); peak: RSS on CPU, max CUDA memory allocated on GPU.",
-              "tryon8/mixed: the scenes of one product share its VAE posterior draw (one seed per scene)."]
+              "tryon8/mixed: the scenes of one product share its VAE posterior draw (one seed per scene).",
+              "max px diff: naive vs optimised output pixels; both run the same float math in a different "
+              "summation order, which random weights can amplify over the steps (CFG ×scale per step)."]
     return "\n".join(lines)
