@@ -79,6 +79,8 @@ class Counters:
     context_encodes: dict[int, int] = field(default_factory=dict)
     run_llm_forwards: int = 0
     run_context_encodes: int = 0
+    denoise_seconds: float = 0.0  # wall time of the denoising loops (device synced at each end)
+    denoise_forward_rows: int = 0  # packed rows fed to the LLM by the denoising loops
 
     def forward(self, owners: set[int]) -> None:
         self.run_llm_forwards += 1

@@ -5,8 +5,9 @@ Owns: the loaded modules, device and dtype; validating every request before any 
 request; and running a list of requests as numbered steps:
 
   1. validate and plan every request (pictures resized, prompts tokenized, sizes snapped);
-  2. draw each edit's VAE posterior noise (first draw of its generator, as in the reference)
-     and encode each distinct picture once;
+  2. draw each edit's VAE posterior noise (first draw of its generator, as in the reference,
+     or from its own ``context_seed``), run the VAE encoder once per distinct picture and
+     sample one latent per distinct noise;
   3. prefill every context of every request, sharing common prefixes (``contexts.py``);
   4. decode all texts together: understanding answers and think texts (``tasks.py``);
   5. append each think text to its request's main context;
@@ -32,8 +33,9 @@ of the throughput benchmark. Batched and naive results agree within float tolera
 
 Departures from the reference: batching and prefix sharing as above; understanding requests
 skip the image-free context the reference builds but never reads; posterior noise is shared
-by requests that use the same picture and the same seed (or the same injected noise), so their
-whole picture context is prefilled once.
+by requests that use the same picture and the same seed, ``context_seed`` or injected noise,
+so their whole picture context is prefilled once; the VAE encoder runs once per picture
+whatever the number of noises (the reference encodes per request).
 """
 
 from __future__ import annotations
@@ -54,9 +56,10 @@ from bagel.contexts import ContextStore, Counters, LatentInput, Path as CtxPath,
 from bagel.errors import InputError
 from bagel.kv_cache import KVCache
 from bagel.loading import LoadedCheckpoint, load_checkpoint, resolve_device
+from bagel.memory import Footprint, MemoryEstimate, MemoryModel, split_to_budget
 from bagel.prompts import think_system_prompt
 from bagel.requests import CancelFn, ProgressFn, Request, Result
-from bagel.sampler import make_schedule
+from bagel.sampler import branches_needed, make_schedule
 from bagel.tasks import ImageJob, TextJob, decode_texts, denoise, reply_text
 
 logger = logging.getLogger(__name__)
@@ -114,24 +117,35 @@ class Engine:
     """BAGEL inference on one device. Thread-compatible, not thread-safe: one ``run`` at a time."""
 
     def __init__(self, checkpoint: LoadedCheckpoint, *, mode: str = "batched",
-                 max_rows_per_forward: int = 1 << 16) -> None:
+                 max_rows_per_forward: int = 1 << 16, memory_budget_bytes: int | None = None) -> None:
         if mode not in MODES:
             raise InputError(f"mode: {mode!r} is not one of {MODES}")
+        if memory_budget_bytes is not None and (isinstance(memory_budget_bytes, bool)
+                                                or not isinstance(memory_budget_bytes, int)
+                                                or memory_budget_bytes <= 0):
+            raise InputError(f"memory_budget_bytes: {memory_budget_bytes!r} must be a positive number of bytes")
         self.checkpoint = checkpoint
         self.model = checkpoint.model
         self.vae = checkpoint.vae
         self.mode = mode
         self.max_rows_per_forward = max_rows_per_forward
+        self.memory_budget_bytes = memory_budget_bytes
+        self._memory_model = MemoryModel(checkpoint.config, checkpoint.dtype, max_rows_per_forward)
 
     @classmethod
     def load(cls, path: str | Path, quantization: str = "none", device: str | torch.device = "auto",
-             dtype: torch.dtype | str | None = None, *, mode: str = "batched") -> Engine:
+             dtype: torch.dtype | str | None = None, *, mode: str = "batched",
+             memory_budget_bytes: int | None = None) -> Engine:
         """Load a checkpoint folder. ``device="auto"``: CUDA when available, else CPU; ``dtype``
-        defaults to float32 on CPU and bfloat16 on CUDA."""
+        defaults to float32 on CPU and bfloat16 on CUDA. ``memory_budget_bytes``: the working
+        memory (weights excluded, see ``memory.py``) one batch may use; a larger batch is run
+        as consecutive sub-batches, a request that cannot fit alone raises
+        ``MemoryBudgetError``."""
         dev = resolve_device(device)
         if dtype is None:
             dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
-        return cls(load_checkpoint(path, device=dev, dtype=dtype, quantization=quantization), mode=mode)
+        return cls(load_checkpoint(path, device=dev, dtype=dtype, quantization=quantization), mode=mode,
+                   memory_budget_bytes=memory_budget_bytes)
 
     @property
     def config(self) -> ModelConfig:
@@ -241,14 +255,19 @@ class Engine:
         plans = [self._plan(i, r) for i, r in enumerate(requests)]  # 1. validate everything first
         naive = self.mode == "naive" if naive is None else naive
         started = time.perf_counter()
+        batches = [[plan] for plan in plans] if naive else [plans]
+        if self.memory_budget_bytes is not None:  # still before any model work
+            batches = [sub for batch in batches
+                       for sub in split_to_budget(batch, self._footprint, self._memory_model,
+                                                  self.memory_budget_bytes, lambda pl: f"requests[{pl.index}]")]
+            if len(batches) > 1 and not naive:
+                logger.info("memory budget: %d requests run as %d sub-batches", len(plans), len(batches))
         with torch.inference_mode():
-            if naive:
-                outcomes = []
-                for plan in plans:
-                    outcomes += self._execute([plan], progress, should_cancel, naive=True, record=record)
-            else:
-                outcomes = self._execute(plans, progress, should_cancel, naive=False, record=record)
+            outcomes = []
+            for batch in batches:
+                outcomes += self._execute(batch, progress, should_cancel, naive=naive, record=record)
         seconds = time.perf_counter() - started
+        denoise_seconds = sum({id(c): c.denoise_seconds for _, c in outcomes}.values())
         results = []
         for plan, (result, counters) in zip(plans, outcomes):
             result.stats.update({
@@ -257,6 +276,9 @@ class Engine:
                 "context_encodes": counters.context_encodes.get(plan.index, 0),
                 "run_llm_forwards": counters.run_llm_forwards,
                 "run_context_encodes": counters.run_context_encodes,
+                "denoise_seconds": denoise_seconds,
+                "run_batches": len(batches),
+                "run_denoise_forward_tokens": counters.denoise_forward_rows,
             })
             results.append(result)
         logger.info("ran %d requests in %.2f s (%s)", len(plans), seconds, "naive" if naive else "batched")
@@ -290,24 +312,58 @@ class Engine:
         return [(self._result(plan, record), counters) for plan in plans]  # 7.
 
     def _capacity_estimate(self, plans: list[_Plan]) -> int:
-        total = 0
-        stride = self.latent_stride_px
-        for plan in plans:
-            p = plan.request.params
-            total += 2 * (len(plan.request.prompt) + 8) + 300
-            total += sum(pic.vit.patches.shape[0] + 2 for pic in plan.pictures)
-            if plan.request.task == "edit":
-                h, w = plan.out_hw
-                total += (h // stride) * (w // stride) + 2
-            if plan.request.think:
-                total += 3 * (p.max_think_tokens + 2)
-            if plan.request.task == "understand":
-                total += p.max_new_tokens + 2
-        return total
+        """KV slots the run reserves: every request's own tokens, shared pictures once."""
+        prints = [self._footprint(plan) for plan in plans]
+        return sum(f.kv_tokens for f in prints) + sum(dict(sh for f in prints for sh in f.shared_kv).values())
+
+    def _footprint(self, plan: _Plan) -> Footprint:
+        """What ``plan`` adds to a run (see ``memory.py``); its picture blocks are ``shared_kv``
+        under a key that equal pictures with equal posterior noise (and think flag) share."""
+        req, p, stride = plan.request, plan.request.params, self.latent_stride_px
+        own = 2 * (len(self.tokenizer.encode(req.prompt)) + 4) + 64
+        if req.think:
+            own += 3 * (p.max_think_tokens + 2) + 64
+        if req.task == "understand":
+            own += p.max_new_tokens + 2
+        picture_rows = sum(pic.vit.patches.shape[0] + 2 for pic in plan.pictures)
+        shared_key = (tuple(pic.key for pic in plan.pictures), req.think)
+        loop_rows, latent_elems, out_px, in_px, q = 0, 0, 0, 0, 0
+        if req.task == "edit":
+            pic = plan.pictures[0]
+            w, h = pic.vae_image.size
+            picture_rows += (h // stride) * (w // stride) + 2
+            in_px = w * h
+            noise_id = (("context_seed", req.context_seed) if req.context_seed is not None
+                        else ("noise", id(req.posterior_noise)) if req.posterior_noise is not None
+                        else ("seed", plan.seed))
+            shared_key = (*shared_key, noise_id)
+        if plan.out_hw is not None:
+            h, w = plan.out_hw[0] // stride, plan.out_hw[1] // stride
+            q = h * w + 2
+            schedule = make_schedule(p.num_timesteps, p.timestep_shift, p.cfg_interval)
+            need = [branches_needed(on, p.cfg_text_scale, p.cfg_img_scale) for on in schedule.cfg_on]
+            branches = 1 + any(t for t, _ in need) + (any(i for _, i in need) and req.task == "edit"
+                                                       or req.think and any(i for _, i in need))
+            loop_rows = branches * q
+            latent_elems = h * w * self.config.constants.latent_patch_size ** 2 * self.config.vae.z_channels
+            out_px = plan.out_hw[0] * plan.out_hw[1]
+        context = own + picture_rows
+        prefill = own + picture_rows
+        widest = max((q, context + q), (prefill, prefill), key=lambda s: s[0] * s[1])
+        return Footprint(own, loop_rows, widest, prefill, latent_elems, out_px, in_px,
+                         shared_kv=((repr(shared_key), picture_rows),))
+
+    def memory_estimate(self, requests: list[Request]) -> MemoryEstimate:
+        """Estimated peak working memory (bytes, weights excluded) of ``run(requests)`` in one
+        batch. The difference between n and n+1 similar requests is the cost of one more."""
+        plans = [self._plan(i, r) for i, r in enumerate(requests)]
+        return self._memory_model.estimate([self._footprint(plan) for plan in plans])
 
     # ---- step 2: pictures -----------------------------------------------------------------
 
     def _encode_pictures(self, plans: list[_Plan], store: ContextStore, counters: Counters) -> None:
+        """One VAE encoder pass per distinct edit picture, then one posterior sample per distinct
+        noise of it (a latent key names picture + noise, so equal draws share one context)."""
         consts, vae_cfg = self.config.constants, self.config.vae
         by_picture: dict[str, list[tuple[_Plan, torch.Tensor]]] = {}
         for plan in plans:
@@ -318,8 +374,12 @@ class Engine:
             pic = plan.pictures[0]
             w, h = pic.vae_image.size
             shape = (1, vae_cfg.z_channels, h // vae_cfg.downsample, w // vae_cfg.downsample)
-            noise = plan.request.posterior_noise
-            if noise is None:  # the generator's first draw, as in the reference
+            req = plan.request
+            noise = req.posterior_noise
+            if noise is None and req.context_seed is not None:
+                context_gen = torch.Generator(device=self.device).manual_seed(req.context_seed)
+                noise = torch.randn(shape, generator=context_gen, device=self.device)
+            elif noise is None:  # the request generator's first draw, as in the reference
                 noise = torch.randn(shape, generator=plan.generator, device=self.device)
             noise = noise.to(self.device, torch.float32)
             plan.latent_key = f"{pic.key}:{_tensor_key(noise)}"
@@ -331,8 +391,8 @@ class Engine:
                 distinct.setdefault(plan.latent_key, (plan, noise))
             pic = entries[0][0].pictures[0]
             pixels = transforms.image_to_tensor(pic.vae_image).to(self.device)[None]
-            noises = torch.cat([n for _, n in distinct.values()])
-            latents = self.vae.encode(pixels.expand(noises.shape[0], -1, -1, -1), noise=noises)
+            mean, logvar = self.vae.posterior(pixels)
+            latents = self.vae.sample(mean, logvar, noise=torch.cat([n for _, n in distinct.values()]))
             counters.encode(min(pl.index for pl, _ in distinct.values()))
             h, w = latents.shape[2] // p, latents.shape[3] // p
             pos = transforms.grid_position_ids(h, w, consts.max_latent_size)

@@ -32,6 +32,13 @@ class Request:
     image of the VAE-resized input's size), "understand" (images + prompt → text).
     ``think`` generates reasoning text first. ``init_noise`` ([h·w, 64], packed layout) and
     ``posterior_noise`` ([1, 16, H/8, W/8]) replace the seeded draws (golden tests).
+
+    ``context_seed`` seeds the VAE posterior noise of an edit's input picture on its own
+    generator; the request's seed then draws only the initial noise. None: the request's
+    generator draws the posterior noise first, as the reference does. Edits that share a
+    picture and a ``context_seed`` (or the same ``posterior_noise``) share one encoder pass,
+    one sampled latent and one prefilled picture context — a try-on chunk sets the same value
+    (e.g. a hash of the product file) on every scene so the product is encoded once.
     """
 
     task: str
@@ -43,6 +50,7 @@ class Request:
     params: GenerationParams = field(default_factory=GenerationParams)
     init_noise: torch.Tensor | None = None
     posterior_noise: torch.Tensor | None = None
+    context_seed: int | None = None
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
@@ -57,6 +65,12 @@ class Request:
             raise InputError("images: understand needs at least 1 input image")
         if self.task == "generate" and self.images:
             raise InputError("images: generate takes no input image (use edit)")
+        if self.context_seed is not None:
+            if isinstance(self.context_seed, bool) or not isinstance(self.context_seed, int) \
+                    or not 0 <= self.context_seed < 2**63:
+                raise InputError(f"context_seed: {self.context_seed!r} must be an integer in 0..2^63-1")
+            if self.posterior_noise is not None:
+                raise InputError("context_seed: give either context_seed or posterior_noise, not both")
 
 
 @dataclass

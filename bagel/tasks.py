@@ -21,6 +21,7 @@ writes into slots reserved up front instead of re-concatenating the cache every 
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -172,6 +173,18 @@ def denoise(model: BagelModel, tokenizer: Tokenizer, cache: KVCache, jobs: list[
     final latent of every job not canceled."""
     if not jobs:
         return
+    started = time.perf_counter()
+    try:
+        _denoise_loop(model, tokenizer, cache, jobs, counters, progress, should_cancel, naive, max_rows_per_forward)
+    finally:
+        if model.device.type == "cuda":
+            torch.cuda.synchronize(model.device)  # once per loop, so the loop's wall time is real
+        counters.denoise_seconds += time.perf_counter() - started
+
+
+def _denoise_loop(model: BagelModel, tokenizer: Tokenizer, cache: KVCache, jobs: list[ImageJob],
+                  counters: Counters, progress: StepCallback | None, should_cancel: CancelCheck | None,
+                  naive: bool, max_rows_per_forward: int) -> None:
     schedule = jobs[0].schedule
     assert all(torch.equal(j.schedule.t, schedule.t) for j in jobs), "denoise groups share one schedule"
     device = model.device
@@ -205,6 +218,7 @@ def denoise(model: BagelModel, tokenizer: Tokenizer, cache: KVCache, jobs: list[
             hidden = model.language_model(x, batch, cache)
             v_all = model.velocity(hidden.index_select(0, batch.row_index["latent"])).float()
             counters.forward({j.index for j, _, _ in group})
+            counters.denoise_forward_rows += batch.length
             for (j, name, _), v in zip(group, v_all.split([b.num_rows for b in blocks])):
                 velocities[(id(j), name)] = v
         dt = schedule.dt[step]

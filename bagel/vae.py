@@ -208,31 +208,42 @@ class AutoEncoder(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.encoder.conv_in.weight.dtype
 
-    def _posterior(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def posterior(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pictures [B, 3, H, W] in [-1, 1] → the posterior's ``(mean, logvar)``, each
+        [B, z, H/8, W/8] in the VAE's own (unscaled) space. This is the whole encoder pass;
+        ``sample`` turns it into latents cheaply, as often as needed."""
         moments = self.encoder(x.to(self.dtype))
         mean, logvar = moments.chunk(2, dim=1)
         return mean, logvar
 
-    def encode(self, x: torch.Tensor, *, noise: torch.Tensor | None = None,
+    def sample(self, mean: torch.Tensor, logvar: torch.Tensor, *, noise: torch.Tensor | None = None,
                generator: torch.Generator | None = None) -> torch.Tensor:
-        """Pictures [B, 3, H, W] in [-1, 1] → sampled latents [B, z, H/8, W/8], scaled/shifted.
-
-        ``noise`` (same shape as the latent) is the posterior ε; without it ε is drawn with
-        ``generator`` (or the global RNG when that is None too).
-        """
-        mean, logvar = self._posterior(x)
+        """Posterior ``(mean, logvar)`` [B', z, h, w] → sampled latents ``mean + exp(logvar/2)·ε``,
+        scaled/shifted into the model's space. ``noise`` ε may hold more rows than the posterior
+        when the posterior has one row (one picture, several draws: it broadcasts); without it ε
+        is drawn with ``generator`` (or the global RNG when that is None too)."""
         if noise is None:
-            noise = torch.randn(mean.shape, generator=generator, device=mean.device,
-                                dtype=mean.dtype)
-        elif noise.shape != mean.shape:
+            noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+        elif noise.shape[1:] != mean.shape[1:] or mean.shape[0] not in (1, noise.shape[0]):
             raise InputError(f"noise: shape {tuple(noise.shape)} given, the posterior of this "
                              f"picture has shape {tuple(mean.shape)}")
         z = mean + torch.exp(0.5 * logvar) * noise.to(mean.device, mean.dtype)
         return self.scale_factor * (z - self.shift_factor)
 
+    def encode(self, x: torch.Tensor, *, noise: torch.Tensor | None = None,
+               generator: torch.Generator | None = None) -> torch.Tensor:
+        """Pictures [B, 3, H, W] in [-1, 1] → sampled latents [B, z, H/8, W/8], scaled/shifted:
+        ``posterior`` then ``sample``. ``noise`` (same shape as the latent) is the posterior ε;
+        without it ε is drawn with ``generator`` (or the global RNG when that is None too)."""
+        mean, logvar = self.posterior(x)
+        if noise is not None and noise.shape != mean.shape:
+            raise InputError(f"noise: shape {tuple(noise.shape)} given, the posterior of this "
+                             f"picture has shape {tuple(mean.shape)}")
+        return self.sample(mean, logvar, noise=noise, generator=generator)
+
     def encode_mean(self, x: torch.Tensor) -> torch.Tensor:
         """Pictures → posterior-mean latents, scaled/shifted like ``encode``."""
-        mean, _ = self._posterior(x)
+        mean, _ = self.posterior(x)
         return self.scale_factor * (mean - self.shift_factor)
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,120 @@
+"""Working-memory estimate of an engine run, and the split of a batch under a memory budget.
+
+Owns: what one request adds to a run's working memory — the KV-cache slots its contexts and
+decodes reserve, the rows it puts into every packed denoising forward (one block per CFG
+branch) and the activations those rows need, its latent buffers — plus the per-run fixed
+costs (the largest single VAE pass), and ``split_to_budget``, which cuts a batch into
+consecutive sub-batches that each fit a budget. Weights are not counted: the budget is for
+what a run allocates on top of the loaded model. Leaves what a request is to ``engine.py``.
+
+The model (bytes, ``e`` = bytes per element of the engine dtype):
+  * KV cache: ``2 · layers · kv_heads · head_dim · e`` per slot;
+  * one packed forward: per row, the transients of one decoder layer at its widest — the
+    residual stream, the norm output, the routed copies, q/k/v with their RoPE temporaries,
+    the attention output and the SwiGLU's gate, up, activation and product:
+    ``(5·C + 3·(H + 2·Hkv)·D + 4·I) · e``; plus float32 attention scores of the largest
+    segment (``H · q · k · 4``; the CPU and CUDA kernels tile them, so this is an upper bound);
+  * latents: per image, x and up to four velocity buffers in float32;
+  * VAE: the largest decoder activation at full resolution times three (input, output and
+    the skip of a ResNet block), for the largest picture of the batch, once (pictures are
+    decoded one at a time).
+These are estimates, written to err on the high side; ``Engine.memory_estimate`` states
+them per request so a deployment can size ``memory_budget_bytes``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from bagel.config import ModelConfig
+from bagel.errors import MemoryBudgetError
+
+
+@dataclass(frozen=True)
+class Footprint:
+    """What one request brings to a run (counts, not bytes)."""
+
+    kv_tokens: int  # cache slots reserved for its contexts and decodes
+    loop_rows: int  # rows per denoising forward, every CFG branch included (0: no picture out)
+    widest_segment: tuple[int, int]  # (query rows, keys) of its largest attention segment
+    prefill_rows: int  # rows of its contexts' prefill forwards
+    latent_elems: int  # elements of its output latent (0: no picture out)
+    out_pixels: int  # output picture H·W (0: no picture out)
+    in_pixels: int  # largest VAE-encoded input picture H·W (0: none)
+    shared_kv: tuple[tuple[str, int], ...] = ()  # (key, slots) counted once per run per key
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Estimated peak working memory of one run, by part (bytes)."""
+
+    kv_cache: int
+    forward: int
+    latents: int
+    vae: int
+
+    @property
+    def total(self) -> int:
+        return self.kv_cache + self.forward + self.latents + self.vae
+
+    def describe(self) -> str:
+        mib = 2 ** 20
+        return (f"{self.total / mib:.1f} MiB (KV cache {self.kv_cache / mib:.1f}, forward activations "
+                f"{self.forward / mib:.1f}, latents {self.latents / mib:.1f}, VAE {self.vae / mib:.1f})")
+
+
+class MemoryModel:
+    """Turns footprints into bytes for one checkpoint, dtype and forward-size limit."""
+
+    def __init__(self, config: ModelConfig, dtype: torch.dtype, max_rows_per_forward: int) -> None:
+        llm, vae = config.llm, config.vae
+        e = torch.empty((), dtype=dtype).element_size()
+        self.elem = e
+        self.heads = llm.num_attention_heads
+        self.kv_bytes_per_token = 2 * llm.num_hidden_layers * llm.num_key_value_heads * llm.head_dim * e
+        qkv = (llm.num_attention_heads + 2 * llm.num_key_value_heads) * llm.head_dim
+        self.row_bytes = (5 * llm.hidden_size + 3 * qkv + 4 * llm.intermediate_size) * e
+        self.max_rows_per_forward = max_rows_per_forward
+        mults = (1, *vae.ch_mult)
+        # The widest full-resolution tensor: the upsampled output of the second level enters
+        # level 0 at ch·ch_mult[1] channels (decoder); the encoder's is ch·ch_mult[0].
+        self.vae_channels = vae.ch * max(mults[:3])
+
+    def estimate(self, footprints: Sequence[Footprint]) -> MemoryEstimate:
+        shared = dict(item for f in footprints for item in f.shared_kv)
+        kv = (sum(f.kv_tokens for f in footprints) + sum(shared.values())) * self.kv_bytes_per_token
+        loop_rows = min(sum(f.loop_rows for f in footprints),
+                        max(self.max_rows_per_forward, max((f.loop_rows for f in footprints), default=0)))
+        rows = max(loop_rows, sum(f.prefill_rows for f in footprints))
+        q, k = max((f.widest_segment for f in footprints), key=lambda s: s[0] * s[1], default=(0, 0))
+        forward = rows * self.row_bytes + 4 * self.heads * q * k
+        latents = sum(5 * 4 * f.latent_elems for f in footprints)
+        pixels = max((max(f.out_pixels, f.in_pixels) for f in footprints), default=0)
+        vae = 3 * self.vae_channels * pixels * self.elem
+        return MemoryEstimate(kv, forward, latents, vae)
+
+
+def split_to_budget(items: Sequence, footprint_of: Callable, model: MemoryModel, budget: int,
+                    name_of: Callable) -> list[list]:
+    """Cut ``items`` (in order) into consecutive sub-batches whose estimate fits ``budget``
+    bytes. Raises ``MemoryBudgetError`` naming the first item that does not fit on its own."""
+    batches: list[list] = []
+    current: list = []
+    prints: list[Footprint] = []
+    for item in items:
+        fp = footprint_of(item)
+        alone = model.estimate([fp])
+        if alone.total > budget:
+            raise MemoryBudgetError(f"{name_of(item)}: needs an estimated {alone.describe()}, over the "
+                                    f"memory_budget_bytes limit of {budget / 2**20:.1f} MiB even on its own")
+        if current and model.estimate([*prints, fp]).total > budget:
+            batches.append(current)
+            current, prints = [], []
+        current.append(item)
+        prints.append(fp)
+    if current:
+        batches.append(current)
+    return batches
