@@ -81,13 +81,18 @@ class Counters:
     run_context_encodes: int = 0
     denoise_seconds: float = 0.0  # wall time of the denoising loops (device synced at each end)
     denoise_forward_rows: int = 0  # packed rows fed to the LLM by the denoising loops
+    encoded_pictures: set[str] = field(default_factory=set)  # a picture counts once per run
 
     def forward(self, owners: set[int]) -> None:
         self.run_llm_forwards += 1
         for i in owners:
             self.llm_forwards[i] = self.llm_forwards.get(i, 0) + 1
 
-    def encode(self, owner: int) -> None:
+    def encode(self, owner: int, picture_key: str) -> None:
+        """One picture's context encode: its VAE and SigLIP passes count once together."""
+        if picture_key in self.encoded_pictures:
+            return
+        self.encoded_pictures.add(picture_key)
         self.run_context_encodes += 1
         self.context_encodes[owner] = self.context_encodes.get(owner, 0) + 1
 
@@ -152,7 +157,7 @@ class ContextStore:
         rows = self.model.embed_vit(patches, pos, cu)
         for key, part in zip(missing, rows.split(lens)):
             self._vit_rows[key] = part
-            self.counters.encode(owners[key])
+            self.counters.encode(owners[key], key)
 
     def _forward(self, group: list[Path], owners: dict[Path, set[int]]) -> None:
         tok = self.tokenizer

@@ -393,7 +393,7 @@ class Engine:
             pixels = transforms.image_to_tensor(pic.vae_image).to(self.device)[None]
             mean, logvar = self.vae.posterior(pixels)
             latents = self.vae.sample(mean, logvar, noise=torch.cat([n for _, n in distinct.values()]))
-            counters.encode(min(pl.index for pl, _ in distinct.values()))
+            counters.encode(min(pl.index for pl, _ in distinct.values()), pic.key)
             h, w = latents.shape[2] // p, latents.shape[3] // p
             pos = transforms.grid_position_ids(h, w, consts.max_latent_size)
             for k, key in enumerate(distinct):

@@ -78,8 +78,8 @@ def test_edits_sharing_a_picture_encode_it_once(engine, square_picture):
     for r in results:
         assert r.image.size == (512, 512)
     assert results[2].think_text
-    # same picture, same seed → same posterior noise: one VAE encode, one SigLIP encode
-    assert results[0].stats["run_context_encodes"] == 2
+    # same picture, same seed → same posterior noise: one context encode (VAE + SigLIP)
+    assert results[0].stats["run_context_encodes"] == 1
     assert not np.array_equal(np.asarray(results[0].image), np.asarray(results[1].image))
 
 
