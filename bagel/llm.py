@@ -31,7 +31,7 @@ from torch import nn
 
 from bagel.config import LLMConfig
 from bagel.kv_cache import KVCache
-from bagel.packing import PackedBatch
+from bagel.packing import PackedBatch, UniformAttention
 
 
 class RMSNorm(nn.Module):
@@ -145,6 +145,9 @@ class MoTAttention(nn.Module):
         q = apply_rope(qkv[:, :h], cos, sin)
         k = apply_rope(qkv[:, h:h + kv], cos, sin)
         v = qkv[:, h + kv:]
+        if batch.uniform is not None and cache is not None:
+            out = self._uniform_attention(q, k, v, batch.uniform, cache, layer)
+            return routed(out, batch, self.o_proj, self.o_proj_moe_gen)
         out = torch.empty_like(q)
         groups = h // kv
         for seg in batch.segments:
@@ -170,6 +173,21 @@ class MoTAttention(nn.Module):
             out[rows] = o[0].transpose(0, 1)
         out = out.reshape(x.shape[0], h * self.head_dim)
         return routed(out, batch, self.o_proj, self.o_proj_moe_gen)
+
+
+
+    def _uniform_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: UniformAttention,
+                           cache: KVCache, layer: int) -> torch.Tensor:
+        """Every segment in one SDPA call: keys written to their slots, gathered back per
+        segment ``[S, Kmax, Hkv, D]`` (padding masked), grouped-query heads left to SDPA."""
+        s, n = plan.num_segments, plan.query_len
+        keys, values = cache.write_and_gather(layer, plan.write_slots, k, v, plan.key_slots)
+        keys = keys.view(s, -1, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        values = values.view(s, -1, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        queries = q.view(s, n, self.num_heads, self.head_dim).transpose(1, 2)
+        o = F.scaled_dot_product_attention(queries, keys, values, attn_mask=plan.key_mask,
+                                           enable_gqa=self.num_heads != self.num_kv_heads)
+        return o.transpose(1, 2).reshape(s * n, self.num_heads * self.head_dim)
 
 
 class MoTDecoderLayer(nn.Module):

@@ -55,10 +55,25 @@ class Block:
         return slice(self.row_start, self.row_start + self.num_rows)
 
 
+@dataclass(frozen=True)
+class UniformAttention:
+    """The layout of one batched attention call, for a forward whose segments all have the same
+    query length and tile its rows in order (a denoising step, a decode step): every row's key
+    goes to ``write_slots`` first, then segment s reads slots ``key_slots[s]`` (its context,
+    then its own rows; padded) where ``key_mask[s]`` is True."""
+
+    num_segments: int
+    query_len: int
+    write_slots: torch.Tensor  # [L] long, cache slot of every row's key and value
+    key_slots: torch.Tensor  # [S·Kmax] long
+    key_mask: torch.Tensor  # [S, 1, 1 or q, Kmax] bool
+
+
 @dataclass
 class PackedBatch:
     """One forward's layout, as tensors on the model's device. ``gen_index`` is None when every
-    row uses the understanding expert."""
+    row uses the understanding expert; ``uniform`` is None when the segments differ in length
+    (a prefill), and attention then runs per segment."""
 
     length: int
     positions: torch.Tensor  # [L] long
@@ -68,6 +83,7 @@ class PackedBatch:
     row_index: dict[str, torch.Tensor]  # kind -> [N] long rows (vit / latent)
     gen_index: torch.Tensor | None
     und_index: torch.Tensor | None
+    uniform: UniformAttention | None = None
 
 
 @dataclass
@@ -125,7 +141,42 @@ class PackBuilder:
         self._segments.append(Segment(start, total, past, False, slot))
         return new, Block(start + 1, num_rows)
 
-    def build(self, device: torch.device | str) -> PackedBatch:
+    def uniform_rows(self) -> int | None:
+        """The common query length when the segments tile the rows in equal runs, else None."""
+        if not self._segments:
+            return None
+        q = self._segments[0].query_len
+        if any(seg.query_len != q or seg.query_start != k * q for k, seg in enumerate(self._segments)):
+            return None
+        return q
+
+    def _uniform(self, device: torch.device | str, scratch_start: int | None) -> UniformAttention | None:
+        q = self.uniform_rows()
+        if q is None or (scratch_start is None and any(seg.write_start is None for seg in self._segments)):
+            return None
+        writes, keys = [], []
+        for k, seg in enumerate(self._segments):
+            first = seg.write_start if seg.write_start is not None else scratch_start + k * q
+            own = torch.arange(first, first + q)
+            writes.append(own)
+            keys.append(torch.cat([*(torch.arange(a, b) for a, b in seg.past.ranges), own]))
+        width = max(k.numel() for k in keys)
+        key_slots = torch.zeros(len(keys), width, dtype=torch.long)
+        causal = q > 1 and any(seg.is_causal for seg in self._segments)
+        mask = torch.zeros(len(keys), 1, q if causal else 1, width, dtype=torch.bool)
+        for k, (slots, seg) in enumerate(zip(keys, self._segments)):
+            key_slots[k, :slots.numel()] = slots
+            if seg.is_causal and q > 1:  # bottom-right causal: row i sees its past and own rows ≤ i
+                mask[k, 0] = torch.arange(width)[None, :] <= torch.arange(q)[:, None] + seg.past.length
+            else:
+                mask[k, 0, :, :slots.numel()] = True
+        return UniformAttention(len(keys), q, torch.cat(writes).to(device), key_slots.flatten().to(device),
+                                mask.to(device))
+
+    def build(self, device: torch.device | str, *, scratch_start: int | None = None) -> PackedBatch:
+        """The layout as tensors. ``scratch_start``: first of ``length`` cache slots where the
+        keys of segments that are not cached (denoising query blocks) may be parked for the
+        batched attention call; without it such a forward attends per segment."""
         def tensor(values: list[int]) -> torch.Tensor:
             return torch.tensor(values, dtype=torch.long).to(device)
 
@@ -146,6 +197,7 @@ class PackBuilder:
             row_index={k: tensor(v) for k, v in self._rows.items()},
             gen_index=gen_index,
             und_index=und_index,
+            uniform=self._uniform(device, scratch_start),
         )
 
 

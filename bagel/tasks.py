@@ -248,7 +248,13 @@ def _layout(layouts: dict, group: list, tokenizer: Tokenizer, cache: KVCache,
             _, block = builder.add_image_block("latent", j.x.shape[0], ctx, tokenizer.start_of_image_id,
                                                tokenizer.end_of_image_id, write=False)
             blocks.append(block)
-        layouts[key] = (builder.build(device), blocks)
+        # Query blocks are not cached, but the batched attention reads every key from the
+        # cache: park them in scratch slots, reserved once per loop and reused by every layout.
+        scratch = layouts.get("scratch")
+        if builder.uniform_rows() is not None and (scratch is None or scratch[1] < builder.length):
+            scratch = layouts["scratch"] = (cache.allocate(builder.length), builder.length)
+        start = scratch[0] if builder.uniform_rows() is not None else None
+        layouts[key] = (builder.build(device, scratch_start=start), blocks)
     return layouts[key]
 
 
