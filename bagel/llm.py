@@ -16,7 +16,12 @@ Departures from the reference:
   * dtype-generic: the reference casts q/k/v and the generation-expert MLP inputs to bfloat16
     unconditionally; here activations keep the model's dtype (float32 gives the exact math the
     goldens were recorded with), and norm statistics and RoPE tables are computed in float32;
-  * one attention call per segment over cache views instead of flash-attn over a merged copy;
+  * attention without flash-attn's varlen kernel: a forward whose segments all have one length
+    (a denoising step over many query blocks, a decode step over many streams) writes its keys
+    to cache slots and runs ONE ``scaled_dot_product_attention`` over every segment, keys
+    gathered per segment and padding masked, grouped-query heads handled by SDPA; other
+    forwards (prefills) run one call per segment over cache views;
+  * RoPE is applied to queries and keys in one pass, without building the rotated copy;
   * the RoPE frequency table is computed on the fly (no buffer), so the module has exactly the
     checkpoint's parameters and can be built on the meta device.
 """
@@ -59,13 +64,17 @@ def rope_tables(positions: torch.Tensor, head_dim: int, theta: float, dtype: tor
     return emb.cos().to(dtype)[:, None, :], emb.sin().to(dtype)[:, None, :]
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    return x * cos + _rotate_half(x) * sin
+    """``x·cos + rotate_half(x)·sin`` for ``x`` ``[L, heads, D]``, without building the rotated
+    copy: first half ``x1·cos − x2·sin``, second half ``x2·cos + x1·sin`` (the tables repeat
+    their first half, so either half of ``sin`` serves both)."""
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    s = sin[..., :half]
+    out = x * cos
+    out[..., :half].addcmul_(x2, s, value=-1)
+    out[..., half:].addcmul_(x1, s)
+    return out
 
 
 def routed(x: torch.Tensor, batch: PackedBatch, und: Callable[[torch.Tensor], torch.Tensor],
@@ -141,10 +150,8 @@ class MoTAttention(nn.Module):
                 cache: KVCache | None, layer: int) -> torch.Tensor:
         h, kv = self.num_heads, self.num_kv_heads
         qkv = routed(x, batch, self._qkv_und, self._qkv_gen)
-        cos, sin = rope
-        q = apply_rope(qkv[:, :h], cos, sin)
-        k = apply_rope(qkv[:, h:h + kv], cos, sin)
-        v = qkv[:, h + kv:]
+        qk = apply_rope(qkv[:, :h + kv], *rope)  # queries and keys rotated together
+        q, k, v = qk[:, :h], qk[:, h:], qkv[:, h + kv:]
         if batch.uniform is not None and cache is not None:
             out = self._uniform_attention(q, k, v, batch.uniform, cache, layer)
             return routed(out, batch, self.o_proj, self.o_proj_moe_gen)

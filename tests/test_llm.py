@@ -147,3 +147,77 @@ def test_timestep_features_order_is_cos_then_sin():
     f = timestep_features(torch.tensor([0.0]))
     assert f.shape == (1, 256)
     assert torch.equal(f[0, :128], torch.ones(128)) and torch.equal(f[0, 128:], torch.zeros(128))
+
+
+def _run(model, batch, cache, latent_rows=None):
+    lm = model.language_model
+    text = lm.embed(batch.text_ids)
+    x = text.new_zeros(batch.length, text.shape[1])
+    x[batch.text_index] = text
+    if latent_rows is not None:
+        x[batch.row_index["latent"]] = latent_rows
+    return lm(x, batch, cache)
+
+
+@torch.inference_mode()
+def test_one_batched_attention_call_equals_attention_per_segment(loaded):
+    """Query blocks over contexts of different lengths (padding), one of them in two slot
+    ranges (a fork): the single SDPA call over scratch slots equals one call per segment."""
+    model, cfg, tok = loaded.model, loaded.config, loaded.tokenizer
+    cache = _cache(cfg)
+    b = PackBuilder(cache)
+    ctx_a = b.add_text([481, 39, 68, 482], EMPTY)
+    ctx_b = b.add_text([481, 77, 68, 86, 291, 482], EMPTY)
+    _forward(model, b, cache)
+    fork = PackBuilder(cache)
+    ctx_c = fork.add_text([481, 5, 482], ctx_a)
+    _forward(model, fork, cache)
+    assert len(ctx_c.ranges) == 2
+    torch.manual_seed(0)
+    rows = torch.randn(15, cfg.llm.hidden_size)
+    packed = PackBuilder(cache)
+    for ctx in (ctx_a, ctx_b, ctx_c):
+        packed.add_image_block("latent", 5, ctx, tok.start_of_image_id, tok.end_of_image_id, write=False)
+    per_segment = packed.build("cpu")
+    batched = packed.build("cpu", scratch_start=cache.allocate(packed.length))
+    assert per_segment.uniform is None and batched.uniform is not None
+    assert batched.uniform.key_mask.shape == (3, 1, 1, 7 + 7)  # widest: the fork, 4 + 3 keys + 7 rows
+    expected = _run(model, per_segment, cache, rows)
+    assert torch.allclose(_run(model, batched, cache, rows), expected, atol=1e-5)
+
+
+@torch.inference_mode()
+def test_batched_decode_step_equals_decoding_each_stream_alone(loaded):
+    model, cfg = loaded.model, loaded.config
+    cache = _cache(cfg)
+    b = PackBuilder(cache)
+    contexts = [b.add_text([481, 39, 68, 482], EMPTY), b.add_text([481, 77, 68, 86, 291, 482], EMPTY)]
+    _forward(model, b, cache)
+    slots = [cache.allocate(1), cache.allocate(1)]
+    step = PackBuilder(cache)
+    for ctx, slot in zip(contexts, slots):
+        step.add_text([481], ctx, slot=slot)
+    batch = step.build("cpu")
+    assert batch.uniform is not None and batch.uniform.query_len == 1
+    together = _run(model, batch, cache)
+    for k, (ctx, slot) in enumerate(zip(contexts, slots)):
+        alone = PackBuilder(cache)
+        alone.add_text([481], ctx, slot=slot)
+        assert torch.allclose(together[k], _run(model, alone.build("cpu"), cache)[0], atol=1e-5)
+
+
+@torch.inference_mode()
+def test_equal_length_causal_segments_keep_their_causal_mask(loaded):
+    model, cfg = loaded.model, loaded.config
+    ids = [[481, 39, 68, 482], [481, 77, 86, 482]]
+    cache = _cache(cfg)
+    b = PackBuilder(cache)
+    for seq in ids:
+        b.add_text(seq, EMPTY)
+    batch = b.build("cpu")
+    assert batch.uniform is not None and batch.uniform.key_mask.shape == (2, 1, 4, 4)
+    together = _run(model, batch, cache)
+    for k, seq in enumerate(ids):
+        alone = PackBuilder(None)
+        alone.add_text(seq, EMPTY, write=False)
+        assert torch.allclose(together[4 * k:4 * k + 4], _run(model, alone.build("cpu"), None), atol=1e-5)
