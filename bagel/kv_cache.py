@@ -103,13 +103,14 @@ class KVCache:
         self.keys[layer, start:start + n] = keys
         self.values[layer, start:start + n] = values
 
-    def write_and_gather(self, layer: int, slots: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-                         read_slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store ``keys``/``values`` ``[n, Hkv, D]`` at ``slots`` ``[n]``, then return the keys
-        and values at ``read_slots`` ``[m]`` (``[m, Hkv, D]`` copies), in two ops each."""
+    def write_rows(self, layer: int, slots: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Store ``keys``/``values`` ``[n, Hkv, D]`` at the slots ``slots`` ``[n]`` (any order)."""
         self.keys[layer].index_copy_(0, slots, keys)
         self.values[layer].index_copy_(0, slots, values)
-        return self.keys[layer].index_select(0, read_slots), self.values[layer].index_select(0, read_slots)
+
+    def gather(self, layer: int, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values at ``slots`` ``[m]``: ``[m, Hkv, D]`` copies, one op each."""
+        return self.keys[layer].index_select(0, slots), self.values[layer].index_select(0, slots)
 
     def read(self, layer: int, seq: CacheSeq) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values ``[seq.length, Hkv, D]`` of a context (views when it is one range)."""

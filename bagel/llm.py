@@ -100,7 +100,8 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(intermediate, hidden, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        # in place on fresh tensors: two fewer [rows, intermediate] buffers per call
+        return self.down_proj(F.silu(self.gate_proj(x), inplace=True).mul_(self.up_proj(x)))
 
 
 def _causal_bottom_right(q_len: int, k_len: int, device: torch.device) -> torch.Tensor:
@@ -185,16 +186,23 @@ class MoTAttention(nn.Module):
 
     def _uniform_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: UniformAttention,
                            cache: KVCache, layer: int) -> torch.Tensor:
-        """Every segment in one SDPA call: keys written to their slots, gathered back per
+        """One SDPA call per group of segments: keys written to their slots, gathered back per
         segment ``[S, Kmax, Hkv, D]`` (padding masked), grouped-query heads left to SDPA."""
-        s, n = plan.num_segments, plan.query_len
-        keys, values = cache.write_and_gather(layer, plan.write_slots, k, v, plan.key_slots)
-        keys = keys.view(s, -1, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        values = values.view(s, -1, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        queries = q.view(s, n, self.num_heads, self.head_dim).transpose(1, 2)
-        o = F.scaled_dot_product_attention(queries, keys, values, attn_mask=plan.key_mask,
-                                           enable_gqa=self.num_heads != self.num_kv_heads)
-        return o.transpose(1, 2).reshape(s * n, self.num_heads * self.head_dim)
+        n, h, kv, d = plan.query_len, self.num_heads, self.num_kv_heads, self.head_dim
+        cache.write_rows(layer, plan.write_slots, k, v)
+        out = None if len(plan.groups) == 1 else q.new_empty(q.shape[0], h * d)
+        for g in plan.groups:
+            keys, values = cache.gather(layer, g.key_slots)
+            rows = slice(g.first * n, (g.first + g.count) * n)
+            o = F.scaled_dot_product_attention(
+                q[rows].view(g.count, n, h, d).transpose(1, 2),
+                keys.view(g.count, -1, kv, d).transpose(1, 2), values.view(g.count, -1, kv, d).transpose(1, 2),
+                attn_mask=g.key_mask, enable_gqa=h != kv)
+            o = o.transpose(1, 2).reshape(g.count * n, h * d)
+            if out is None:
+                return o
+            out[rows] = o
+        return out
 
 
 class MoTDecoderLayer(nn.Module):

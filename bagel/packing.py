@@ -56,17 +56,30 @@ class Block:
 
 
 @dataclass(frozen=True)
+class AttentionGroup:
+    """Consecutive segments ``first..first+count`` attended in one call: segment s reads cache
+    slots ``key_slots[s]`` (its context, then its own rows; padded) where ``key_mask[s]`` is True."""
+
+    first: int
+    count: int
+    key_slots: torch.Tensor  # [count·Kmax] long
+    key_mask: torch.Tensor  # [count, 1, 1 or q, Kmax] bool
+
+
+@dataclass(frozen=True)
 class UniformAttention:
-    """The layout of one batched attention call, for a forward whose segments all have the same
-    query length and tile its rows in order (a denoising step, a decode step): every row's key
-    goes to ``write_slots`` first, then segment s reads slots ``key_slots[s]`` (its context,
-    then its own rows; padded) where ``key_mask[s]`` is True."""
+    """The layout of batched attention for a forward whose segments all have the same query
+    length and tile its rows in order (a denoising step, a decode step): every row's key goes
+    to ``write_slots`` first, then each group of segments with similar key counts (padding
+    waste bounded by ``MAX_PADDING``) is one attention call."""
 
     num_segments: int
     query_len: int
     write_slots: torch.Tensor  # [L] long, cache slot of every row's key and value
-    key_slots: torch.Tensor  # [S·Kmax] long
-    key_mask: torch.Tensor  # [S, 1, 1 or q, Kmax] bool
+    groups: tuple[AttentionGroup, ...]
+
+
+MAX_PADDING = 0.2  # a group's padded keys stay under this share of its key matrix
 
 
 @dataclass
@@ -160,18 +173,27 @@ class PackBuilder:
             own = torch.arange(first, first + q)
             writes.append(own)
             keys.append(torch.cat([*(torch.arange(a, b) for a, b in seg.past.ranges), own]))
+        groups, start = [], 0
+        for end in range(1, len(keys) + 1):
+            lengths = [k.numel() for k in keys[start:end + 1]]
+            if end == len(keys) or len(lengths) * max(lengths) * (1 - MAX_PADDING) > sum(lengths):
+                groups.append(self._group(start, keys[start:end], q, device))
+                start = end
+        return UniformAttention(len(keys), q, torch.cat(writes).to(device), tuple(groups))
+
+    def _group(self, first: int, keys: list[torch.Tensor], q: int, device: torch.device | str) -> AttentionGroup:
+        segments = self._segments[first:first + len(keys)]
         width = max(k.numel() for k in keys)
         key_slots = torch.zeros(len(keys), width, dtype=torch.long)
-        causal = q > 1 and any(seg.is_causal for seg in self._segments)
+        causal = q > 1 and any(seg.is_causal for seg in segments)
         mask = torch.zeros(len(keys), 1, q if causal else 1, width, dtype=torch.bool)
-        for k, (slots, seg) in enumerate(zip(keys, self._segments)):
+        for k, (slots, seg) in enumerate(zip(keys, segments)):
             key_slots[k, :slots.numel()] = slots
             if seg.is_causal and q > 1:  # bottom-right causal: row i sees its past and own rows ≤ i
                 mask[k, 0] = torch.arange(width)[None, :] <= torch.arange(q)[:, None] + seg.past.length
             else:
                 mask[k, 0, :, :slots.numel()] = True
-        return UniformAttention(len(keys), q, torch.cat(writes).to(device), key_slots.flatten().to(device),
-                                mask.to(device))
+        return AttentionGroup(first, len(keys), key_slots.flatten().to(device), mask.to(device))
 
     def build(self, device: torch.device | str, *, scratch_start: int | None = None) -> PackedBatch:
         """The layout as tensors. ``scratch_start``: first of ``length`` cache slots where the

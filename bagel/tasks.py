@@ -36,6 +36,7 @@ from bagel.sampler import Schedule, branches_needed, euler_step, guided_velocity
 from bagel.tokenizer import BOS_TOKEN, EOS_TOKEN, Tokenizer
 
 CancelCheck = Callable[[int], bool]
+BRANCH_ORDER = {"cond": 0, "text": 1, "img": 2}
 StepCallback = Callable[[int, int, int], None]
 
 
@@ -205,7 +206,10 @@ def _denoise_loop(model: BagelModel, tokenizer: Tokenizer, cache: KVCache, jobs:
         rows = model.embed_latents(torch.cat([j.x for j in active]), t,
                                    torch.cat([positions[id(j)] for j in active]))
         job_rows = dict(zip((id(j) for j in active), rows.split([j.x.shape[0] for j in active])))
-        work = [(j, name, ctx) for j in active for name, ctx in _branches(j, step)]
+        # Branch-major order: blocks over similar contexts sit together, so the batched attention
+        # groups them with little padding (every image-free context is short, for instance).
+        work = sorted(((j, name, ctx) for j in active for name, ctx in _branches(j, step)),
+                      key=lambda w: BRANCH_ORDER[w[1]])
         groups = ([[w] for w in work] if naive
                   else _chunks(work, lambda w: w[0].x.shape[0] + 2, max_rows_per_forward))
         velocities: dict[tuple[int, str], torch.Tensor] = {}

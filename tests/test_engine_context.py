@@ -105,7 +105,7 @@ def test_context_seed_replaces_the_posterior_draw_of_the_request_seed(engine, pr
                        scene(product, "on a beach", seed=5, context_seed=2)])
     assert not np.array_equal(pixels(a), pixels(b))
     (c,) = engine.run([scene(product, "on a beach", seed=5, context_seed=1)])
-    assert np.array_equal(pixels(a), pixels(c))
+    assert np.abs(pixels(a) - pixels(c)).max() <= 1  # batched with b vs alone: float order only
 
 
 def test_context_seed_is_checked(product):

@@ -160,28 +160,30 @@ def _run(model, batch, cache, latent_rows=None):
 
 
 @torch.inference_mode()
-def test_one_batched_attention_call_equals_attention_per_segment(loaded):
+def test_batched_attention_calls_equal_attention_per_segment(loaded):
     """Query blocks over contexts of different lengths (padding), one of them in two slot
-    ranges (a fork): the single SDPA call over scratch slots equals one call per segment."""
+    ranges (a fork), one much longer (its own call): the batched calls over scratch slots
+    equal one call per segment."""
     model, cfg, tok = loaded.model, loaded.config, loaded.tokenizer
     cache = _cache(cfg)
     b = PackBuilder(cache)
     ctx_a = b.add_text([481, 39, 68, 482], EMPTY)
     ctx_b = b.add_text([481, 77, 68, 86, 291, 482], EMPTY)
+    ctx_d = b.add_text([481, *range(40, 78), 482], EMPTY)
     _forward(model, b, cache)
     fork = PackBuilder(cache)
     ctx_c = fork.add_text([481, 5, 482], ctx_a)
     _forward(model, fork, cache)
     assert len(ctx_c.ranges) == 2
     torch.manual_seed(0)
-    rows = torch.randn(15, cfg.llm.hidden_size)
+    rows = torch.randn(4 * 2, cfg.llm.hidden_size)
     packed = PackBuilder(cache)
-    for ctx in (ctx_a, ctx_b, ctx_c):
-        packed.add_image_block("latent", 5, ctx, tok.start_of_image_id, tok.end_of_image_id, write=False)
+    for ctx in (ctx_a, ctx_b, ctx_c, ctx_d):  # blocks of 2 latent rows + 2 markers
+        packed.add_image_block("latent", 2, ctx, tok.start_of_image_id, tok.end_of_image_id, write=False)
     per_segment = packed.build("cpu")
     batched = packed.build("cpu", scratch_start=cache.allocate(packed.length))
     assert per_segment.uniform is None and batched.uniform is not None
-    assert batched.uniform.key_mask.shape == (3, 1, 1, 7 + 7)  # widest: the fork, 4 + 3 keys + 7 rows
+    assert [tuple(g.key_mask.shape) for g in batched.uniform.groups] == [(3, 1, 1, 7 + 4), (1, 1, 1, 40 + 4)]
     expected = _run(model, per_segment, cache, rows)
     assert torch.allclose(_run(model, batched, cache, rows), expected, atol=1e-5)
 
@@ -215,7 +217,7 @@ def test_equal_length_causal_segments_keep_their_causal_mask(loaded):
     for seq in ids:
         b.add_text(seq, EMPTY)
     batch = b.build("cpu")
-    assert batch.uniform is not None and batch.uniform.key_mask.shape == (2, 1, 4, 4)
+    assert batch.uniform is not None and batch.uniform.groups[0].key_mask.shape == (2, 1, 4, 4)
     together = _run(model, batch, cache)
     for k, seq in enumerate(ids):
         alone = PackBuilder(None)
