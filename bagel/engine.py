@@ -312,9 +312,9 @@ class Engine:
         return [(self._result(plan, record), counters) for plan in plans]  # 7.
 
     def _capacity_estimate(self, plans: list[_Plan]) -> int:
-        """KV slots the run reserves: every request's own tokens, shared pictures once."""
-        prints = [self._footprint(plan) for plan in plans]
-        return sum(f.kv_tokens for f in prints) + sum(dict(sh for f in prints for sh in f.shared_kv).values())
+        """KV slots the run reserves: every request's own tokens, shared pictures once, and the
+        denoising scratch."""
+        return self._memory_model.kv_slots([self._footprint(plan) for plan in plans])
 
     def _footprint(self, plan: _Plan) -> Footprint:
         """What ``plan`` adds to a run (see ``memory.py``); its picture blocks are ``shared_kv``

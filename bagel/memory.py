@@ -8,7 +8,9 @@ consecutive sub-batches that each fit a budget. Weights are not counted: the bud
 what a run allocates on top of the loaded model. Leaves what a request is to ``engine.py``.
 
 The model (bytes, ``e`` = bytes per element of the engine dtype):
-  * KV cache: ``2 · layers · kv_heads · head_dim · e`` per slot;
+  * KV cache: ``2 · layers · kv_heads · head_dim · e`` per slot, for the contexts, the decodes
+    and the scratch slots of the denoising query blocks (their keys are parked in the cache
+    for the batched attention call, see ``llm.py``);
   * one packed forward: per row, the transients of one decoder layer at its widest — the
     residual stream, the norm output, the routed copies, q/k/v with their RoPE temporaries,
     the attention output and the SwiGLU's gate, up, activation and product:
@@ -83,11 +85,18 @@ class MemoryModel:
         # level 0 at ch·ch_mult[1] channels (decoder); the encoder's is ch·ch_mult[0].
         self.vae_channels = vae.ch * max(mults[:3])
 
-    def estimate(self, footprints: Sequence[Footprint]) -> MemoryEstimate:
+    def kv_slots(self, footprints: Sequence[Footprint]) -> int:
+        """Cache slots of a run: every request's own, each shared picture once, and the scratch
+        slots where a denoising forward parks its query blocks' keys (its widest layout)."""
         shared = dict(item for f in footprints for item in f.shared_kv)
-        kv = (sum(f.kv_tokens for f in footprints) + sum(shared.values())) * self.kv_bytes_per_token
+        scratch = min(sum(f.loop_rows for f in footprints),
+                      max(self.max_rows_per_forward, max((f.loop_rows for f in footprints), default=0)))
+        return sum(f.kv_tokens for f in footprints) + sum(shared.values()) + scratch
+
+    def estimate(self, footprints: Sequence[Footprint]) -> MemoryEstimate:
         loop_rows = min(sum(f.loop_rows for f in footprints),
                         max(self.max_rows_per_forward, max((f.loop_rows for f in footprints), default=0)))
+        kv = self.kv_bytes_per_token * self.kv_slots(footprints)
         rows = max(loop_rows, sum(f.prefill_rows for f in footprints))
         q, k = max((f.widest_segment for f in footprints), key=lambda s: s[0] * s[1], default=(0, 0))
         forward = rows * self.row_bytes + 4 * self.heads * q * k
