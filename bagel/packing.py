@@ -70,8 +70,8 @@ class AttentionGroup:
 class UniformAttention:
     """The layout of batched attention for a forward whose segments all have the same query
     length and tile its rows in order (a denoising step, a decode step): every row's key goes
-    to ``write_slots`` first, then each group of segments with similar key counts (padding
-    waste bounded by ``MAX_PADDING``) is one attention call."""
+    to ``write_slots`` first, then each run of segments with similar key counts (the shortest
+    padded by at most ``MAX_PADDING`` of the longest) is one attention call."""
 
     num_segments: int
     query_len: int
@@ -79,7 +79,7 @@ class UniformAttention:
     groups: tuple[AttentionGroup, ...]
 
 
-MAX_PADDING = 0.2  # a group's padded keys stay under this share of its key matrix
+MAX_PADDING = 0.2  # no segment of a group pads more than this share of the group's key width
 
 
 @dataclass
@@ -176,7 +176,7 @@ class PackBuilder:
         groups, start = [], 0
         for end in range(1, len(keys) + 1):
             lengths = [k.numel() for k in keys[start:end + 1]]
-            if end == len(keys) or len(lengths) * max(lengths) * (1 - MAX_PADDING) > sum(lengths):
+            if end == len(keys) or min(lengths) < (1 - MAX_PADDING) * max(lengths):
                 groups.append(self._group(start, keys[start:end], q, device))
                 start = end
         return UniformAttention(len(keys), q, torch.cat(writes).to(device), tuple(groups))
