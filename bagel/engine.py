@@ -31,6 +31,18 @@ reasoning included), ``max_think_tokens`` a generate/edit think text; both count
 per context item, decode step and CFG branch — the reference's shape, kept as the baseline
 of the throughput benchmark. Batched and naive results agree within float tolerance.
 
+Memory: with ``memory_budget_bytes`` set, a batch whose estimate (``memory.py``; weights
+excluded) exceeds the budget runs as consecutive sub-batches that fit, and a request that
+cannot fit alone raises ``MemoryBudgetError`` before any model work. ``memory_estimate``
+states a batch's estimate by part; the difference for one more request is its cost.
+
+``Result.stats``: ``seed``, ``model_seconds`` (the whole ``run``), ``llm_forwards`` and
+``context_encodes`` (this request's share: a forward counts for every request with rows in
+it, a picture's encode for the first request that uses it), ``run_llm_forwards``,
+``run_context_encodes`` and ``run_denoise_forward_tokens`` (the batch the request ran in: the
+whole call, or its sub-batch under a memory budget, or itself in naive mode), ``run_batches``
+and ``denoise_seconds`` (wall time of every denoising loop of the call, summed).
+
 Departures from the reference: batching and prefix sharing as above; understanding requests
 skip the image-free context the reference builds but never reads; posterior noise is shared
 by requests that use the same picture and the same seed, ``context_seed`` or injected noise,

@@ -16,9 +16,15 @@ Conventions (observed in the reference, see the fixture README):
   * latent rows (clean VAE context tokens and noisy query tokens) use the generation expert,
     everything else the understanding expert.
 
+When every segment of a forward has the same length and they tile its rows in order (a
+denoising step: one query block per request and CFG branch; a decode step: one token per
+stream), ``build`` also lays out the batched attention (``UniformAttention``): the cache slot
+each row's key is written to (scratch slots for query blocks, which are not cached), and per
+group of segments with similar key counts the slots each segment reads, padded, with a mask.
+
 Departures from the reference: the reference builds index tensors for a merged key sequence
 (cache + new rows) per forward; here a segment names its cached context and the attention
-reads the cache directly, so no merged copy is indexed.
+reads the cache directly (per segment) or through one gather per group (batched).
 """
 
 from __future__ import annotations

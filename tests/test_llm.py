@@ -83,8 +83,9 @@ def test_packed_segments_equal_separate_forwards(loaded):
     assert not torch.allclose(out[blk_a.rows], out[blk_b.rows]), "different contexts give different rows"
 
 
+@pytest.mark.parametrize("n", [4, 30])  # 30: generation rows are the vast majority (other routing path)
 @torch.inference_mode()
-def test_latent_rows_use_the_generation_expert(loaded):
+def test_latent_rows_use_the_generation_expert(loaded, n):
     """Zeroing the last layer's generation-expert MLP changes latent rows, not the marker rows."""
     import copy
 
@@ -92,14 +93,15 @@ def test_latent_rows_use_the_generation_expert(loaded):
     twin = copy.deepcopy(model)
     twin.language_model.model.layers[-1].mlp_moe_gen.down_proj.weight.zero_()
     torch.manual_seed(0)
-    rows = torch.randn(4, cfg.llm.hidden_size)
+    rows = torch.randn(n, cfg.llm.hidden_size)
     outs = []
     for m in (model, twin):
         b = PackBuilder(None)
-        b.add_image_block("latent", 4, EMPTY, tok.start_of_image_id, tok.end_of_image_id, write=False)
+        b.add_image_block("latent", n, EMPTY, tok.start_of_image_id, tok.end_of_image_id, write=False)
         outs.append(_forward(m, b, None, rows))
     assert torch.equal(outs[0][0], outs[1][0])  # <|vision_start|>: understanding expert
-    assert not torch.allclose(outs[0][1:5], outs[1][1:5])
+    assert torch.equal(outs[0][n + 1], outs[1][n + 1])  # <|vision_end|>
+    assert not torch.allclose(outs[0][1:n + 1], outs[1][1:n + 1])
 
 
 def test_image_block_positions_and_rope_advance():
