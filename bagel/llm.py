@@ -82,14 +82,6 @@ def routed(x: torch.Tensor, batch: PackedBatch, und: Callable[[torch.Tensor], to
     """Apply ``und`` to understanding rows and ``gen`` to generation rows of ``x`` ``[L, ...]``."""
     if batch.gen_index is None:
         return und(x)
-    if 8 * batch.und_index.shape[0] < x.shape[0]:
-        # Nearly all rows are generation rows (a denoising step: two markers per query block):
-        # run the generation expert over every row, in place of a gather and a scatter of all
-        # of them, then redo the few understanding rows. Rows are independent, so each row's
-        # result is what its own expert gives.
-        y_und = und(x.index_select(0, batch.und_index))
-        out = gen(x).to(y_und.dtype)
-        return out.index_copy_(0, batch.und_index, y_und)
     y_und = und(x.index_select(0, batch.und_index))
     y_gen = gen(x.index_select(0, batch.gen_index))
     out = y_und.new_empty((x.shape[0], *y_und.shape[1:]))

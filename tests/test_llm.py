@@ -83,7 +83,7 @@ def test_packed_segments_equal_separate_forwards(loaded):
     assert not torch.allclose(out[blk_a.rows], out[blk_b.rows]), "different contexts give different rows"
 
 
-@pytest.mark.parametrize("n", [4, 30])  # 30: generation rows are the vast majority (other routing path)
+@pytest.mark.parametrize("n", [4, 30])
 @torch.inference_mode()
 def test_latent_rows_use_the_generation_expert(loaded, n):
     """Zeroing the last layer's generation-expert MLP changes latent rows, not the marker rows."""
