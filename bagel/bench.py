@@ -28,7 +28,8 @@ Benchmark sizes: pictures are ``IMAGE_PX`` square (256 px for ``small``, as the 
 fixes it). The reference's transforms upscale every input to at least 512 px for the VAE and
 224 px for SigLIP; the benchmark lowers both minimum sides to the picture size, so an edit
 works on (and returns) a 256×256 picture like a generation. Everything else is the task's
-defaults, except ``num_timesteps`` (20) and ``max_think_tokens`` (32), both stated in the report.
+defaults (``max_think_tokens`` 1024 included: a think stream ends at its end-of-message token)
+except ``num_timesteps`` (20); both are stated in the report.
 """
 
 from __future__ import annotations
@@ -61,7 +62,7 @@ logger = logging.getLogger(__name__)
 SCENARIOS = ("t2i1", "edit1", "tryon8", "think8", "mixed")
 IMAGE_PX = {"tiny": 64, "small": 256}
 DEFAULT_STEPS = 20
-DEFAULT_THINK_TOKENS = 32
+DEFAULT_THINK_TOKENS = GenerationParams().max_think_tokens  # the task default, as the issue asks
 CHECKPOINT_SEED = 0
 
 SCENES = (
