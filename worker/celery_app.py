@@ -34,7 +34,6 @@ QUEUES = (GPU_QUEUE, WEBHOOK_QUEUE)
 
 RUN_CHUNK = "bagel_jobs.run_chunk"
 DELIVER_WEBHOOKS = "bagel_jobs.deliver_webhooks"
-RECONCILE = "bagel_jobs.reconcile"
 
 EMBEDDED_POLL_S = 0.02
 SQLA_PREFIXES = ("sqla+", "sqlalchemy+")
@@ -99,7 +98,6 @@ def make_celery(settings: Settings) -> Celery:
         task_routes={
             RUN_CHUNK: {"queue": GPU_QUEUE},
             DELIVER_WEBHOOKS: {"queue": WEBHOOK_QUEUE},
-            RECONCILE: {"queue": WEBHOOK_QUEUE},
         },
         worker_hijack_root_logger=False,
         worker_send_task_events=False,

@@ -16,7 +16,7 @@ import threading
 import uuid
 from typing import TYPE_CHECKING, Any
 
-from worker.celery_app import DELIVER_WEBHOOKS, RECONCILE, RUN_CHUNK
+from worker.celery_app import DELIVER_WEBHOOKS, RUN_CHUNK
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -95,10 +95,3 @@ def register(app: Celery) -> None:
 
         rt = runtime(self.app)
         deliver_due(rt.settings, rt.session, rt.store)
-
-    @app.task(name=RECONCILE, bind=True, ignore_result=True)
-    def reconcile(self: Any) -> None:
-        from worker.reconciler import reconcile_once
-
-        rt = runtime(self.app)
-        reconcile_once(rt.settings, rt.session, rt.store)
