@@ -36,7 +36,7 @@ def test_generate_job_is_queued_published_and_readable(api_stack):
     assert job["status"] == "queued" and job["task"] == "generate" and (job["width"], job["height"]) == (64, 32)
     assert job["params"]["num_timesteps"] == 4 and job["params"]["cfg_text_scale"] == 4.0
     assert isinstance(job["params"]["seed"], int) and job["result"] is None and job["error"] is None
-    assert job["progress"] == {"step": 0, "total": 4} and job["metadata"] == {"sku": "M-1"}
+    assert job["progress"] == {"step": 0, "total": 3} and job["metadata"] == {"sku": "M-1"}
     assert api_stack.queued_messages() == before_messages + 1
     with api_stack.session() as s:
         [chunk] = s.scalars(select(Chunk)).all()

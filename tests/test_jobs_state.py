@@ -56,7 +56,7 @@ def test_submit_groups_jobs_into_chunks_by_shared_inputs(db_session, tenant_id):
         by_chunk.setdefault(job.chunk_id, []).append(job.position)
     assert sorted(by_chunk.values()) == [[0, 1, 2], [3, 4], [5, 6], [7], [8]]
     assert all(j.status == JobStatus.queued and j.attempts == 0 and j.batch_id == batch.id for j in rows)
-    assert rows[0].progress_total == 4
+    assert rows[0].progress_total == 3  # 4 timesteps = 3 Euler steps
     stored = db_session.scalars(select(Chunk)).all()
     assert {c.id for c in stored} == {c.id for c in chunks}
     assert all(c.published_at is None and c.batch_id == batch.id for c in stored)
@@ -109,7 +109,7 @@ def test_complete_needs_the_lease_and_writes_the_outbox_row_once(db_session, ten
     job = jobs.get_job(db_session, tenant_id, job_id)
     assert job.status == JobStatus.succeeded and job.output_key == "results/t/j.png"
     assert job.model_seconds == 2.5 and job.think_text == "hmm" and job.finished_at is not None
-    assert job.lease_until is None and job.progress_step == job.progress_total == 4
+    assert job.lease_until is None and job.progress_step == job.progress_total == 3
     [row] = deliveries(db_session)
     assert row.event == "job.succeeded" and row.url == HOOK and row.status == DeliveryStatus.pending
     assert row.id.startswith("msg_") and row.next_attempt_at is not None

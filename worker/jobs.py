@@ -114,7 +114,8 @@ def submit(session: Session, tenant_id: str, specs: Sequence[JobSpec], *, batch:
             input_file_ids=list(spec.input_file_ids), params=dict(spec.params), think=spec.think,
             width=spec.width, height=spec.height, status=JobStatus.queued, attempts=0,
             max_attempts=max_attempts, cancel_requested=False, progress_step=0,
-            progress_total=int(spec.params.get("num_timesteps", 0)) if spec.task != "understand" else 0,
+            # N timesteps are N-1 Euler steps: the total the engine reports while denoising.
+            progress_total=max(int(spec.params.get("num_timesteps", 0)) - 1, 0) if spec.task != "understand" else 0,
             queued_at=now, meta=job_meta, webhook_url=webhook_url, created_at=now, updated_at=now,
         ))
     session.add_all(jobs)
