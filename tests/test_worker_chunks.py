@@ -23,8 +23,8 @@ from worker.receiver import WebhookReceiver
 from worker.storage import make_store, output_key
 
 DONE = {"succeeded", "failed", "canceled"}
-LONG_STEPS = 120  # long enough (seconds at 64 px) to interrupt mid-denoise
-LONG_PX = 64
+LONG_STEPS = 200  # ~7 s of denoising at 512 px (33 ms a step on 2 cores): room to interrupt it
+LONG_PX = 512
 
 
 def _bad_storage_env(stack: Stack) -> dict[str, str]:

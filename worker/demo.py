@@ -113,16 +113,18 @@ def run_demo(settings: Settings, *, api_url: str | None, out_dir: str | Path, wa
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     base = (api_url or settings.public_base_url).rstrip("/")
-    if api_key is None:
-        api_key, webhook_secret = _demo_tenant(settings)
-        log.info("demo tenant created in %s", settings.masked_dump()["database_url"])
-    elif not webhook_secret:
+    if api_key is not None and not webhook_secret:
         raise RuntimeError("--webhook-secret is required with --api-key (to verify the webhook)")
-    assert webhook_secret is not None
-    headers = {"authorization": f"Bearer {api_key}"}
-    with httpx.Client(base_url=base, headers=headers, timeout=30.0) as client, \
+    with httpx.Client(base_url=base, timeout=30.0) as client, \
             WebhookReceiver(host=receiver_host) as receiver:
+        # Ready first: the stack migrates the database before its API answers, so the demo
+        # tenant can only be written once /readyz says so.
         _wait_ready(client, wait_ready_s)
+        if api_key is None:
+            api_key, webhook_secret = _demo_tenant(settings)
+            log.info("demo tenant created in %s", settings.masked_dump()["database_url"])
+        assert webhook_secret is not None
+        client.headers["authorization"] = f"Bearer {api_key}"
         product = product_image()
         (out / "product.png").write_bytes(product)
         file_id = _check(client.post("/v1/files", files={"file": ("product.png", product, "image/png")}),
