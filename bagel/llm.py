@@ -79,15 +79,27 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 def routed(x: torch.Tensor, batch: PackedBatch, und: Callable[[torch.Tensor], torch.Tensor],
            gen: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
-    """Apply ``und`` to understanding rows and ``gen`` to generation rows of ``x`` ``[L, ...]``."""
+    """Apply ``und`` to understanding rows and ``gen`` to generation rows of ``x`` ``[L, ...]``.
+    With ``batch.gen_dense`` ``gen`` runs over every row and the few understanding rows are
+    recomputed and written over (no gather/scatter of the generation rows)."""
     if batch.gen_index is None:
         return und(x)
+    if batch.gen_dense:
+        y_und = und(x.index_select(0, batch.und_index))
+        out = gen(x).to(y_und.dtype)
+        return out.index_copy_(0, batch.und_index, y_und)
     y_und = und(x.index_select(0, batch.und_index))
     y_gen = gen(x.index_select(0, batch.gen_index))
     out = y_und.new_empty((x.shape[0], *y_und.shape[1:]))
     out.index_copy_(0, batch.und_index, y_und)
     out.index_copy_(0, batch.gen_index, y_gen.to(y_und.dtype))
     return out
+
+
+# On the CPU the feed-forward runs over blocks of this many rows, so its [rows, intermediate]
+# activations stay in cache (a denoising step of a try-on batch has thousands of rows; measured
+# on the `small` shapes: 142 → 164 GFLOP/s). Rows are independent: the result is the same.
+CPU_MLP_ROW_BLOCK = 1024
 
 
 class MLP(nn.Module):
@@ -99,9 +111,20 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(hidden, intermediate, bias=False)
         self.down_proj = nn.Linear(intermediate, hidden, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _rows(self, x: torch.Tensor) -> torch.Tensor:
         # in place on fresh tensors: two fewer [rows, intermediate] buffers per call
         return self.down_proj(F.silu(self.gate_proj(x), inplace=True).mul_(self.up_proj(x)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, block = x.shape[0], CPU_MLP_ROW_BLOCK
+        if x.device.type != "cpu" or n <= 2 * block:
+            return self._rows(x)
+        first = self._rows(x[:block])
+        out = first.new_empty((n, first.shape[1]))
+        out[:block] = first
+        for start in range(block, n, block):
+            out[start:start + block] = self._rows(x[start:start + block])
+        return out
 
 
 def _causal_bottom_right(q_len: int, k_len: int, device: torch.device) -> torch.Tensor:

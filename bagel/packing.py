@@ -86,6 +86,10 @@ class UniformAttention:
 
 
 MAX_PADDING = 0.2  # no segment of a group pads more than this share of the group's key width
+# A forward whose understanding rows are at most this share (a denoising step: two markers per
+# query block) runs the generation expert densely over all rows and redoes only those few rows
+# with the understanding expert — cheaper than gathering and scattering every generation row.
+GEN_DENSE_MAX_UND_SHARE = 1 / 32
 
 
 @dataclass
@@ -103,6 +107,7 @@ class PackedBatch:
     gen_index: torch.Tensor | None
     und_index: torch.Tensor | None
     uniform: UniformAttention | None = None
+    gen_dense: bool = False  # few understanding rows: run the generation expert on every row
 
 
 @dataclass
@@ -226,6 +231,7 @@ class PackBuilder:
             gen_index=gen_index,
             und_index=und_index,
             uniform=self._uniform(device, scratch_start),
+            gen_dense=bool(gen_rows) and self.length - len(gen_rows) <= GEN_DENSE_MAX_UND_SHARE * self.length,
         )
 
 
