@@ -280,7 +280,7 @@ def load_checkpoint(folder: str | Path, *, device: torch.device | str = "cpu",
     _finish_buffers(model, device, folder / EMA_FILE)
     _finish_buffers(vae, device, folder / AE_FILE)
     model.eval()
-    vae.eval()
+    vae.use_decoder_layout().eval()
     weight_bytes = quant.memory_bytes(model, vae)
     seconds = time.perf_counter() - started
     logger.info("loaded %s: %d+%d tensors, %.1f MB of weights on %s as %s (quantization %s) in %.2f s",

@@ -21,6 +21,7 @@ Departures from the reference:
   ``x·sigmoid(x)`` (same function, float32 results agree to rounding).
 - ``encode`` takes the posterior noise as an argument (or a ``torch.Generator``) instead of
   drawing from the global RNG.
+- The decoder runs channels-last (``DECODER_LAYOUT``); its output is handed back contiguous.
 - Inputs are cast to the weights' dtype, so the module runs in whatever dtype it was loaded in;
   GroupNorm statistics are accumulated in float32 by PyTorch's kernels in every dtype.
 """
@@ -36,6 +37,13 @@ from bagel.errors import InputError
 
 _GROUPS = 32
 _EPS = 1e-6
+# The decoder (run once per output picture) keeps its activations and convolution weights
+# channels-last: oneDNN's convolutions (CPU) and cuDNN's tensor-core kernels run faster on that
+# layout (the `small` decoder at 256 px on the 2-core CPU: 0.58–0.76 → 0.46–0.49 s per picture;
+# golden decoder output within 7e-6). The encoder stays contiguous: on the golden tiny VAE the
+# channels-last kernels' different summation order grew to 1.7e-3 in the latent (1e-4 allowed),
+# and batched requests encode a product once anyway.
+DECODER_LAYOUT = torch.channels_last
 
 
 def _norm(channels: int) -> nn.GroupNorm:
@@ -249,4 +257,10 @@ class AutoEncoder(nn.Module):
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """Latents [B, z, h, w] (model space) → raw decoder output [B, 3, 8h, 8w] in ~[-1, 1]."""
         z = z.to(self.dtype) / self.scale_factor + self.shift_factor
-        return self.decoder(z)
+        return self.decoder(z.contiguous(memory_format=DECODER_LAYOUT)).contiguous()
+
+    def use_decoder_layout(self) -> AutoEncoder:
+        """Store the decoder's convolution weights in ``DECODER_LAYOUT`` (the loader calls this
+        once)."""
+        self.decoder.to(memory_format=DECODER_LAYOUT)
+        return self
