@@ -22,7 +22,13 @@ What is measured, and how (nothing here changes what the engine computes):
     ``[rows per loop forward, hidden] × [hidden, intermediate]`` in the engine dtype, measured
     in the same process;
   * peak memory during each run: resident set size sampled every 10 ms on the CPU,
-    ``torch.cuda.max_memory_allocated`` on CUDA.
+    ``torch.cuda.max_memory_allocated`` on CUDA;
+  * where the time goes, per image: picture encodes (VAE encoder + SigLIP), context prefills,
+    think decoding, the denoising loop and the VAE decoder, each the summed wall time of those
+    modules' forwards (the loop: its spans), and what is left (sampler arithmetic between
+    forwards, packing, PNG-ready conversion); with the loop's analytic FLOPs per image in both
+    modes, which shows how much of the ratio batching can reach when both modes do the same
+    arithmetic.
 
 Benchmark sizes: pictures are ``IMAGE_PX`` square (256 px for ``small``, as the throughput issue
 fixes it). The reference's transforms upscale every input to at least 512 px for the VAE and
@@ -60,6 +66,7 @@ from bagel.requests import Request, Result
 logger = logging.getLogger(__name__)
 
 SCENARIOS = ("t2i1", "edit1", "tryon8", "think8", "mixed")
+PHASES = ("encode", "prefill", "think", "denoise", "vae_decode", "other")
 IMAGE_PX = {"tiny": 64, "small": 256}
 DEFAULT_STEPS = 20
 DEFAULT_THINK_TOKENS = GenerationParams().max_think_tokens  # the task default, as the issue asks
@@ -237,6 +244,7 @@ class _Tally:
     vit_encodes: int = 0
     images_decoded: int = 0
     open_span: object = None
+    phase_stamps: list[tuple] = field(default_factory=list)  # (phase, start, end) of timed forwards
 
 
 class _Instruments:
@@ -248,6 +256,7 @@ class _Instruments:
         self.clock = _Clock(checkpoint.device)
         self.tally = _Tally()
         self._pending: list = []
+        self._open: dict[str, object] = {}
         model, vae = checkpoint.model, checkpoint.vae
         self._handles = [
             model.language_model.register_forward_pre_hook(self._llm_pre, with_kwargs=True),
@@ -256,6 +265,9 @@ class _Instruments:
             vae.decoder.register_forward_pre_hook(self._vae_decode),
             model.vit_model.register_forward_pre_hook(self._vit_encode),
         ]
+        for phase, module in (("encode", vae.encoder), ("encode", model.vit_model), ("vae_decode", vae.decoder)):
+            self._handles += [module.register_forward_pre_hook(lambda *_, p=phase: self._start(p)),
+                              module.register_forward_hook(lambda *_, p=phase: self._stop(p))]
 
     def close(self) -> None:
         for handle in self._handles:
@@ -264,6 +276,7 @@ class _Instruments:
     def begin(self) -> _Tally:
         self.tally = _Tally()
         self._pending = []
+        self._open = {}
         return self.tally
 
     @staticmethod
@@ -281,6 +294,8 @@ class _Instruments:
             kind = "prefill"
         tally = self.tally
         tally.forwards[kind] += 1
+        if kind != "loop":
+            self._start("think" if kind == "decode" else kind)
         if kind == "loop":
             stamp = self.clock.now()
             if tally.open_span is None:
@@ -292,6 +307,16 @@ class _Instruments:
     def _llm_post(self, module, args, kwargs, output) -> None:
         if self._pending:
             self.tally.loop_forward_stamps.append((self._pending.pop(), self.clock.now()))
+        for phase in ("think", "prefill"):
+            self._stop(phase)
+
+    def _start(self, phase: str) -> None:
+        self._open[phase] = self.clock.now()
+
+    def _stop(self, phase: str) -> None:
+        started = self._open.pop(phase, None)
+        if started is not None:
+            self.tally.phase_stamps.append((phase, started, self.clock.now()))
 
     def _vae_encode(self, module, args) -> None:
         self.tally.vae_encodes += int(args[0].shape[0])
@@ -368,6 +393,7 @@ class ModeFigures:
     peak_rss_bytes: int
     peak_cuda_bytes: int | None
     results: list[Result]
+    phase_seconds: dict[str, float] = field(default_factory=dict)
 
     @property
     def total_forwards(self) -> int:
@@ -400,12 +426,18 @@ def measure(engine: Engine, requests: list[Request], instruments: _Instruments) 
     clock = instruments.clock
     loop_seconds = sum(clock.seconds(a, b) for a, b in tally.loop_spans)
     forward_seconds = sum(clock.seconds(a, b) for a, b in tally.loop_forward_stamps)
+    phases = dict.fromkeys(PHASES, 0.0)
+    for phase, a, b in tally.phase_stamps:
+        phases[phase] += clock.seconds(a, b)
+    phases["denoise"] = loop_seconds
+    phases["other"] = max(0.0, seconds - sum(phases.values()))
     return ModeFigures(
         seconds=seconds, images=sum(r.image is not None for r in results), forwards=dict(tally.forwards),
         loop_flops=tally.loop_flops, loop_rows=tally.loop_rows, loop_seconds=loop_seconds,
         loop_forward_seconds=forward_seconds, context_encodes=max(tally.vae_encodes, tally.vit_encodes),
         vae_encodes=tally.vae_encodes, vit_encodes=tally.vit_encodes, peak_rss_bytes=rss.peak,
-        peak_cuda_bytes=torch.cuda.max_memory_allocated(device) if cuda else None, results=results)
+        peak_cuda_bytes=torch.cuda.max_memory_allocated(device) if cuda else None, results=results,
+        phase_seconds=phases)
 
 
 def _best(runs: list[ModeFigures]) -> ModeFigures:
@@ -456,6 +488,11 @@ def scenario_result(name: str, naive: ModeFigures, optimised: ModeFigures, gemm_
         "vae_encodes": {"naive": naive.vae_encodes, "optimised": optimised.vae_encodes},
         "vit_encodes": {"naive": naive.vit_encodes, "optimised": optimised.vit_encodes},
         "max_pixel_diff": max_pixel_difference(naive.results, optimised.results),
+        "naive_loop_flops": naive.loop_flops,
+        "phase_seconds_per_image": {
+            "naive": {k: _per(v, naive.images) for k, v in naive.phase_seconds.items()},
+            "optimised": {k: _per(v, n) for k, v in optimised.phase_seconds.items()},
+        },
     }
 
 
@@ -568,6 +605,24 @@ def _cell(row: dict, fmt: str, key: str | None, title: str) -> str:
     return "-" if value is None else fmt.format(value)
 
 
+def _phase_table(rows: list[dict]) -> list[str]:
+    titles = ["scenario", *PHASES, "denoise GFLOP/img"]
+    cells = [titles]
+    for row in rows:
+        split = row["phase_seconds_per_image"]
+        n = max(1, row["images"])
+        cells.append([row["scenario"],
+                      *(f"{split['naive'][p]:.2f} -> {split['optimised'][p]:.2f}" for p in PHASES),
+                      f"{row['naive_loop_flops'] / n / 1e9:.0f} / {row['loop_flops'] / n / 1e9:.0f}"])
+    widths = [max(len(r[c]) for r in cells) for c in range(len(titles))]
+    lines = []
+    for k, r in enumerate(cells):
+        lines.append("  ".join(v.rjust(w) if c else v.ljust(w) for c, (v, w) in enumerate(zip(r, widths))))
+        if k == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return lines
+
+
 def format_table(report: dict) -> str:
     """The report as a fixed-width text table with a header stating the conditions."""
     head = (f"bagel bench: size {report['size']} on {report['device']}, {report['dtype']}, "
@@ -585,6 +640,8 @@ def format_table(report: dict) -> str:
         lines.append("  ".join(v.rjust(w) if c else v.ljust(w) for c, (v, w) in enumerate(zip(r, widths))))
         if k == 0:
             lines.append("  ".join("-" * w for w in widths))
+    lines += ["", "Seconds per image by phase, naive -> optimised (denoise GFLOP/img: the loop's analytic FLOPs):", ""]
+    lines += _phase_table(report["results"])
     m, k, n = report["gemm_shape"]
     lines += ["", f"GEMM reference: torch.mm [{m}, {k}] x [{k}, {n}] at "
                   f"{report['gemm_gflops']:.1f} GFLOP/s (best of 3 rounds, same process); loop GFLOP/s = analytic "

@@ -100,6 +100,22 @@ def test_think_streams_are_decoded_together(report):
     assert think["naive_forwards"]["decode"] >= 8
 
 
+def test_time_is_split_by_phase_and_both_modes_do_the_same_denoising_arithmetic(report):
+    rows = _rows(report)
+    for row in rows.values():
+        for mode, ips in (("naive", row["naive_images_per_s"]), ("optimised", row["optimised_images_per_s"])):
+            split = row["phase_seconds_per_image"][mode]
+            assert set(split) == {"encode", "prefill", "think", "denoise", "vae_decode", "other"}
+            assert all(v >= 0 for v in split.values())
+            assert sum(split.values()) == pytest.approx(1 / ips, rel=1e-6), (row["scenario"], mode)
+            assert split["denoise"] > 0 and split["vae_decode"] > 0 and split["prefill"] > 0
+        # batching regroups the denoising forwards; it does not change their arithmetic
+        assert row["naive_loop_flops"] == row["loop_flops"], row["scenario"]
+    assert rows["tryon8"]["phase_seconds_per_image"]["naive"]["encode"] > 0
+    assert rows["think8"]["phase_seconds_per_image"]["naive"]["think"] > 0
+    assert rows["think8"]["phase_seconds_per_image"]["naive"]["encode"] == 0
+
+
 def test_naive_and_optimised_outputs_agree(report):
     for row in report["results"]:
         assert row["max_pixel_diff"] is not None and row["max_pixel_diff"] <= 8, row["scenario"]
@@ -109,6 +125,7 @@ def test_table_states_the_conditions_and_every_scenario(report):
     table = format_table(report)
     assert f"num_timesteps={STEPS}" in table and "size tiny" in table
     assert "tryon8" in table and "think8" in table and "GEMM" in table
+    assert "by phase" in table and "vae_decode" in table
 
 
 @pytest.mark.parametrize("kwargs, message", [
