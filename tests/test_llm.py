@@ -6,7 +6,7 @@ from safetensors import safe_open
 
 from bagel.config import ModelConfig
 from bagel.kv_cache import EMPTY, CacheSeq, KVCache
-from bagel.llm import RMSNorm, _causal_bottom_right
+from bagel.llm import CPU_MLP_ROW_BLOCK, MLP, RMSNorm, _causal_bottom_right
 from bagel.loading import load_checkpoint
 from bagel.model import BagelModel, timestep_features
 from bagel.packing import PackBuilder
@@ -83,7 +83,7 @@ def test_packed_segments_equal_separate_forwards(loaded):
     assert not torch.allclose(out[blk_a.rows], out[blk_b.rows]), "different contexts give different rows"
 
 
-@pytest.mark.parametrize("n", [4, 30])
+@pytest.mark.parametrize("n", [4, 30, 126])  # 126: few enough marker rows for the dense path
 @torch.inference_mode()
 def test_latent_rows_use_the_generation_expert(loaded, n):
     """Zeroing the last layer's generation-expert MLP changes latent rows, not the marker rows."""
@@ -102,6 +102,38 @@ def test_latent_rows_use_the_generation_expert(loaded, n):
     assert torch.equal(outs[0][0], outs[1][0])  # <|vision_start|>: understanding expert
     assert torch.equal(outs[0][n + 1], outs[1][n + 1])  # <|vision_end|>
     assert not torch.allclose(outs[0][1:n + 1], outs[1][1:n + 1])
+
+
+@torch.inference_mode()
+def test_dense_generation_expert_equals_routing_every_row(loaded):
+    """A denoising-shaped forward (few marker rows) runs the generation expert over all rows and
+    redoes the markers; the result equals gathering and scattering each expert's rows."""
+    model, cfg, tok = loaded.model, loaded.config, loaded.tokenizer
+    torch.manual_seed(1)
+    b = PackBuilder(None)
+    for _ in range(3):
+        b.add_image_block("latent", 126, EMPTY, tok.start_of_image_id, tok.end_of_image_id, write=False)
+    batch = b.build("cpu")
+    assert batch.gen_dense and batch.und_index.numel() == 6
+    lm = model.language_model
+    x = torch.randn(batch.length, cfg.llm.hidden_size)
+    x[batch.text_index] = lm.embed(batch.text_ids)
+    dense = lm(x, batch, None)
+    batch.gen_dense = False
+    routed = lm(x, batch, None)
+    torch.testing.assert_close(dense, routed, rtol=1e-5, atol=1e-5)
+
+    small = PackBuilder(None)
+    small.add_image_block("latent", 30, EMPTY, tok.start_of_image_id, tok.end_of_image_id, write=False)
+    assert not small.build("cpu").gen_dense  # 2 of 32 rows: routed
+
+
+@torch.inference_mode()
+def test_feed_forward_in_row_blocks_equals_one_pass():
+    torch.manual_seed(2)
+    mlp = MLP(64, 176)
+    x = torch.randn(3 * CPU_MLP_ROW_BLOCK + 7, 64)
+    torch.testing.assert_close(mlp(x), mlp._rows(x), rtol=1e-5, atol=1e-5)
 
 
 def test_image_block_positions_and_rope_advance():
