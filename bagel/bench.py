@@ -296,7 +296,7 @@ class _Instruments:
         tally.forwards[kind] += 1
         if kind != "loop":
             self._start("think" if kind == "decode" else kind)
-        if kind == "loop":
+        else:
             stamp = self.clock.now()
             if tally.open_span is None:
                 tally.open_span = stamp
@@ -605,22 +605,27 @@ def _cell(row: dict, fmt: str, key: str | None, title: str) -> str:
     return "-" if value is None else fmt.format(value)
 
 
-def _phase_table(rows: list[dict]) -> list[str]:
-    titles = ["scenario", *PHASES, "denoise GFLOP/img"]
-    cells = [titles]
-    for row in rows:
-        split = row["phase_seconds_per_image"]
-        n = max(1, row["images"])
-        cells.append([row["scenario"],
-                      *(f"{split['naive'][p]:.2f} -> {split['optimised'][p]:.2f}" for p in PHASES),
-                      f"{row['naive_loop_flops'] / n / 1e9:.0f} / {row['loop_flops'] / n / 1e9:.0f}"])
-    widths = [max(len(r[c]) for r in cells) for c in range(len(titles))]
+def _render(cells: list[list[str]]) -> list[str]:
+    """Fixed-width lines: the first row a header underlined with dashes, the first column
+    left-aligned, the others right-aligned."""
+    widths = [max(len(r[c]) for r in cells) for c in range(len(cells[0]))]
     lines = []
     for k, r in enumerate(cells):
         lines.append("  ".join(v.rjust(w) if c else v.ljust(w) for c, (v, w) in enumerate(zip(r, widths))))
         if k == 0:
             lines.append("  ".join("-" * w for w in widths))
     return lines
+
+
+def _phase_cells(rows: list[dict]) -> list[list[str]]:
+    cells = [["scenario", *PHASES, "denoise GFLOP/img"]]
+    for row in rows:
+        split = row["phase_seconds_per_image"]
+        n = max(1, row["images"])
+        cells.append([row["scenario"],
+                      *(f"{split['naive'][p]:.2f} -> {split['optimised'][p]:.2f}" for p in PHASES),
+                      f"{row['naive_loop_flops'] / n / 1e9:.0f} / {row['loop_flops'] / n / 1e9:.0f}"])
+    return cells
 
 
 def format_table(report: dict) -> str:
@@ -634,14 +639,9 @@ def format_table(report: dict) -> str:
         head += f"; 1-min load average {load[0]:.1f} -> {load[1]:.1f} on {report['cpu_count']} CPUs"
     cells = [[title for title, _, _ in _COLUMNS]]
     cells += [[_cell(row, fmt, key, title) for title, fmt, key in _COLUMNS] for row in report["results"]]
-    widths = [max(len(r[c]) for r in cells) for c in range(len(_COLUMNS))]
-    lines = [head, ""]
-    for k, r in enumerate(cells):
-        lines.append("  ".join(v.rjust(w) if c else v.ljust(w) for c, (v, w) in enumerate(zip(r, widths))))
-        if k == 0:
-            lines.append("  ".join("-" * w for w in widths))
+    lines = [head, "", *_render(cells)]
     lines += ["", "Seconds per image by phase, naive -> optimised (denoise GFLOP/img: the loop's analytic FLOPs):", ""]
-    lines += _phase_table(report["results"])
+    lines += _render(_phase_cells(report["results"]))
     m, k, n = report["gemm_shape"]
     lines += ["", f"GEMM reference: torch.mm [{m}, {k}] x [{k}, {n}] at "
                   f"{report['gemm_gflops']:.1f} GFLOP/s (best of 3 rounds, same process); loop GFLOP/s = analytic "

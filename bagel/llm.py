@@ -84,11 +84,9 @@ def routed(x: torch.Tensor, batch: PackedBatch, und: Callable[[torch.Tensor], to
     recomputed and written over (no gather/scatter of the generation rows)."""
     if batch.gen_index is None:
         return und(x)
-    if batch.gen_dense:
-        y_und = und(x.index_select(0, batch.und_index))
-        out = gen(x).to(y_und.dtype)
-        return out.index_copy_(0, batch.und_index, y_und)
     y_und = und(x.index_select(0, batch.und_index))
+    if batch.gen_dense:
+        return gen(x).to(y_und.dtype).index_copy_(0, batch.und_index, y_und)
     y_gen = gen(x.index_select(0, batch.gen_index))
     out = y_und.new_empty((x.shape[0], *y_und.shape[1:]))
     out.index_copy_(0, batch.und_index, y_und)

@@ -22,8 +22,7 @@ def _cache(cfg, capacity=256):
     return KVCache(llm.num_hidden_layers, llm.num_key_value_heads, llm.head_dim, capacity, "cpu", torch.float32)
 
 
-def _forward(model, builder, cache, latent_rows=None):
-    batch = builder.build("cpu")
+def _run(model, batch, cache, latent_rows=None):
     lm = model.language_model
     text = lm.embed(batch.text_ids)
     x = text.new_zeros(batch.length, text.shape[1])
@@ -31,6 +30,10 @@ def _forward(model, builder, cache, latent_rows=None):
     if latent_rows is not None:
         x[batch.row_index["latent"]] = latent_rows
     return lm(x, batch, cache)
+
+
+def _forward(model, builder, cache, latent_rows=None):
+    return _run(model, builder.build("cpu"), cache, latent_rows)
 
 
 def test_state_dict_keys_and_shapes_equal_the_checkpoint(golden_dir):
@@ -115,12 +118,10 @@ def test_dense_generation_expert_equals_routing_every_row(loaded):
         b.add_image_block("latent", 126, EMPTY, tok.start_of_image_id, tok.end_of_image_id, write=False)
     batch = b.build("cpu")
     assert batch.gen_dense and batch.und_index.numel() == 6
-    lm = model.language_model
-    x = torch.randn(batch.length, cfg.llm.hidden_size)
-    x[batch.text_index] = lm.embed(batch.text_ids)
-    dense = lm(x, batch, None)
+    latents = torch.randn(3 * 126, cfg.llm.hidden_size)
+    dense = _run(model, batch, None, latents)
     batch.gen_dense = False
-    routed = lm(x, batch, None)
+    routed = _run(model, batch, None, latents)
     torch.testing.assert_close(dense, routed, rtol=1e-5, atol=1e-5)
 
     small = PackBuilder(None)
@@ -181,16 +182,6 @@ def test_timestep_features_order_is_cos_then_sin():
     f = timestep_features(torch.tensor([0.0]))
     assert f.shape == (1, 256)
     assert torch.equal(f[0, :128], torch.ones(128)) and torch.equal(f[0, 128:], torch.zeros(128))
-
-
-def _run(model, batch, cache, latent_rows=None):
-    lm = model.language_model
-    text = lm.embed(batch.text_ids)
-    x = text.new_zeros(batch.length, text.shape[1])
-    x[batch.text_index] = text
-    if latent_rows is not None:
-        x[batch.row_index["latent"]] = latent_rows
-    return lm(x, batch, cache)
 
 
 @torch.inference_mode()
