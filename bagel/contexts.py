@@ -6,7 +6,7 @@ forward per level, holding every new item of every request — and remembering e
 ``CacheSeq`` so that requests and CFG branches with a common prefix (the same system prompt,
 the same product picture) prefill it once. Also the picture encodes that feed those blocks
 (SigLIP for ViT blocks, VAE latents handed in by the engine). Leaves deciding which contexts a
-task needs to ``engine.py`` and decoding/denoising to ``tasks.py``.
+task needs to ``engine.py`` and decoding/denoising to ``loops.py``.
 
 In ``naive`` mode every item is its own forward (the reference's one-update-per-call shape);
 results are the same up to float summation order.
@@ -52,7 +52,7 @@ class VaeItem:
 
 
 Item = TextItem | VitItem | VaeItem
-Path = tuple[Item, ...]
+ContextPath = tuple[Item, ...]
 
 
 @dataclass
@@ -111,7 +111,7 @@ class ContextStore:
         self.vit_inputs: dict[str, VitInput] = {}
         self.latents: dict[str, LatentInput] = {}
         self._vit_rows: dict[str, torch.Tensor] = {}
-        self._nodes: dict[Path, CacheSeq] = {(): EMPTY}
+        self._nodes: dict[ContextPath, CacheSeq] = {(): EMPTY}
         self._text_ids: dict[str, list[int]] = {}
 
     def text_ids(self, text: str) -> list[int]:
@@ -120,19 +120,19 @@ class ContextStore:
                                               self.tokenizer.eos_id)
         return self._text_ids[text]
 
-    def get(self, path: Path) -> CacheSeq:
+    def get(self, path: ContextPath) -> CacheSeq:
         return self._nodes[path]
 
-    def has(self, path: Path) -> bool:
+    def has(self, path: ContextPath) -> bool:
         return path in self._nodes
 
-    def prefill(self, paths: Sequence[Path], owners: Sequence[int]) -> None:
+    def prefill(self, paths: Sequence[ContextPath], owners: Sequence[int]) -> None:
         """Make sure every path (and so every prefix of it) is in the cache. ``owners[k]`` is
         the request index path k belongs to (for the counters)."""
         depth = 0
         longest = max((len(p) for p in paths), default=0)
         while depth < longest:
-            todo: dict[Path, set[int]] = {}
+            todo: dict[ContextPath, set[int]] = {}
             for path, owner in zip(paths, owners):
                 if len(path) > depth and path[:depth + 1] not in self._nodes:
                     todo.setdefault(path[:depth + 1], set()).add(owner)
@@ -159,7 +159,7 @@ class ContextStore:
             self._vit_rows[key] = part
             self.counters.encode(owners[key], key)
 
-    def _forward(self, group: list[Path], owners: dict[Path, set[int]]) -> None:
+    def _forward(self, group: list[ContextPath], owners: dict[ContextPath, set[int]]) -> None:
         tok = self.tokenizer
         builder = PackBuilder(self.cache)
         vit_keys, latent_keys = [], []

@@ -9,10 +9,10 @@ request; and running a list of requests as numbered steps:
      or from its own ``context_seed``), run the VAE encoder once per distinct picture and
      sample one latent per distinct noise;
   3. prefill every context of every request, sharing common prefixes (``contexts.py``);
-  4. decode all texts together: understanding answers and think texts (``tasks.py``);
+  4. decode all texts together: understanding answers and think texts (``loops.py``);
   5. append each think text to its request's main context;
   6. draw the initial noise and denoise every image, requests with the same schedule in one
-     packed forward per step with all their CFG branches (``tasks.py``);
+     packed forward per step with all their CFG branches (``loops.py``);
   7. decode latents to pictures and assemble the results.
 
 Contexts per task (the reference's ``interleave_inference``): understand — [think prompt],
@@ -64,7 +64,8 @@ from PIL import Image
 
 from bagel import transforms
 from bagel.config import ModelConfig
-from bagel.contexts import ContextStore, Counters, LatentInput, Path as CtxPath, TextItem, VaeItem, VitInput, VitItem
+from bagel.contexts import (ContextPath, ContextStore, Counters, LatentInput, TextItem, VaeItem, VitInput,
+                            VitItem)
 from bagel.errors import InputError
 from bagel.kv_cache import KVCache
 from bagel.loading import LoadedCheckpoint, load_checkpoint, resolve_device
@@ -72,7 +73,7 @@ from bagel.memory import Footprint, MemoryEstimate, MemoryModel, split_to_budget
 from bagel.prompts import think_system_prompt
 from bagel.requests import CancelFn, ProgressFn, Request, Result
 from bagel.sampler import branches_needed, make_schedule
-from bagel.tasks import ImageJob, TextJob, decode_texts, denoise, reply_text
+from bagel.loops import ImageJob, TextJob, decode_texts, denoise, reply_text
 
 logger = logging.getLogger(__name__)
 
@@ -114,9 +115,9 @@ class _Plan:
     pictures: list[_Picture]
     out_hw: tuple[int, int] | None = None  # output picture (H, W) px for generate/edit
     latent_key: str | None = None
-    main: CtxPath = ()
-    text_uncond: CtxPath = ()
-    img_uncond: CtxPath | None = ()
+    main: ContextPath = ()
+    text_uncond: ContextPath = ()
+    img_uncond: ContextPath | None = ()
     think_text: str | None = None
     reply: str | None = None
     text_job: TextJob | None = None

@@ -32,12 +32,11 @@ from bagel.contexts import Counters
 from bagel.kv_cache import CacheSeq, KVCache
 from bagel.model import BagelModel
 from bagel.packing import Block, PackBuilder, PackedBatch
+from bagel.requests import CancelFn, ProgressFn
 from bagel.sampler import Schedule, branches_needed, euler_step, guided_velocity
 from bagel.tokenizer import BOS_TOKEN, EOS_TOKEN, Tokenizer
 
-CancelCheck = Callable[[int], bool]
 BRANCH_ORDER = {"cond": 0, "text": 1, "img": 2}
-StepCallback = Callable[[int, int, int], None]
 
 
 @dataclass
@@ -70,8 +69,8 @@ def reply_text(tokenizer: Tokenizer, fed: list[int]) -> str:
 
 
 def decode_texts(model: BagelModel, tokenizer: Tokenizer, cache: KVCache, jobs: list[TextJob],
-                 counters: Counters, *, should_cancel: CancelCheck | None = None,
-                 on_step: StepCallback | None = None, naive: bool = False) -> None:
+                 counters: Counters, *, should_cancel: CancelFn | None = None,
+                 on_step: ProgressFn | None = None, naive: bool = False) -> None:
     """Decode every job in lockstep; fills ``fed``, ``stop_reason`` and ``logits``."""
     lm = model.language_model
     limits = {id(j): j.max_new_tokens + 1 for j in jobs}  # forwards: the last prediction is dropped
@@ -167,8 +166,8 @@ def _chunks(items: list, rows_of: Callable, max_rows: int) -> list[list]:
 
 
 def denoise(model: BagelModel, tokenizer: Tokenizer, cache: KVCache, jobs: list[ImageJob],
-            counters: Counters, *, progress: StepCallback | None = None,
-            should_cancel: CancelCheck | None = None, naive: bool = False,
+            counters: Counters, *, progress: ProgressFn | None = None,
+            should_cancel: CancelFn | None = None, naive: bool = False,
             max_rows_per_forward: int = 1 << 16) -> None:
     """Run every job's schedule (all jobs share the same timesteps). On return ``job.x`` is the
     final latent of every job not canceled."""
@@ -184,7 +183,7 @@ def denoise(model: BagelModel, tokenizer: Tokenizer, cache: KVCache, jobs: list[
 
 
 def _denoise_loop(model: BagelModel, tokenizer: Tokenizer, cache: KVCache, jobs: list[ImageJob],
-                  counters: Counters, progress: StepCallback | None, should_cancel: CancelCheck | None,
+                  counters: Counters, progress: ProgressFn | None, should_cancel: CancelFn | None,
                   naive: bool, max_rows_per_forward: int) -> None:
     schedule = jobs[0].schedule
     assert all(torch.equal(j.schedule.t, schedule.t) for j in jobs), "denoise groups share one schedule"
