@@ -63,6 +63,7 @@ import torch
 from PIL import Image
 
 from bagel import transforms
+from bagel.attention import Attention, resolve_attention
 from bagel.config import ModelConfig
 from bagel.contexts import (ContextPath, ContextStore, Counters, LatentInput, TextItem, VaeItem, VitInput,
                             VitItem)
@@ -130,7 +131,8 @@ class Engine:
     """BAGEL inference on one device. Thread-compatible, not thread-safe: one ``run`` at a time."""
 
     def __init__(self, checkpoint: LoadedCheckpoint, *, mode: str = "batched",
-                 max_rows_per_forward: int = 1 << 16, memory_budget_bytes: int | None = None) -> None:
+                 max_rows_per_forward: int = 1 << 16, memory_budget_bytes: int | None = None,
+                 attention: str | Attention = "auto") -> None:
         if mode not in MODES:
             raise InputError(f"mode: {mode!r} is not one of {MODES}")
         if memory_budget_bytes is not None and (isinstance(memory_budget_bytes, bool)
@@ -143,12 +145,15 @@ class Engine:
         self.mode = mode
         self.max_rows_per_forward = max_rows_per_forward
         self.memory_budget_bytes = memory_budget_bytes
-        self._memory_model = MemoryModel(checkpoint.config, checkpoint.dtype, max_rows_per_forward)
+        self.attention = resolve_attention(attention, checkpoint.device, checkpoint.dtype)
+        self.model.language_model.model.attention = self.attention
+        self._memory_model = MemoryModel(checkpoint.config, checkpoint.dtype, max_rows_per_forward,
+                                         page_size=self.attention.page_size)
 
     @classmethod
     def load(cls, path: str | Path, quantization: str = "none", device: str | torch.device = "auto",
              dtype: torch.dtype | str | None = None, *, mode: str = "batched",
-             memory_budget_bytes: int | None = None) -> Engine:
+             memory_budget_bytes: int | None = None, attention: str | Attention = "auto") -> Engine:
         """Load a checkpoint folder. ``device="auto"``: CUDA when available, else CPU; ``dtype``
         defaults to float32 on CPU and bfloat16 on CUDA. ``memory_budget_bytes``: the working
         memory (weights excluded, see ``memory.py``) one batch may use; a larger batch is run
@@ -158,7 +163,7 @@ class Engine:
         if dtype is None:
             dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
         return cls(load_checkpoint(path, device=dev, dtype=dtype, quantization=quantization), mode=mode,
-                   memory_budget_bytes=memory_budget_bytes)
+                   memory_budget_bytes=memory_budget_bytes, attention=attention)
 
     @property
     def config(self) -> ModelConfig:
@@ -302,7 +307,8 @@ class Engine:
         cfg = self.config.llm
         counters = Counters()
         cache = KVCache(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim,
-                        self._capacity_estimate(plans), self.device, self.dtype)
+                        self._capacity_estimate(plans), self.device, self.dtype,
+                        page_size=self.attention.page_size)
         store = ContextStore(self.model, self.tokenizer, cache, counters, naive=naive)
         self._encode_pictures(plans, store, counters)  # 2.
         self._build_paths(plans)
@@ -363,8 +369,13 @@ class Engine:
         context = own + picture_rows
         prefill = own + picture_rows
         widest = max((q, context + q), (prefill, prefill), key=lambda s: s[0] * s[1])
+        # cache allocations: each of (at most) three contexts' items — think prompt, a VAE and a
+        # ViT block per picture, the prompt — plus the think text, the decode and one scratch
+        # run per CFG branch of the denoising step
+        allocations = 3 * (2 + 2 * len(plan.pictures)) + 2 + loop_rows // max(q, 1)
         return Footprint(own, loop_rows, widest, prefill, latent_elems, out_px, in_px,
-                         shared_kv=((repr(shared_key), picture_rows),))
+                         shared_kv=((repr(shared_key), picture_rows),),
+                         loop_segments=((q, context + q),) * (loop_rows // max(q, 1)), allocations=allocations)
 
     def memory_estimate(self, requests: list[Request]) -> MemoryEstimate:
         """Estimated peak working memory (bytes, weights excluded) of ``run(requests)`` in one

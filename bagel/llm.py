@@ -4,9 +4,9 @@ Owns: RMS norms, rotary position embedding, the attention shared by both experts
 understanding and generation projections, norms and MLPs (chosen per row by the packed
 layout's ``gen_index``), the final norms and the LM head. Attention is packed and
 variable-length: each segment of a ``PackedBatch`` attends to its cached context plus its own
-rows (causal aligned bottom-right for text, full for image and latent blocks), through
-``torch.nn.functional.scaled_dot_product_attention``. Leaves embedding of ViT and latent rows,
-cache bookkeeping and sampling to the engine.
+rows (causal aligned bottom-right for text, full for image and latent blocks), computed by the
+model's ``attention`` (``attention.py``). Leaves embedding of ViT and latent rows, cache
+bookkeeping and sampling to the engine.
 
 Parameter names follow the checkpoint (``model.layers.N.self_attn.q_proj_moe_gen`` ...), so
 ``state_dict()`` keys equal the ``language_model.*`` keys of ``ema.safetensors``. Linear layers
@@ -16,11 +16,9 @@ Departures from the reference:
   * dtype-generic: the reference casts q/k/v and the generation-expert MLP inputs to bfloat16
     unconditionally; here activations keep the model's dtype (float32 gives the exact math the
     goldens were recorded with), and norm statistics and RoPE tables are computed in float32;
-  * attention without flash-attn's varlen kernel: a forward whose segments all have one length
-    (a denoising step over many query blocks, a decode step over many streams) writes its keys
-    to cache slots and runs ONE ``scaled_dot_product_attention`` over every segment, keys
-    gathered per segment and padding masked, grouped-query heads handled by SDPA; other
-    forwards (prefills) run one call per segment over cache views;
+  * attention is packed over cache slots instead of the reference's merged key sequence, and
+    its kernel is chosen by the engine (``attention.py``: SDPA on the CPU, variable-length
+    flash kernels over a paged cache on CUDA);
   * RoPE is applied to queries and keys in one pass, without building the rotated copy;
   * the RoPE frequency table is computed on the fly (no buffer), so the module has exactly the
     checkpoint's parameters and can be built on the meta device.
@@ -34,9 +32,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bagel.attention import Attention, SdpaAttention
 from bagel.config import LLMConfig
 from bagel.kv_cache import KVCache
-from bagel.packing import PackedBatch, UniformAttention
+from bagel.packing import PackedBatch
 
 
 class RMSNorm(nn.Module):
@@ -125,13 +124,6 @@ class MLP(nn.Module):
         return out
 
 
-def _causal_bottom_right(q_len: int, k_len: int, device: torch.device) -> torch.Tensor:
-    """Boolean mask ``[q_len, k_len]``: query i sees key j iff j <= i + k_len - q_len."""
-    i = torch.arange(q_len, device=device)[:, None]
-    j = torch.arange(k_len, device=device)[None, :]
-    return j <= i + (k_len - q_len)
-
-
 class MoTAttention(nn.Module):
     """Grouped-query attention with a projection/qk-norm set per expert and one shared softmax."""
 
@@ -169,61 +161,12 @@ class MoTAttention(nn.Module):
         return torch.cat((q, k, v.to(q.dtype)), dim=1)
 
     def forward(self, x: torch.Tensor, batch: PackedBatch, rope: tuple[torch.Tensor, torch.Tensor],
-                cache: KVCache | None, layer: int) -> torch.Tensor:
+                cache: KVCache | None, layer: int, attention: Attention) -> torch.Tensor:
         h, kv = self.num_heads, self.num_kv_heads
         qkv = routed(x, batch, self._qkv_und, self._qkv_gen)
         qk = apply_rope(qkv[:, :h + kv], *rope)  # queries and keys rotated together
-        q, k, v = qk[:, :h], qk[:, h:], qkv[:, h + kv:]
-        if batch.uniform is not None and cache is not None:
-            out = self._uniform_attention(q, k, v, batch.uniform, cache, layer)
-            return routed(out, batch, self.o_proj, self.o_proj_moe_gen)
-        out = torch.empty_like(q)
-        groups = h // kv
-        for seg in batch.segments:
-            rows = slice(seg.query_start, seg.query_start + seg.query_len)
-            k_new, v_new = k[rows], v[rows]
-            if seg.past.length:
-                assert cache is not None, "a segment with a past context needs the cache"
-                k_past, v_past = cache.read(layer, seg.past)
-                keys, values = torch.cat((k_past, k_new), 0), torch.cat((v_past, v_new), 0)
-            else:
-                keys, values = k_new, v_new
-            if seg.write_start is not None:
-                cache.write(layer, seg.write_start, k_new, v_new)
-            mask = None
-            if seg.is_causal and seg.query_len > 1:
-                mask = _causal_bottom_right(seg.query_len, keys.shape[0], x.device)
-            if groups > 1:
-                keys = keys.repeat_interleave(groups, dim=1)
-                values = values.repeat_interleave(groups, dim=1)
-            o = F.scaled_dot_product_attention(
-                q[rows].transpose(0, 1)[None], keys.transpose(0, 1)[None], values.transpose(0, 1)[None],
-                attn_mask=mask)
-            out[rows] = o[0].transpose(0, 1)
-        out = out.reshape(x.shape[0], h * self.head_dim)
+        out = attention(qk[:, :h], qk[:, h:], qkv[:, h + kv:], batch, cache, layer)
         return routed(out, batch, self.o_proj, self.o_proj_moe_gen)
-
-
-
-    def _uniform_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: UniformAttention,
-                           cache: KVCache, layer: int) -> torch.Tensor:
-        """One SDPA call per group of segments: keys written to their slots, gathered back per
-        segment ``[S, Kmax, Hkv, D]`` (padding masked), grouped-query heads left to SDPA."""
-        n, h, kv, d = plan.query_len, self.num_heads, self.num_kv_heads, self.head_dim
-        cache.write_rows(layer, plan.write_slots, k, v)
-        out = None if len(plan.groups) == 1 else q.new_empty(q.shape[0], h * d)
-        for g in plan.groups:
-            keys, values = cache.gather(layer, g.key_slots)
-            rows = slice(g.first * n, (g.first + g.count) * n)
-            o = F.scaled_dot_product_attention(
-                q[rows].view(g.count, n, h, d).transpose(1, 2),
-                keys.view(g.count, -1, kv, d).transpose(1, 2), values.view(g.count, -1, kv, d).transpose(1, 2),
-                attn_mask=g.key_mask, enable_gqa=h != kv)
-            o = o.transpose(1, 2).reshape(g.count * n, h * d)
-            if out is None:
-                return o
-            out[rows] = o
-        return out
 
 
 class MoTDecoderLayer(nn.Module):
@@ -242,9 +185,9 @@ class MoTDecoderLayer(nn.Module):
         self.post_attention_layernorm_moe_gen = RMSNorm(c, eps)
 
     def forward(self, x: torch.Tensor, batch: PackedBatch, rope: tuple[torch.Tensor, torch.Tensor],
-                cache: KVCache | None, layer: int) -> torch.Tensor:
+                cache: KVCache | None, layer: int, attention: Attention) -> torch.Tensor:
         normed = routed(x, batch, self.input_layernorm, self.input_layernorm_moe_gen)
-        x = x + self.self_attn(normed, batch, rope, cache, layer)
+        x = x + self.self_attn(normed, batch, rope, cache, layer, attention)
         mlp_out = routed(x, batch, lambda t: self.mlp(self.post_attention_layernorm(t)),
                          lambda t: self.mlp_moe_gen(self.post_attention_layernorm_moe_gen(t)))
         return x + mlp_out
@@ -260,13 +203,14 @@ class Qwen2MoTModel(nn.Module):
         self.layers = nn.ModuleList(MoTDecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.norm_moe_gen = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.attention: Attention = SdpaAttention()  # the engine picks the kernel (attention.py)
 
     def forward(self, x: torch.Tensor, batch: PackedBatch, cache: KVCache | None) -> torch.Tensor:
         """Packed rows ``[L, C]`` → final-normed hidden states ``[L, C]``; writes new keys of
         segments with a ``write_start`` into ``cache``."""
         rope = rope_tables(batch.positions, self.cfg.head_dim, self.cfg.rope_theta, x.dtype)
         for i, layer in enumerate(self.layers):
-            x = layer(x, batch, rope, cache, i)
+            x = layer(x, batch, rope, cache, i, self.attention)
         return routed(x, batch, self.norm, self.norm_moe_gen)
 
 

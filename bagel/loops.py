@@ -74,8 +74,9 @@ def decode_texts(model: BagelModel, tokenizer: Tokenizer, cache: KVCache, jobs: 
     """Decode every job in lockstep; fills ``fed``, ``stop_reason`` and ``logits``."""
     lm = model.language_model
     limits = {id(j): j.max_new_tokens + 1 for j in jobs}  # forwards: the last prediction is dropped
-    slots = {id(j): cache.allocate(limits[id(j)]) for j in jobs}
-    contexts = {id(j): j.context for j in jobs}
+    reserved = {id(j): cache.reserve(j.context, limits[id(j)]) for j in jobs}
+    slots = {id(j): r.start for j, r in zip(jobs, reserved.values())}
+    contexts = {id(j): r.base for j, r in zip(jobs, reserved.values())}
     current = {id(j): tokenizer.bos_id for j in jobs}
     active = list(jobs)
     step = 0
@@ -89,6 +90,8 @@ def decode_texts(model: BagelModel, tokenizer: Tokenizer, cache: KVCache, jobs: 
         for group in groups:
             builder = PackBuilder(cache)
             for j in group:
+                if step == 0:
+                    builder.add_copy(reserved[id(j)].copy)  # a paged cache moves the context's last page
                 j.fed.append(current[id(j)])
                 contexts[id(j)] = builder.add_text([current[id(j)]], contexts[id(j)], slot=slots[id(j)] + step)
             batch = builder.build(model.device)
@@ -254,9 +257,11 @@ def _layout(layouts: dict, group: list, tokenizer: Tokenizer, cache: KVCache,
         # Query blocks are not cached, but the batched attention reads every key from the
         # cache: park them in scratch slots, reserved once per loop and reused by every layout.
         scratch = layouts.get("scratch")
-        if builder.uniform_rows() is not None and (scratch is None or scratch[1] < builder.length):
-            scratch = layouts["scratch"] = (cache.allocate(builder.length), builder.length)
-        start = scratch[0] if builder.uniform_rows() is not None else None
+        need = builder.scratch_slots()
+        batched = builder.uniform_rows() is not None or cache.is_paged
+        if batched and (scratch is None or scratch[1] < need):
+            scratch = layouts["scratch"] = (cache.allocate(need), need)
+        start = scratch[0] if batched else None
         layouts[key] = (builder.build(device, scratch_start=start), blocks)
     return layouts[key]
 

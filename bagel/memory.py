@@ -14,8 +14,15 @@ The model (bytes, ``e`` = bytes per element of the engine dtype):
   * one packed forward: per row, the transients of one decoder layer at its widest — the
     residual stream, the norm output, the routed copies, q/k/v with their RoPE temporaries,
     the attention output and the SwiGLU's gate, up, activation and product:
-    ``(5·C + 3·(H + 2·Hkv)·D + 4·I) · e``; plus float32 attention scores of the largest
-    segment (``H · q · k · 4``; the CPU and CUDA kernels tile them, so this is an upper bound);
+    ``(5·C + 3·(H + 2·Hkv)·D + 4·I) · e``; plus the attention's own transients. With SDPA
+    (``attention.py``) every segment of a call counts: a denoising step attends all its query
+    blocks — every request and CFG branch — in one call, each with float32 scores
+    ``H · q · k · 4`` and its gathered keys and values ``2 · k · Hkv · D · e`` (the kernels may
+    tile the scores, so this is an upper bound); a prefill attends one segment at a time, so
+    its widest segment counts. Variable-length flash kernels materialise no scores: only
+    their float32 log-sum-exp, ``H · rows · 4``;
+  * a paged cache (the flash kernels') starts every allocation on a page and copies a fork's
+    partial last page: up to one page of slots per allocation;
   * latents: per image, x and up to four velocity buffers in float32;
   * VAE: the largest decoder activation at full resolution times three (input, output and
     the skip of a ResNet block), for the largest picture of the batch, once (pictures are
@@ -41,12 +48,14 @@ class Footprint:
 
     kv_tokens: int  # cache slots reserved for its contexts and decodes
     loop_rows: int  # rows per denoising forward, every CFG branch included (0: no picture out)
-    widest_segment: tuple[int, int]  # (query rows, keys) of its largest attention segment
+    widest_segment: tuple[int, int]  # (query rows, keys) of its largest prefill segment
     prefill_rows: int  # rows of its contexts' prefill forwards
     latent_elems: int  # elements of its output latent (0: no picture out)
     out_pixels: int  # output picture H·W (0: no picture out)
     in_pixels: int  # largest VAE-encoded input picture H·W (0: none)
     shared_kv: tuple[tuple[str, int], ...] = ()  # (key, slots) counted once per run per key
+    loop_segments: tuple[tuple[int, int], ...] = ()  # (query rows, keys) of each block of a denoising step
+    allocations: int = 0  # cache allocations (context items, decode, denoising scratch)
 
 
 @dataclass(frozen=True)
@@ -57,25 +66,30 @@ class MemoryEstimate:
     forward: int
     latents: int
     vae: int
+    attention: int = 0
 
     @property
     def total(self) -> int:
-        return self.kv_cache + self.forward + self.latents + self.vae
+        return self.kv_cache + self.forward + self.attention + self.latents + self.vae
 
     def describe(self) -> str:
         mib = 2 ** 20
         return (f"{self.total / mib:.1f} MiB (KV cache {self.kv_cache / mib:.1f}, forward activations "
-                f"{self.forward / mib:.1f}, latents {self.latents / mib:.1f}, VAE {self.vae / mib:.1f})")
+                f"{self.forward / mib:.1f}, attention {self.attention / mib:.1f}, latents {self.latents / mib:.1f}, "
+                f"VAE {self.vae / mib:.1f})")
 
 
 class MemoryModel:
     """Turns footprints into bytes for one checkpoint, dtype and forward-size limit."""
 
-    def __init__(self, config: ModelConfig, dtype: torch.dtype, max_rows_per_forward: int) -> None:
+    def __init__(self, config: ModelConfig, dtype: torch.dtype, max_rows_per_forward: int, *,
+                 page_size: int | None = None) -> None:
         llm, vae = config.llm, config.vae
         e = torch.empty((), dtype=dtype).element_size()
         self.elem = e
+        self.page_size = page_size
         self.heads = llm.num_attention_heads
+        self.kv_row_bytes = 2 * llm.num_key_value_heads * llm.head_dim * e  # one layer's key + value
         self.kv_bytes_per_token = 2 * llm.num_hidden_layers * llm.num_key_value_heads * llm.head_dim * e
         qkv = (llm.num_attention_heads + 2 * llm.num_key_value_heads) * llm.head_dim
         self.row_bytes = (5 * llm.hidden_size + 3 * qkv + 4 * llm.intermediate_size) * e
@@ -91,19 +105,28 @@ class MemoryModel:
         shared = dict(item for f in footprints for item in f.shared_kv)
         scratch = min(sum(f.loop_rows for f in footprints),
                       max(self.max_rows_per_forward, max((f.loop_rows for f in footprints), default=0)))
-        return sum(f.kv_tokens for f in footprints) + sum(shared.values()) + scratch
+        pages = (self.page_size or 0) * sum(f.allocations for f in footprints)
+        return sum(f.kv_tokens for f in footprints) + sum(shared.values()) + scratch + pages
+
+    def attention_bytes(self, footprints: Sequence[Footprint], rows: int) -> int:
+        """The attention's transients beyond the per-row activations (see the module docstring)."""
+        if self.page_size is not None:  # flash kernels: only the log-sum-exp
+            return 4 * self.heads * rows
+        call = sum(4 * self.heads * q * k + k * self.kv_row_bytes
+                   for f in footprints for q, k in f.loop_segments)
+        q, k = max((f.widest_segment for f in footprints), key=lambda s: s[0] * s[1], default=(0, 0))
+        return max(call, 4 * self.heads * q * k + k * self.kv_row_bytes)
 
     def estimate(self, footprints: Sequence[Footprint]) -> MemoryEstimate:
         loop_rows = min(sum(f.loop_rows for f in footprints),
                         max(self.max_rows_per_forward, max((f.loop_rows for f in footprints), default=0)))
         kv = self.kv_bytes_per_token * self.kv_slots(footprints)
         rows = max(loop_rows, sum(f.prefill_rows for f in footprints))
-        q, k = max((f.widest_segment for f in footprints), key=lambda s: s[0] * s[1], default=(0, 0))
-        forward = rows * self.row_bytes + 4 * self.heads * q * k
+        forward = rows * self.row_bytes
         latents = sum(5 * 4 * f.latent_elems for f in footprints)
         pixels = max((max(f.out_pixels, f.in_pixels) for f in footprints), default=0)
         vae = 3 * self.vae_channels * pixels * self.elem
-        return MemoryEstimate(kv, forward, latents, vae)
+        return MemoryEstimate(kv, forward, latents, vae, self.attention_bytes(footprints, rows))
 
 
 def split_to_budget(items: Sequence, footprint_of: Callable, model: MemoryModel, budget: int,

@@ -33,7 +33,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from bagel.kv_cache import CacheSeq, KVCache
+from bagel.kv_cache import CacheSeq, KVCache, SlotCopy
+from bagel.paged import VarlenLayout, build_varlen, scratch_slots
 
 ROW_KINDS = ("vit", "latent")
 
@@ -108,6 +109,7 @@ class PackedBatch:
     und_index: torch.Tensor | None
     uniform: UniformAttention | None = None
     gen_dense: bool = False  # few understanding rows: run the generation expert on every row
+    varlen: VarlenLayout | None = None  # a paged cache's layout for the varlen kernels
 
 
 @dataclass
@@ -121,17 +123,27 @@ class PackBuilder:
     _text_ids: list[int] = field(default_factory=list)
     _text_rows: list[int] = field(default_factory=list)
     _rows: dict[str, list[int]] = field(default_factory=lambda: {k: [] for k in ROW_KINDS})
+    _copies: list[SlotCopy] = field(default_factory=list)
 
     @property
     def length(self) -> int:
         return len(self._positions)
 
-    def _reserve(self, past: CacheSeq, count: int, rope_advance: int, write: bool) -> tuple[CacheSeq, int | None]:
+    def add_copy(self, copy: SlotCopy | None) -> None:
+        """A page copy the forward carries out before it reads anything (``KVCache.reserve``)."""
+        if copy is not None:
+            self._copies.append(copy)
+
+    def _reserve(self, past: CacheSeq, count: int, write: bool) -> tuple[CacheSeq, int | None]:
+        """The context the new rows attend to (``past``, its partial last page possibly moved)
+        and the first slot of their keys (None: not cached)."""
         if not write:
             return past, None
         if self.cache is None:
             raise ValueError("a segment that writes the cache needs a PackBuilder with a cache")
-        return self.cache.extend(past, count, rope_advance)
+        r = self.cache.reserve(past, count)
+        self.add_copy(r.copy)
+        return r.base, r.start
 
     def add_text(self, ids: list[int], past: CacheSeq, *, write: bool = True,
                  slot: int | None = None) -> CacheSeq:
@@ -139,10 +151,9 @@ class PackBuilder:
         write into these already allocated slots (a decode loop's reservation) instead of
         allocating new ones."""
         start = self.length
-        if slot is not None:
-            new = past.with_range(slot, len(ids), len(ids))
-        else:
-            new, slot = self._reserve(past, len(ids), len(ids), write)
+        if slot is None:
+            past, slot = self._reserve(past, len(ids), write)
+        new = past if slot is None else past.with_range(slot, len(ids), len(ids))
         self._positions.extend(range(past.rope, past.rope + len(ids)))
         self._text_ids.extend(ids)
         self._text_rows.extend(range(start, start + len(ids)))
@@ -157,13 +168,21 @@ class PackBuilder:
             raise ValueError(f"kind: {kind!r} is not one of {ROW_KINDS}")
         start = self.length
         total = num_rows + 2
-        new, slot = self._reserve(past, total, 1, write)
+        past, slot = self._reserve(past, total, write)
+        new = past if slot is None else past.with_range(slot, total, 1)
         self._positions.extend([past.rope] * total)
         self._text_ids.extend([start_id, end_id])
         self._text_rows.extend([start, start + total - 1])
         self._rows[kind].extend(range(start + 1, start + 1 + num_rows))
         self._segments.append(Segment(start, total, past, False, slot))
         return new, Block(start + 1, num_rows)
+
+    def scratch_slots(self) -> int:
+        """Cache slots a forward whose query blocks are not cached parks their keys in (see
+        ``build``): one per row, or on a paged cache whole pages per segment."""
+        if self.cache is not None and self.cache.is_paged:
+            return scratch_slots(self._segments, self.cache)
+        return self.length
 
     def uniform_rows(self) -> int | None:
         """The common query length when the segments tile the rows in equal runs, else None."""
@@ -207,9 +226,10 @@ class PackBuilder:
         return AttentionGroup(first, len(keys), key_slots.flatten().to(device), mask.to(device))
 
     def build(self, device: torch.device | str, *, scratch_start: int | None = None) -> PackedBatch:
-        """The layout as tensors. ``scratch_start``: first of ``length`` cache slots where the
-        keys of segments that are not cached (denoising query blocks) may be parked for the
-        batched attention call; without it such a forward attends per segment."""
+        """The layout as tensors. ``scratch_start``: first of ``scratch_slots()`` cache slots
+        where the keys of segments that are not cached (denoising query blocks) may be parked
+        for one batched attention call; without it such a forward attends per segment (SDPA;
+        a paged cache needs them)."""
         def tensor(values: list[int]) -> torch.Tensor:
             return torch.tensor(values, dtype=torch.long).to(device)
 
@@ -221,6 +241,7 @@ class PackBuilder:
             und_index = torch.nonzero(~is_gen).squeeze(1).to(device)
         else:
             gen_index = und_index = None
+        paged = self.cache is not None and self.cache.is_paged
         return PackedBatch(
             length=self.length,
             positions=tensor(self._positions),
@@ -230,8 +251,10 @@ class PackBuilder:
             row_index={k: tensor(v) for k, v in self._rows.items()},
             gen_index=gen_index,
             und_index=und_index,
-            uniform=self._uniform(device, scratch_start),
+            uniform=None if paged else self._uniform(device, scratch_start),
             gen_dense=bool(gen_rows) and self.length - len(gen_rows) <= GEN_DENSE_MAX_UND_SHARE * self.length,
+            varlen=(build_varlen(self._segments, self.cache, self.length, self._copies, device, scratch_start)
+                    if paged else None),
         )
 
 

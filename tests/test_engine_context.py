@@ -16,6 +16,7 @@ from bagel.config import GenerationParams
 from bagel.engine import Engine
 from bagel.errors import InputError, MemoryBudgetError
 from bagel.loading import load_checkpoint
+from bagel.memory import Footprint, MemoryModel
 from bagel.requests import Request
 from bagel.sampler import make_schedule
 
@@ -141,6 +142,23 @@ def test_memory_estimate_grows_per_extra_request(engine, product):
     # the shared product context is counted once: the second scene adds less KV than the first
     assert two.kv_cache - one.kv_cache < one.kv_cache
     assert "MiB (KV cache" in two.describe()
+
+
+def test_memory_model_counts_every_segment_of_an_attention_call(engine):
+    """A denoising step attends every request's CFG blocks in one SDPA call: a try-on chunk of 8
+    edits (3 blocks each) holds 24 score matrices at once. Flash kernels over a paged cache
+    hold none (their log-sum-exp only) but round every cache allocation up to a page."""
+    llm = engine.config.llm
+    edit = Footprint(kv_tokens=100, loop_rows=3 * 66, widest_segment=(40, 40), prefill_rows=40, latent_elems=0,
+                     out_pixels=0, in_pixels=0, loop_segments=((66, 300),) * 3, allocations=9)
+    kv_row = 2 * llm.num_key_value_heads * llm.head_dim * 4
+    one_block = 4 * llm.num_attention_heads * 66 * 300 + 300 * kv_row
+    sdpa = MemoryModel(engine.config, torch.float32, 1 << 16)
+    assert sdpa.attention_bytes([edit], 198) == 3 * one_block
+    assert sdpa.attention_bytes([edit] * 8, 8 * 198) == 24 * one_block
+    paged = MemoryModel(engine.config, torch.float32, 1 << 16, page_size=256)
+    assert paged.attention_bytes([edit] * 8, 8 * 198) == 4 * llm.num_attention_heads * 8 * 198
+    assert paged.kv_slots([edit] * 8) == sdpa.kv_slots([edit] * 8) + 8 * 9 * 256
 
 
 def test_a_batch_over_the_budget_runs_as_sub_batches_with_the_same_results(engine, product):

@@ -6,7 +6,8 @@ from safetensors import safe_open
 
 from bagel.config import ModelConfig
 from bagel.kv_cache import EMPTY, CacheSeq, KVCache
-from bagel.llm import CPU_MLP_ROW_BLOCK, MLP, RMSNorm, _causal_bottom_right
+from bagel.attention import causal_bottom_right
+from bagel.llm import CPU_MLP_ROW_BLOCK, MLP, RMSNorm
 from bagel.loading import load_checkpoint
 from bagel.model import BagelModel, timestep_features
 from bagel.packing import PackBuilder
@@ -151,16 +152,17 @@ def test_image_block_positions_and_rope_advance():
 
 
 def test_causal_mask_is_aligned_bottom_right():
-    mask = _causal_bottom_right(2, 5, torch.device("cpu"))
+    mask = causal_bottom_right(2, 5, torch.device("cpu"))
     assert mask.tolist() == [[True, True, True, True, False], [True] * 5]
 
 
 def test_kv_cache_fork_shares_slots_and_growth_keeps_contents():
     cache = KVCache(2, 1, 2, 16, "cpu", torch.float32)
-    base, start = cache.extend(EMPTY, 10, 10)
+    base, start, _ = cache.extend(EMPTY, 10, 10)
     cache.write(1, start, torch.ones(10, 1, 2), torch.full((10, 1, 2), 2.0))
-    fork_a, _ = cache.extend(base, 3, 3)
-    fork_b, sb = cache.extend(base, 4, 4)
+    fork_a, _, _ = cache.extend(base, 3, 3)
+    fork_b, sb, copy = cache.extend(base, 4, 4)
+    assert copy is None  # an unpaged cache never copies
     assert fork_a.ranges == ((0, 13),) and fork_b.ranges == ((0, 10), (13, 17))
     assert cache.capacity >= 17 and cache.grow_count == 1
     cache.write(1, sb, torch.zeros(4, 1, 2), torch.zeros(4, 1, 2))

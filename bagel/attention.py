@@ -1,0 +1,201 @@
+"""Attention of the packed LLM forward: which kernel computes it, on which device.
+
+Owns: the two ways a forward's attention runs and the choice between them.
+  * ``SdpaAttention`` (the CPU path, and CUDA in float32): PyTorch's
+    ``scaled_dot_product_attention``. A forward whose segments all have one length (a denoising
+    step over many query blocks, a decode step over many streams) writes its keys to cache
+    slots and runs one call per group of segments with similar key counts, keys gathered per
+    segment and padding masked; other forwards (prefills) run one call per segment over cache
+    views. Grouped-query heads are left to SDPA.
+  * ``VarlenAttention`` (CUDA in bf16/fp16): variable-length flash kernels over the paged
+    cache — no dense mask and no score matrix, GQA native, every segment of the forward in one
+    call (two when a prefill mixes causal text with image blocks). The kernel is
+    ``torch.nn.attention.varlen.varlen_attn`` (FlashAttention inside PyTorch ≥ 2.9), or
+    ``flash_attn.flash_attn_varlen_func`` when the optional ``flash-attn`` package is
+    installed; both take the same metadata (``paged.py``). Pages are ``PAGE_SIZE`` slots, the
+    smallest block the FlashAttention-2 paged kernels accept.
+A kernel is any callable ``kernel(q, k_pages, v_pages, cu_seq_q, cu_seq_k, max_q, max_k, *,
+causal, seqused_k, block_table) -> out`` with q/out ``[Tq, H, D]`` and pages ``[P, page, Hkv, D]``
+(causal: the mask aligned bottom-right, as flash kernels do), so a test can hand the exact
+metadata to a reference implementation. Leaves the layouts to ``packing.py``/``paged.py`` and
+the projections around attention to ``llm.py``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from bagel.errors import InputError
+from bagel.kv_cache import KVCache
+from bagel.packing import PackedBatch, UniformAttention
+
+PAGE_SIZE = 256
+ATTENTION_MODES = ("auto", "sdpa", "varlen", "flash-attn")
+
+VarlenKernel = Callable[..., torch.Tensor]
+
+
+def causal_bottom_right(q_len: int, k_len: int, device: torch.device) -> torch.Tensor:
+    """Boolean mask ``[q_len, k_len]``: query i sees key j iff j <= i + k_len - q_len."""
+    i = torch.arange(q_len, device=device)[:, None]
+    j = torch.arange(k_len, device=device)[None, :]
+    return j <= i + (k_len - q_len)
+
+
+class SdpaAttention:
+    """Attention through ``scaled_dot_product_attention`` over an unpaged cache."""
+
+    page_size: int | None = None
+    name = "sdpa"
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: PackedBatch,
+                 cache: KVCache | None, layer: int) -> torch.Tensor:
+        """q ``[L, H, D]``, k/v ``[L, Hkv, D]`` of the forward's rows → ``[L, H·D]``."""
+        if batch.uniform is not None and cache is not None:
+            return self._uniform(q, k, v, batch.uniform, cache, layer)
+        n, h, d = q.shape
+        groups = h // k.shape[1]
+        out = torch.empty_like(q)
+        for seg in batch.segments:
+            rows = slice(seg.query_start, seg.query_start + seg.query_len)
+            k_new, v_new = k[rows], v[rows]
+            if seg.past.length:
+                assert cache is not None, "a segment with a past context needs the cache"
+                k_past, v_past = cache.read(layer, seg.past)
+                keys, values = torch.cat((k_past, k_new), 0), torch.cat((v_past, v_new), 0)
+            else:
+                keys, values = k_new, v_new
+            if seg.write_start is not None:
+                cache.write(layer, seg.write_start, k_new, v_new)
+            mask = None
+            if seg.is_causal and seg.query_len > 1:
+                mask = causal_bottom_right(seg.query_len, keys.shape[0], q.device)
+            if groups > 1:
+                keys = keys.repeat_interleave(groups, dim=1)
+                values = values.repeat_interleave(groups, dim=1)
+            o = F.scaled_dot_product_attention(
+                q[rows].transpose(0, 1)[None], keys.transpose(0, 1)[None], values.transpose(0, 1)[None],
+                attn_mask=mask)
+            out[rows] = o[0].transpose(0, 1)
+        return out.reshape(n, h * d)
+
+    @staticmethod
+    def _uniform(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: UniformAttention, cache: KVCache,
+                 layer: int) -> torch.Tensor:
+        """One SDPA call per group of segments: keys written to their slots, gathered back per
+        segment ``[S, Kmax, Hkv, D]`` (padding masked), grouped-query heads left to SDPA."""
+        n, (_, h, d), kv = plan.query_len, q.shape, k.shape[1]
+        cache.write_rows(layer, plan.write_slots, k, v)
+        out = None if len(plan.groups) == 1 else q.new_empty(q.shape[0], h * d)
+        for g in plan.groups:
+            keys, values = cache.gather(layer, g.key_slots)
+            rows = slice(g.first * n, (g.first + g.count) * n)
+            o = F.scaled_dot_product_attention(
+                q[rows].view(g.count, n, h, d).transpose(1, 2),
+                keys.view(g.count, -1, kv, d).transpose(1, 2), values.view(g.count, -1, kv, d).transpose(1, 2),
+                attn_mask=g.key_mask, enable_gqa=h != kv)
+            o = o.transpose(1, 2).reshape(g.count * n, h * d)
+            if out is None:
+                return o
+            out[rows] = o
+        return out
+
+
+@dataclass
+class VarlenAttention:
+    """Attention through a variable-length kernel over a paged cache (``paged.py`` layouts)."""
+
+    kernel: VarlenKernel
+    name: str = "varlen"
+    page_size: int = PAGE_SIZE
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: PackedBatch,
+                 cache: KVCache | None, layer: int) -> torch.Tensor:
+        lay = batch.varlen
+        if lay is None or cache is None:
+            raise ValueError("varlen attention needs a paged cache and the forward's varlen layout")
+        n, h, d = q.shape
+        if lay.copy_src is not None:
+            cache.copy_rows(layer, lay.copy_src, lay.copy_dst)
+        cache.write_rows(layer, lay.write_slots, k, v)
+        k_pages, v_pages = cache.pages(layer)
+        out = None
+        for call in lay.calls:
+            q_call = q if call.rows is None else q.index_select(0, call.rows)
+            o = self.kernel(q_call.contiguous(), k_pages, v_pages, call.cu_seq_q, call.cu_seq_k, call.max_q,
+                            call.max_k, causal=call.causal, seqused_k=call.seqused_k,
+                            block_table=call.block_table)
+            if call.rows is None:
+                return o.reshape(n, h * d)
+            if out is None:
+                out = q.new_empty(q.shape)
+            out.index_copy_(0, call.rows, o)
+        return out.reshape(n, h * d)
+
+
+def torch_varlen_kernel(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor, cu_seq_q: torch.Tensor,
+                        cu_seq_k: torch.Tensor, max_q: int, max_k: int, *, causal: bool,
+                        seqused_k: torch.Tensor, block_table: torch.Tensor) -> torch.Tensor:
+    """``torch.nn.attention.varlen.varlen_attn`` (FlashAttention kernels shipped in PyTorch)."""
+    from torch.nn.attention.varlen import varlen_attn
+
+    return varlen_attn(q, k_pages, v_pages, cu_seq_q, cu_seq_k, max_q, max_k,
+                       window_size=(-1, 0) if causal else (-1, -1), enable_gqa=q.shape[1] != k_pages.shape[2],
+                       seqused_k=seqused_k, block_table=block_table)
+
+
+def flash_attn_kernel(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor, cu_seq_q: torch.Tensor,
+                      cu_seq_k: torch.Tensor, max_q: int, max_k: int, *, causal: bool,
+                      seqused_k: torch.Tensor, block_table: torch.Tensor) -> torch.Tensor:
+    """``flash_attn.flash_attn_varlen_func`` (the optional ``flash`` extra); it reads each
+    sequence's key count from ``cu_seq_k`` (the cumulated ``seqused_k``)."""
+    from flash_attn import flash_attn_varlen_func
+
+    return flash_attn_varlen_func(q, k_pages, v_pages, cu_seq_q, cu_seq_k, max_q, max_k, causal=causal,
+                                  block_table=block_table)
+
+
+def has_torch_varlen() -> bool:
+    return importlib.util.find_spec("torch.nn.attention.varlen") is not None
+
+
+def has_flash_attn() -> bool:
+    return importlib.util.find_spec("flash_attn") is not None
+
+
+Attention = SdpaAttention | VarlenAttention
+
+
+def resolve_attention(mode: str | Attention, device: torch.device, dtype: torch.dtype) -> Attention:
+    """The attention for ``mode`` on ``device`` in ``dtype``. ``auto``: on CUDA in bf16/fp16 the
+    ``flash-attn`` package when installed, else PyTorch's varlen kernel; SDPA otherwise (the
+    CPU, or float32 anywhere: flash kernels take half precision only). An explicit mode that
+    cannot run here is an ``InputError`` naming it; an ``Attention`` object is used as given."""
+    if isinstance(mode, SdpaAttention | VarlenAttention):
+        return mode
+    if mode not in ATTENTION_MODES:
+        raise InputError(f"attention: {mode!r} is not one of {ATTENTION_MODES}")
+    half = dtype in (torch.bfloat16, torch.float16)
+    if mode == "auto":
+        if device.type != "cuda" or not half:
+            return SdpaAttention()
+        mode = "flash-attn" if has_flash_attn() else "varlen" if has_torch_varlen() else "sdpa"
+    if mode == "sdpa":
+        return SdpaAttention()
+    if device.type != "cuda" or not half:
+        raise InputError(f"attention: {mode!r} runs FlashAttention kernels, which need a CUDA device and "
+                         f"bfloat16 or float16 (got {device.type}, {str(dtype).removeprefix('torch.')})")
+    if mode == "flash-attn":
+        if not has_flash_attn():
+            raise InputError("attention: 'flash-attn' needs the flash-attn package "
+                             "(pip install 'bagel-jobs[flash]'); 'varlen' needs nothing extra")
+        return VarlenAttention(flash_attn_kernel, name="flash-attn")
+    if not has_torch_varlen():
+        raise InputError(f"attention: 'varlen' needs torch >= 2.9 (torch.nn.attention.varlen), "
+                         f"this is {torch.__version__}")
+    return VarlenAttention(torch_varlen_kernel)
