@@ -227,6 +227,12 @@ class GenerationParams:
     do_sample: bool = False
     text_temperature: float = 0.3
     seed: int | None = None
+    # TaylorSeer step caching (taylorseer.py; the reference's enable_taylorseer, off by default):
+    # full evaluations during the warm-up, then one in `interval`; derivatives up to `order`.
+    taylorseer: bool = False
+    taylorseer_warmup: int = 5
+    taylorseer_interval: int = 3
+    taylorseer_order: int = 6
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "cfg_interval", tuple(float(x) for x in self.cfg_interval))
@@ -242,6 +248,10 @@ class GenerationParams:
             ("max_think_tokens", 1 <= self.max_think_tokens <= 16384, "1..16384"),
             ("max_new_tokens", 1 <= self.max_new_tokens <= 16384, "1..16384"),
             ("text_temperature", 0.0 < self.text_temperature <= 10.0, "0 < t <= 10"),
+            ("taylorseer", isinstance(self.taylorseer, bool), "true or false"),
+            ("taylorseer_warmup", 1 <= self.taylorseer_warmup <= 1000, "1..1000"),
+            ("taylorseer_interval", 1 <= self.taylorseer_interval <= 100, "1..100"),
+            ("taylorseer_order", 0 <= self.taylorseer_order <= 8, "0..8"),
         ]
         for name, ok, limit in checks:
             if not ok:

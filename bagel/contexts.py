@@ -81,12 +81,19 @@ class Counters:
     run_context_encodes: int = 0
     denoise_seconds: float = 0.0  # wall time of the denoising loops (device synced at each end)
     denoise_forward_rows: int = 0  # packed rows fed to the LLM by the denoising loops
+    # query blocks (one image's CFG branch at one step) computed in full / predicted by TaylorSeer
+    blocks_full: dict[int, int] = field(default_factory=dict)
+    blocks_cached: dict[int, int] = field(default_factory=dict)
     encoded_pictures: set[str] = field(default_factory=set)  # a picture counts once per run
 
     def forward(self, owners: set[int]) -> None:
         self.run_llm_forwards += 1
         for i in owners:
             self.llm_forwards[i] = self.llm_forwards.get(i, 0) + 1
+
+    def block(self, owner: int, *, full: bool) -> None:
+        counts = self.blocks_full if full else self.blocks_cached
+        counts[owner] = counts.get(owner, 0) + 1
 
     def encode(self, owner: int, picture_key: str) -> None:
         """One picture's context encode: its VAE and SigLIP passes count once together."""

@@ -73,8 +73,8 @@ from bagel.loading import LoadedCheckpoint, load_checkpoint, resolve_device
 from bagel.memory import Footprint, MemoryEstimate, MemoryModel, split_to_budget
 from bagel.prompts import think_system_prompt
 from bagel.requests import CancelFn, ProgressFn, Request, Result
-from bagel.sampler import branches_needed, make_schedule
-from bagel.loops import ImageJob, TextJob, decode_texts, denoise, reply_text
+from bagel.sampler import make_schedule
+from bagel.loops import ImageJob, TextJob, branch_names, decode_texts, denoise, reply_text
 
 logger = logging.getLogger(__name__)
 
@@ -297,6 +297,8 @@ class Engine:
                 "denoise_seconds": denoise_seconds,
                 "run_batches": len(batches),
                 "run_denoise_forward_tokens": counters.denoise_forward_rows,
+                "denoise_blocks_full": counters.blocks_full.get(plan.index, 0),
+                "denoise_blocks_cached": counters.blocks_cached.get(plan.index, 0),
             })
             results.append(result)
         logger.info("ran %d requests in %.2f s (%s)", len(plans), seconds, "naive" if naive else "batched")
@@ -360,10 +362,9 @@ class Engine:
             h, w = plan.out_hw[0] // stride, plan.out_hw[1] // stride
             q = h * w + 2
             schedule = make_schedule(p.num_timesteps, p.timestep_shift, p.cfg_interval)
-            need = [branches_needed(on, p.cfg_text_scale, p.cfg_img_scale) for on in schedule.cfg_on]
-            branches = 1 + any(t for t, _ in need) + (any(i for _, i in need) and req.task == "edit"
-                                                       or req.think and any(i for _, i in need))
-            loop_rows = branches * q
+            has_img_context = req.task == "edit" or req.think
+            branches = {name for on in schedule.cfg_on for name in branch_names(p, on, has_img_context)}
+            loop_rows = len(branches) * q
             latent_elems = h * w * self.config.constants.latent_patch_size ** 2 * self.config.vae.z_channels
             out_px = plan.out_hw[0] * plan.out_hw[1]
         context = own + picture_rows
@@ -372,10 +373,12 @@ class Engine:
         # cache allocations: each of (at most) three contexts' items — think prompt, a VAE and a
         # ViT block per picture, the prompt — plus the think text, the decode and one scratch
         # run per CFG branch of the denoising step
-        allocations = 3 * (2 + 2 * len(plan.pictures)) + 2 + loop_rows // max(q, 1)
+        blocks = loop_rows // max(q, 1)
+        allocations = 3 * (2 + 2 * len(plan.pictures)) + 2 + blocks
+        taylor_rows = (p.taylorseer_order + 1) * (q - 2) * blocks if p.taylorseer and blocks else 0
         return Footprint(own, loop_rows, widest, prefill, latent_elems, out_px, in_px,
                          shared_kv=((repr(shared_key), picture_rows),),
-                         loop_segments=((q, context + q),) * (loop_rows // max(q, 1)), allocations=allocations)
+                         loop_segments=((q, context + q),) * blocks, allocations=allocations, taylor_rows=taylor_rows)
 
     def memory_estimate(self, requests: list[Request]) -> MemoryEstimate:
         """Estimated peak working memory (bytes, weights excluded) of ``run(requests)`` in one

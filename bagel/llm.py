@@ -205,13 +205,15 @@ class Qwen2MoTModel(nn.Module):
         self.norm_moe_gen = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.attention: Attention = SdpaAttention()  # the engine picks the kernel (attention.py)
 
-    def forward(self, x: torch.Tensor, batch: PackedBatch, cache: KVCache | None) -> torch.Tensor:
-        """Packed rows ``[L, C]`` → final-normed hidden states ``[L, C]``; writes new keys of
-        segments with a ``write_start`` into ``cache``."""
+    def forward(self, x: torch.Tensor, batch: PackedBatch, cache: KVCache | None, *,
+                final_norm: bool = True) -> torch.Tensor:
+        """Packed rows ``[L, C]`` → final-normed hidden states ``[L, C]`` (the last layer's
+        output with ``final_norm=False``); writes new keys of segments with a ``write_start``
+        into ``cache``."""
         rope = rope_tables(batch.positions, self.cfg.head_dim, self.cfg.rope_theta, x.dtype)
         for i, layer in enumerate(self.layers):
             x = layer(x, batch, rope, cache, i, self.attention)
-        return routed(x, batch, self.norm, self.norm_moe_gen)
+        return routed(x, batch, self.norm, self.norm_moe_gen) if final_norm else x
 
 
 class Qwen2MoTForCausalLM(nn.Module):
@@ -225,5 +227,6 @@ class Qwen2MoTForCausalLM(nn.Module):
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         return self.model.embed_tokens(ids)
 
-    def forward(self, x: torch.Tensor, batch: PackedBatch, cache: KVCache | None) -> torch.Tensor:
-        return self.model(x, batch, cache)
+    def forward(self, x: torch.Tensor, batch: PackedBatch, cache: KVCache | None, *,
+                final_norm: bool = True) -> torch.Tensor:
+        return self.model(x, batch, cache, final_norm=final_norm)

@@ -34,6 +34,7 @@ from bagel.model import BagelModel
 from bagel.packing import Block, PackBuilder, PackedBatch
 from bagel.requests import CancelFn, ProgressFn
 from bagel.sampler import Schedule, branches_needed, euler_step, guided_velocity
+from bagel.taylorseer import TaylorSettings, TaylorState, branch_schedule
 from bagel.tokenizer import BOS_TOKEN, EOS_TOKEN, Tokenizer
 
 BRANCH_ORDER = {"cond": 0, "text": 1, "img": 2}
@@ -143,15 +144,40 @@ class ImageJob:
     canceled: bool = False
 
 
-def _branches(job: ImageJob, step: int) -> list[tuple[str, CacheSeq]]:
-    p = job.params
-    need_text, need_img = branches_needed(job.schedule.cfg_on[step], p.cfg_text_scale, p.cfg_img_scale)
-    out = [("cond", job.cond)]
+def branch_names(p: GenerationParams, cfg_on: bool, has_img_context: bool) -> list[str]:
+    """The CFG branches a step evaluates. Without an image-free context of its own (a generation
+    without think) the image-free velocity is the conditional one — except under TaylorSeer,
+    where that branch keeps its own cache state, as the reference evaluates it separately."""
+    need_text, need_img = branches_needed(cfg_on, p.cfg_text_scale, p.cfg_img_scale)
+    names = ["cond"]
     if need_text:
-        out.append(("text", job.text_uncond))
-    if need_img and job.img_uncond is not None:
-        out.append(("img", job.img_uncond))
-    return out
+        names.append("text")
+    if need_img and (has_img_context or p.taylorseer):
+        names.append("img")
+    return names
+
+
+def _branches(job: ImageJob, step: int) -> list[tuple[str, CacheSeq]]:
+    """The CFG branches ``job`` evaluates at ``step``, with their contexts."""
+    contexts = {"cond": job.cond, "text": job.text_uncond,
+                "img": job.cond if job.img_uncond is None else job.img_uncond}
+    names = branch_names(job.params, job.schedule.cfg_on[step], job.img_uncond is not None)
+    return [(name, contexts[name]) for name in names]
+
+
+def _taylor_settings(p: GenerationParams) -> TaylorSettings:
+    return TaylorSettings(p.taylorseer_warmup, p.taylorseer_interval, p.taylorseer_order)
+
+
+def taylor_plan(job: ImageJob) -> dict[str, list[bool | None]]:
+    """Per branch of ``job`` and per step: None (not evaluated), True (full), False (predicted
+    by TaylorSeer). Without TaylorSeer every evaluation is full."""
+    steps = range(job.schedule.num_steps)
+    evaluated = {name: [any(b == name for b, _ in _branches(job, s)) for s in steps] for name in BRANCH_ORDER}
+    if not job.params.taylorseer:
+        return {name: [True if e else None for e in flags] for name, flags in evaluated.items()}
+    settings = _taylor_settings(job.params)
+    return {name: branch_schedule(flags, settings) for name, flags in evaluated.items()}
 
 
 def _chunks(items: list, rows_of: Callable, max_rows: int) -> list[list]:
@@ -185,17 +211,52 @@ def denoise(model: BagelModel, tokenizer: Tokenizer, cache: KVCache, jobs: list[
         counters.denoise_seconds += time.perf_counter() - started
 
 
+@dataclass
+class _Work:
+    """One branch of one image at one step."""
+
+    job: ImageJob
+    branch: str
+    context: CacheSeq
+    full: bool
+
+
+def _step_work(jobs: list[ImageJob], step: int, plans: dict[int, dict[str, list[bool | None]]]) -> list[_Work]:
+    # Branch-major order: blocks over similar contexts sit together, so the batched attention
+    # groups them with little padding (every image-free context is short, for instance).
+    work = [_Work(j, name, ctx, bool(plans[id(j)][name][step])) for j in jobs for name, ctx in _branches(j, step)]
+    return sorted(work, key=lambda w: BRANCH_ORDER[w.branch])
+
+
+def _groups(work: list[_Work], naive: bool, max_rows: int) -> list[list[_Work]]:
+    """The forwards of one step: the full evaluations, one per block (naive) or packed."""
+    full = [w for w in work if w.full]
+    return [[w] for w in full] if naive else _chunks(full, lambda w: w.job.x.shape[0] + 2, max_rows)
+
+
 def _denoise_loop(model: BagelModel, tokenizer: Tokenizer, cache: KVCache, jobs: list[ImageJob],
                   counters: Counters, progress: ProgressFn | None, should_cancel: CancelFn | None,
                   naive: bool, max_rows_per_forward: int) -> None:
+    """Everything a step needs is on the device and every layout is built before the first
+    step: no step reads a device value back or copies host data over (a cancellation, decided
+    on the host, re-plans the remaining steps)."""
     schedule = jobs[0].schedule
     assert all(torch.equal(j.schedule.t, schedule.t) for j in jobs), "denoise groups share one schedule"
     device = model.device
-    t_all = schedule.t.to(device)
+    t_all, dt_all = schedule.t.to(device), schedule.dt.to(device)
     positions = {id(j): j.position_ids.to(device) for j in jobs}
-    # The packed layout only changes when a branch switches on/off (cfg_interval) or a request is
-    # canceled: build it once per distinct work list, not every step (no host→device copy per step).
+    plans = {id(j): taylor_plan(j) for j in jobs}
+    states = {(id(j), name): TaylorState(_taylor_settings(j.params))
+              for j in jobs if j.params.taylorseer for name in BRANCH_ORDER}
+    for j in jobs:
+        if j.record and j.params.taylorseer:
+            j.trace["taylorseer_schedule"] = plans[id(j)]
+    # The packed layout only changes when a branch switches on/off (cfg_interval, TaylorSeer) or
+    # a request is canceled: one per distinct work list, all built up front.
     layouts: dict[tuple, tuple[PackedBatch, list[Block]]] = {}
+    for step in range(schedule.num_steps):
+        for group in _groups(_step_work(jobs, step, plans), naive, max_rows_per_forward):
+            _layout(layouts, group, tokenizer, cache, device)
     for step in range(schedule.num_steps):
         if should_cancel is not None:
             for j in jobs:
@@ -204,30 +265,35 @@ def _denoise_loop(model: BagelModel, tokenizer: Tokenizer, cache: KVCache, jobs:
         active = [j for j in jobs if not j.canceled]
         if not active:
             return
+        work = _step_work(active, step, plans)
         t = t_all[step:step + 1]
-        rows = model.embed_latents(torch.cat([j.x for j in active]), t,
-                                   torch.cat([positions[id(j)] for j in active]))
-        job_rows = dict(zip((id(j) for j in active), rows.split([j.x.shape[0] for j in active])))
-        # Branch-major order: blocks over similar contexts sit together, so the batched attention
-        # groups them with little padding (every image-free context is short, for instance).
-        work = sorted(((j, name, ctx) for j in active for name, ctx in _branches(j, step)),
-                      key=lambda w: BRANCH_ORDER[w[1]])
-        groups = ([[w] for w in work] if naive
-                  else _chunks(work, lambda w: w[0].x.shape[0] + 2, max_rows_per_forward))
+        evaluated = [j for j in active if any(w.job is j and w.full for w in work)]
+        job_rows = {}
+        if evaluated:
+            rows = model.embed_latents(torch.cat([j.x for j in evaluated]), t,
+                                       torch.cat([positions[id(j)] for j in evaluated]))
+            job_rows = dict(zip((id(j) for j in evaluated), rows.split([j.x.shape[0] for j in evaluated])))
         velocities: dict[tuple[int, str], torch.Tensor] = {}
-        for group in groups:
+        for group in _groups(work, naive, max_rows_per_forward):
             batch, blocks = _layout(layouts, group, tokenizer, cache, device)
             text_rows = model.language_model.embed(batch.text_ids)
             x = text_rows.new_zeros(batch.length, text_rows.shape[1])
             x[batch.text_index] = text_rows
-            x[batch.row_index["latent"]] = torch.cat([job_rows[id(j)] for j, _, _ in group])
-            hidden = model.language_model(x, batch, cache)
-            v_all = model.velocity(hidden.index_select(0, batch.row_index["latent"])).float()
-            counters.forward({j.index for j, _, _ in group})
+            x[batch.row_index["latent"]] = torch.cat([job_rows[id(w.job)] for w in group])
+            last = model.language_model(x, batch, cache, final_norm=False).index_select(0, batch.row_index["latent"])
+            counters.forward({w.job.index for w in group})
             counters.denoise_forward_rows += batch.length
-            for (j, name, _), v in zip(group, v_all.split([b.num_rows for b in blocks])):
-                velocities[(id(j), name)] = v
-        dt = schedule.dt[step]
+            for w, y in zip(group, last.split([b.num_rows for b in blocks])):
+                state = states.get((id(w.job), w.branch))
+                if state is not None:
+                    state.record_full(y)
+                velocities[(id(w.job), w.branch)] = model.latent_velocity(y)
+                counters.block(w.job.index, full=True)
+        for w in work:
+            if not w.full:
+                velocities[(id(w.job), w.branch)] = model.latent_velocity(states[(id(w.job), w.branch)].predict())
+                counters.block(w.job.index, full=False)
+        dt = dt_all[step]
         for j in active:
             p = j.params
             v_cond = velocities[(id(j), "cond")]
@@ -243,15 +309,15 @@ def _denoise_loop(model: BagelModel, tokenizer: Tokenizer, cache: KVCache, jobs:
                 progress(j.index, step + 1, schedule.num_steps)
 
 
-def _layout(layouts: dict, group: list, tokenizer: Tokenizer, cache: KVCache,
+def _layout(layouts: dict, group: list[_Work], tokenizer: Tokenizer, cache: KVCache,
             device: torch.device) -> tuple[PackedBatch, list[Block]]:
-    """The packed layout of one denoising forward over ``group`` ``[(job, branch, context)]``."""
-    key = tuple((id(j), name) for j, name, _ in group)
+    """The packed layout of one denoising forward over ``group`` (built on first use)."""
+    key = tuple((id(w.job), w.branch) for w in group)
     if key not in layouts:
         builder = PackBuilder(cache)
         blocks = []
-        for j, _, ctx in group:
-            _, block = builder.add_image_block("latent", j.x.shape[0], ctx, tokenizer.start_of_image_id,
+        for w in group:
+            _, block = builder.add_image_block("latent", w.job.x.shape[0], w.context, tokenizer.start_of_image_id,
                                                tokenizer.end_of_image_id, write=False)
             blocks.append(block)
         # Query blocks are not cached, but the batched attention reads every key from the

@@ -24,6 +24,8 @@ The model (bytes, ``e`` = bytes per element of the engine dtype):
   * a paged cache (the flash kernels') starts every allocation on a page and copies a fork's
     partial last page: up to one page of slots per allocation;
   * latents: per image, x and up to four velocity buffers in float32;
+  * TaylorSeer (when a request asks for it): per CFG branch, up to ``order + 1`` float32 factors
+    of the last decoder layer's output for its latent rows (``taylorseer.py``);
   * VAE: the largest decoder activation at full resolution times three (input, output and
     the skip of a ResNet block), for the largest picture of the batch, once (pictures are
     decoded one at a time).
@@ -55,6 +57,7 @@ class Footprint:
     in_pixels: int  # largest VAE-encoded input picture H·W (0: none)
     shared_kv: tuple[tuple[str, int], ...] = ()  # (key, slots) counted once per run per key
     loop_segments: tuple[tuple[int, int], ...] = ()  # (query rows, keys) of each block of a denoising step
+    taylor_rows: int = 0  # TaylorSeer factor rows: (order + 1) × latent rows × CFG branches
     allocations: int = 0  # cache allocations (context items, decode, denoising scratch)
 
 
@@ -67,16 +70,17 @@ class MemoryEstimate:
     latents: int
     vae: int
     attention: int = 0
+    taylor_factors: int = 0
 
     @property
     def total(self) -> int:
-        return self.kv_cache + self.forward + self.attention + self.latents + self.vae
+        return self.kv_cache + self.forward + self.attention + self.latents + self.vae + self.taylor_factors
 
     def describe(self) -> str:
         mib = 2 ** 20
         return (f"{self.total / mib:.1f} MiB (KV cache {self.kv_cache / mib:.1f}, forward activations "
                 f"{self.forward / mib:.1f}, attention {self.attention / mib:.1f}, latents {self.latents / mib:.1f}, "
-                f"VAE {self.vae / mib:.1f})")
+                f"VAE {self.vae / mib:.1f}, TaylorSeer {self.taylor_factors / mib:.1f})")
 
 
 class MemoryModel:
@@ -89,6 +93,7 @@ class MemoryModel:
         self.elem = e
         self.page_size = page_size
         self.heads = llm.num_attention_heads
+        self.hidden = llm.hidden_size
         self.kv_row_bytes = 2 * llm.num_key_value_heads * llm.head_dim * e  # one layer's key + value
         self.kv_bytes_per_token = 2 * llm.num_hidden_layers * llm.num_key_value_heads * llm.head_dim * e
         qkv = (llm.num_attention_heads + 2 * llm.num_key_value_heads) * llm.head_dim
@@ -126,7 +131,8 @@ class MemoryModel:
         latents = sum(5 * 4 * f.latent_elems for f in footprints)
         pixels = max((max(f.out_pixels, f.in_pixels) for f in footprints), default=0)
         vae = 3 * self.vae_channels * pixels * self.elem
-        return MemoryEstimate(kv, forward, latents, vae, self.attention_bytes(footprints, rows))
+        taylor = 4 * self.hidden * sum(f.taylor_rows for f in footprints)
+        return MemoryEstimate(kv, forward, latents, vae, self.attention_bytes(footprints, rows), taylor)
 
 
 def split_to_budget(items: Sequence, footprint_of: Callable, model: MemoryModel, budget: int,

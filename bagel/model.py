@@ -33,7 +33,7 @@ def timestep_features(t: torch.Tensor, dim: int = TIMESTEP_FEATURES, max_period:
     """Sinusoidal features ``[N, dim]`` of raw timesteps ``t`` ``[N]`` in [0, 1], ordered
     ``[cos, sin]`` (DiT convention, no ×1000 scaling), in float32."""
     half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32) / half).to(t.device)
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
     args = t[:, None].float() * freqs[None]
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
@@ -93,3 +93,10 @@ class BagelModel(nn.Module):
     def velocity(self, hidden: torch.Tensor) -> torch.Tensor:
         """Final-normed LLM rows of latent tokens ``[N, C]`` → velocities ``[N, p·p·z]``."""
         return self.llm2vae(hidden)
+
+    def latent_velocity(self, last_layer: torch.Tensor) -> torch.Tensor:
+        """The last decoder layer's output for latent tokens ``[N, C]`` (any float dtype) →
+        velocities ``[N, p·p·z]`` in float32: the generation expert's final norm, then
+        ``llm2vae`` (latent rows always take the generation expert)."""
+        normed = self.language_model.model.norm_moe_gen(last_layer.to(self.dtype))
+        return self.llm2vae(normed).float()

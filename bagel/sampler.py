@@ -53,8 +53,9 @@ def make_schedule(num_timesteps: int, shift: float, cfg_interval: tuple[float, f
 
 
 def euler_step(x: torch.Tensor, v: torch.Tensor, dt: torch.Tensor) -> torch.Tensor:
-    """One Euler step towards data: ``x − v·dt`` (v points from data to noise)."""
-    return x - v.to(x.dtype) * dt.to(x.device)
+    """One Euler step towards data: ``x − v·dt`` (v points from data to noise); ``dt`` is a
+    0-d tensor on ``x``'s device (the loop moves the whole schedule there once)."""
+    return x - v.to(x.dtype) * dt
 
 
 def _segment_norms(v: torch.Tensor, sizes: list[int] | None) -> torch.Tensor:

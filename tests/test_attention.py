@@ -42,10 +42,11 @@ def _reference_engine(checkpoint, page_size):
 
 def test_golden_cases_pass_through_the_paged_varlen_path(golden_dir, checkpoint):
     """The real page size (the FlashAttention-2 paged kernels' minimum), the reference kernel
-    demanding it: every golden case that does not use TaylorSeer still matches the reference."""
+    demanding it: every golden case, TaylorSeer included, still matches the reference."""
     engine = Engine(checkpoint, attention=VarlenAttention(make_reference(min_page=PAGE_SIZE), name="reference"))
     try:
-        cases = ["understand", "understand_think", "t2i", "t2i_think", "edit", "edit_global", "t2i_multi"]
+        cases = ["understand", "understand_think", "t2i", "t2i_think", "edit", "edit_global", "t2i_multi",
+                 *TAYLORSEER_CASES]
         reports = verify_folder(golden_dir, engine=engine, only=cases)
     finally:
         checkpoint.model.language_model.model.attention = SdpaAttention()

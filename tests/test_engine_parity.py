@@ -29,7 +29,7 @@ def test_every_fixture_case_type_is_known(golden_dir, fp32_engine):
     assert [r.case_id for r in reports] == ["tokenize"]
     assert set(case_ids(golden_dir)) >= {"tokenize", "vae_roundtrip", "vit_features", "understand",
                                          "understand_think", "t2i", "t2i_think", "edit", "edit_global",
-                                         "t2i_multi"}
+                                         "t2i_multi", "t2i_taylorseer", "edit_taylorseer", "t2i_think_taylorseer"}
 
 
 def test_verifier_flags_a_tampered_golden(tmp_path, golden_dir, fp32_engine):
