@@ -53,6 +53,39 @@ def test_bad_values_name_the_variable(monkeypatch):
         load_settings(database_url="mysql://x/y")
 
 
+def test_gpu_memory_budget_and_margin_are_checked_at_start_up(monkeypatch):
+    s = load_settings()
+    assert s.gpu_memory_budget_bytes is None and s.gpu_memory_margin_bytes == 2 * 1024**3
+    monkeypatch.setenv("BAGEL_JOBS_GPU_MEMORY_BUDGET_BYTES", "8000000000")
+    monkeypatch.setenv("BAGEL_JOBS_GPU_MEMORY_MARGIN_BYTES", "0")
+    s = load_settings()
+    assert (s.gpu_memory_budget_bytes, s.gpu_memory_margin_bytes) == (8_000_000_000, 0)
+    monkeypatch.setenv("BAGEL_JOBS_GPU_MEMORY_BUDGET_BYTES", "0")
+    with pytest.raises(SettingsError, match=r"BAGEL_JOBS_GPU_MEMORY_BUDGET_BYTES='0': Input should be greater than 0"):
+        load_settings()
+    with pytest.raises(SettingsError, match=r"BAGEL_JOBS_GPU_MEMORY_MARGIN_BYTES=-1: Input should be greater than or "
+                                            r"equal to 0"):
+        load_settings(gpu_memory_budget_bytes=None, gpu_memory_margin_bytes=-1)
+
+
+def test_fault_injection_accepts_its_two_forms_and_refuses_anything_else(monkeypatch):
+    assert load_settings().fault_injection is None
+    monkeypatch.setenv("BAGEL_JOBS_FAULT_INJECTION", "oom_above_rows:64")
+    assert load_settings().fault_injection == "oom_above_rows:64"
+    assert load_settings(fault_injection="device_error").fault_injection == "device_error"
+    assert load_settings(fault_injection=" ").fault_injection is None
+    refused = {
+        "oom_everywhere": r"unknown fault 'oom_everywhere'; use one of \['oom_above_rows:N \(N >= 0 packed rows\)', "
+                          r"'device_error'\]",
+        "oom_above_rows": r"oom_above_rows needs a row limit, e.g. 'oom_above_rows:64'",
+        "oom_above_rows:-3": r"oom_above_rows: the row limit '-3' is not a whole number >= 0",
+        "device_error:now": r"device_error takes no argument, got 'now'",
+    }
+    for value, message in refused.items():
+        with pytest.raises(SettingsError, match=rf"^BAGEL_JOBS_FAULT_INJECTION='{value}': {message}$"):
+            load_settings(fault_injection=value)
+
+
 def test_masked_dump_hides_secrets_and_url_passwords():
     s = Settings(_env_file=None, database_url="postgresql+psycopg://app:pw123@db:5432/jobs",
                  broker_url="redis://:redispw@redis:6379/0", s3_secret_access_key="topsecret",

@@ -2,7 +2,7 @@
 API's JSON error body, and an optional ``field`` naming the offending input.
 
 Owns: the error taxonomy (permanent input errors, not-found/auth/conflict, transient
-infrastructure errors). Leaves the mapping to HTTP status codes to ``api/errors.py`` and the
+infrastructure errors, GPU errors). Leaves the mapping to HTTP status codes to ``api/errors.py`` and the
 retry policy to the worker tasks. Messages name the field, the value and the limit.
 """
 
@@ -142,3 +142,21 @@ class DatabaseUnavailable(TransientError):
     """Raised when the database cannot be reached."""
 
     code = "database_unavailable"
+
+
+# GPU: what the worker's device reports.
+
+class GpuOutOfMemory(ServiceError):
+    """Raised (recorded on the job) when one job does not fit in GPU memory on its own: over the
+    memory budget, or the device ran out of memory running it alone. Permanent: the same job on
+    the same GPU would fail again, so it is never retried."""
+
+    code = "gpu_out_of_memory"
+
+
+class DeviceFailure(ServiceError):
+    """Raised when the GPU reports an error other than out of memory (a device-side assert, an
+    illegal memory access): the CUDA context is unusable, so the worker gives its chunk back
+    and exits for its supervisor to start a clean process."""
+
+    code = "gpu_device_error"

@@ -6,11 +6,16 @@ in one call (progress written every ``progress_every_steps`` steps, the lease re
 thread, cancel requests polled between steps), uploads outputs to deterministic keys and records each outcome
 through ``worker.jobs`` (which writes the webhook outbox rows in the same transaction).
 
-Failure policy: a permanent error (bad input) fails the job at once; a transient one (storage
-down, engine crash) puts it back to ``queued`` until ``max_attempts`` and republishes the chunk
-after a capped exponential backoff. On worker shutdown (SIGTERM) the engine stops at the next
-step boundary and the unfinished jobs are released for another worker. Leaves engine details to
-``gpu.py`` and every state change to ``jobs.py``.
+Failure policy: a permanent error (bad input, a job that does not fit in GPU memory on its own)
+fails the job at once; a transient one (storage down, engine crash) puts it back to ``queued``
+until ``max_attempts`` and republishes the chunk after a capped exponential backoff. A device
+error (``DeviceFailure``: the CUDA context is gone) puts the whole chunk back to ``queued`` at
+once, counting the attempt so a job that kills every GPU it touches ends ``failed`` after
+``max_attempts`` instead of restarting workers forever, republishes it without delay for a
+healthy worker, and re-raises for the task to end the process. On worker shutdown (SIGTERM) the
+engine stops at the next step boundary and the unfinished jobs are released for another worker.
+Leaves engine details to ``gpu.py``, ending the process to ``tasks.py`` and every state change
+to ``jobs.py``.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from typing import TYPE_CHECKING
 from sqlalchemy import select
 
 from worker import dispatch, jobs
-from worker.errors import BrokerUnavailable, ObjectNotFound
+from worker.errors import BrokerUnavailable, DeviceFailure, ObjectNotFound
 from worker.models import File, Job
 from worker.params import engine_prompt
 from worker.storage import output_key
@@ -180,6 +185,15 @@ def run_chunk(rt: WorkerRuntime, chunk_id: str) -> None:
             outputs = (holder.run(inputs, progress=monitor.progress, should_cancel=monitor.should_cancel)
                        if inputs else [])
             monitor.flush()
+    except DeviceFailure as exc:
+        log.error("chunk %s: device error, giving its %d job(s) back and ending this worker: %s", chunk_id,
+                  len(claimed), exc, exc_info=True)
+        try:
+            _retry(rt, chunk_id, claimed, exc.code, str(exc), backoff=False)
+        except Exception:  # noqa: BLE001 - the process must end anyway; the leases will expire
+            log.exception("chunk %s: could not put its jobs back; the reconciler will once their leases "
+                          "expire", chunk_id)
+        raise
     except Exception as exc:  # noqa: BLE001 - anything not a bad input is retried, then failed
         code = getattr(exc, "code", "engine_error")
         log.warning("chunk %s: transient failure %s: %s", chunk_id, code, exc, exc_info=True)
@@ -246,7 +260,8 @@ def _record(rt: WorkerRuntime, job: ClaimedJob, out: JobOutput) -> str:
     return "done"
 
 
-def _retry(rt: WorkerRuntime, chunk_id: str, claimed: list[ClaimedJob], code: str, message: str) -> None:
+def _retry(rt: WorkerRuntime, chunk_id: str, claimed: list[ClaimedJob], code: str, message: str, *,
+           backoff: bool = True) -> None:
     requeued = 0
     attempts = 1
     for job in claimed:
@@ -258,9 +273,9 @@ def _retry(rt: WorkerRuntime, chunk_id: str, claimed: list[ClaimedJob], code: st
         else:
             log.error("job %s failed after %d attempt(s): %s", job.id, job.attempts, message)
     if requeued:
-        delay = backoff_s(rt.settings.retry_backoff_s, attempts)
+        delay = backoff_s(rt.settings.retry_backoff_s, attempts) if backoff else 0.0
         log.warning("chunk %s: %d job(s) back to queued, retry in %.1f s", chunk_id, requeued, delay)
-        _publish(rt, chunk_id, delay)
+        _publish(rt, chunk_id, delay or None)
     _nudge(rt)
 
 

@@ -1,16 +1,28 @@
 """The GPU side of a worker process: the one module that imports ``bagel`` (and torch).
 
 Owns: ``EngineHolder`` (loads ONE ``bagel.engine.Engine`` when the worker process starts and
-keeps it; generates the tiny demo checkpoint when no model path is set), turning plain job
-inputs into ``bagel.requests.Request`` objects, and one ``engine.run`` call per chunk with
-progress and cooperative-cancel callbacks. A bad input is isolated to its own job: a request
-that cannot be built fails alone, and when the engine rejects a batch, its requests are rerun
-one by one so only the offending job fails. Leaves claims, storage and state to
-``execution.py``.
+keeps it; generates the tiny demo checkpoint when no model path is set; chooses the engine's
+memory budget and installs the test-only fault of ``BAGEL_JOBS_FAULT_INJECTION``), turning
+plain job inputs into ``bagel.requests.Request`` objects, and running a chunk's requests
+through ``engine.run`` with progress and cooperative-cancel callbacks. Leaves claims, storage
+and state to ``execution.py``.
+
+Failure isolation, per job, within one chunk:
+  * a bad input fails alone: a request that cannot be built fails before the run, and when the
+    engine rejects a batch its requests are rerun one by one;
+  * a batch that does not fit — ``torch.OutOfMemoryError`` from the device, or the engine's
+    ``MemoryBudgetError`` before any model work — is split in halves, each run on its own
+    (recursively, the device cache emptied first), so the jobs that fit still succeed; a
+    single job that does not fit fails at once with ``gpu_out_of_memory``, its size and the
+    memory named, and is never retried (it would not fit next time either);
+  * any other device error (``torch.AcceleratorError``, a ``RuntimeError`` "CUDA error: …")
+    leaves the CUDA context unusable: it is raised as ``DeviceFailure`` and the holder refuses
+    every later run; the caller gives the chunk back and ends the process.
 """
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import io
 import logging
@@ -20,10 +32,14 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import torch
+
 from bagel.config import GenerationParams
-from bagel.errors import BagelError, CheckpointError, InputError
+from bagel.errors import BagelError, CheckpointError, InputError, MemoryBudgetError
 from bagel.requests import CancelFn, ProgressFn, Request, Result
 from bagel.transforms import load_image
+from worker.errors import DeviceFailure, GpuOutOfMemory, SettingsError
+from worker.faults import install_fault, parse_fault
 
 if TYPE_CHECKING:
     from bagel.engine import Engine
@@ -32,6 +48,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 DEMO_MIN_SIDE_PX = 256
+MIB = 2**20
 
 _PARAM_NAMES = frozenset(f.name for f in fields(GenerationParams))
 # The service's "tryon" is the engine's edit with try-on defaults (chosen in worker.params).
@@ -73,6 +90,8 @@ class EngineHolder:
         self.settings = settings
         self.engine: Engine | None = None
         self.load_seconds = 0.0
+        self.budget_source = "none"
+        self.device_failure: str | None = None
         self._lock = threading.Lock()
 
     def model_path(self) -> Path:
@@ -100,19 +119,51 @@ class EngineHolder:
                 path = self.model_path()
                 start = time.perf_counter()
                 try:
-                    self.engine = Engine.load(path, quantization=self.settings.quantization,
-                                              device=self.settings.device)
+                    engine = Engine.load(path, quantization=self.settings.quantization, device=self.settings.device)
                 except CheckpointError:
                     log.error("checkpoint %s cannot be loaded; the worker refuses to start", path)
                     raise
                 self.load_seconds = time.perf_counter() - start
                 log.info("engine loaded from %s (quantization=%s, device=%s) in %.1f s", path,
-                         self.settings.quantization, self.settings.device, self.load_seconds)
+                         self.settings.quantization, engine.device, self.load_seconds)
+                engine.memory_budget_bytes, self.budget_source = self._memory_budget(engine)
+                if engine.memory_budget_bytes is None:
+                    log.info("GPU memory budget: none (%s)", self.budget_source)
+                else:
+                    log.info("GPU memory budget: %.1f MiB (%s)", engine.memory_budget_bytes / MIB,
+                             self.budget_source)
+                if self.settings.fault_injection is not None:
+                    install_fault(engine, parse_fault(self.settings.fault_injection))
+                self.engine = engine
             return self.engine
 
+    def _memory_budget(self, engine: Engine) -> tuple[int | None, str]:
+        """The working memory one run may use, and where the number comes from: the setting;
+        on CUDA the free memory after loading minus the margin; on CPU none."""
+        if self.settings.gpu_memory_budget_bytes is not None:
+            return self.settings.gpu_memory_budget_bytes, "BAGEL_JOBS_GPU_MEMORY_BUDGET_BYTES"
+        if engine.device.type != "cuda":
+            return None, f"device {engine.device}: set BAGEL_JOBS_GPU_MEMORY_BUDGET_BYTES for one"
+        free, total = torch.cuda.mem_get_info(engine.device)
+        margin = self.settings.gpu_memory_margin_bytes
+        if free <= margin:
+            raise SettingsError(f"BAGEL_JOBS_GPU_MEMORY_MARGIN_BYTES={margin}: keeps more than the "
+                                f"{free / MIB:.0f} MiB free on {engine.device} after loading the model "
+                                f"({total / MIB:.0f} MiB in all), leaving no working memory")
+        return free - margin, (f"{free / MIB:.0f} MiB free on {engine.device} after loading, minus the "
+                               f"{margin / MIB:.0f} MiB BAGEL_JOBS_GPU_MEMORY_MARGIN_BYTES")
+
+    def memory_estimate(self, job: JobInput) -> int:
+        """The engine's working-memory estimate (bytes) for running ``job`` on its own."""
+        return self.load().memory_estimate([_build_request(job, {}, self.settings.max_image_pixels)]).total
+
     def run(self, inputs: list[JobInput], *, progress: ProgressFn, should_cancel: CancelFn) -> list[JobOutput]:
-        """Run one chunk. Permanent input problems come back as per-job errors; anything else
-        (out of memory, device errors) raises and the caller retries the chunk."""
+        """Run one chunk. Bad inputs and jobs that do not fit come back as per-job errors (see
+        the module docstring); a device error raises ``DeviceFailure``, here and on every later
+        call."""
+        if self.device_failure is not None:
+            raise DeviceFailure(f"the device failed earlier in this process ({self.device_failure}); "
+                                "it runs no more chunks")
         engine = self.load()
         outputs: list[JobOutput | None] = [None] * len(inputs)
         requests: list[Request] = []
@@ -124,35 +175,123 @@ class EngineHolder:
                 positions.append(i)
             except InputError as exc:
                 outputs[i] = JobOutput(error_code=exc.code, error_message=str(exc))
-
-        def run_subset(idx: list[int]) -> list[Result]:
-            return engine.run([requests[k] for k in idx],
-                              progress=lambda r, step, total: progress(positions[idx[r]], step, total),
-                              should_cancel=lambda r: should_cancel(positions[idx[r]]))
-
         if requests:
-            start = time.perf_counter()
+            run = _ChunkRun(self, engine, [inputs[i] for i in positions], requests,
+                            progress=lambda k, step, total: progress(positions[k], step, total),
+                            should_cancel=lambda k: should_cancel(positions[k]))
             try:
-                results: list[Result | BagelError] = list(run_subset(list(range(len(requests)))))
-            except InputError as exc:
-                if len(requests) == 1:
-                    results = [exc]
-                else:
-                    log.warning("engine rejected a %d-job chunk (%s); rerunning its jobs one by one",
-                                len(requests), exc)
-                    results = [_run_alone(run_subset, k) for k in range(len(requests))]
-            elapsed = time.perf_counter() - start
-            for k, result in enumerate(results):
-                outputs[positions[k]] = _to_output(result, elapsed / len(requests))
+                done = run.run_fitting(list(range(len(requests))))
+            except Exception as exc:
+                if not is_device_error(exc):
+                    raise
+                self.device_failure = f"{type(exc).__name__}: {exc}"
+                raise DeviceFailure(self.device_failure) from exc
+            for k, out in done.items():
+                outputs[positions[k]] = out
         return [out if out is not None else JobOutput(error_code="internal", error_message="no result")
                 for out in outputs]
 
 
-def _run_alone(run_subset: Any, k: int) -> Result | BagelError:
-    try:
-        return run_subset([k])[0]
-    except InputError as exc:
-        return exc
+class _ChunkRun:
+    """One chunk's requests (indexed 0..n-1) and the engine calls that run them: together when
+    they fit, in halves when they do not."""
+
+    def __init__(self, holder: EngineHolder, engine: Engine, jobs: list[JobInput], requests: list[Request], *,
+                 progress: ProgressFn, should_cancel: CancelFn) -> None:
+        self.holder = holder
+        self.engine = engine
+        self.jobs = jobs
+        self.requests = requests
+        self.progress = progress
+        self.should_cancel = should_cancel
+
+    def _call(self, idx: list[int]) -> list[Result]:
+        # Callbacks name a request by its place in this call: map it back to the chunk's index.
+        return self.engine.run([self.requests[k] for k in idx],
+                               progress=lambda r, step, total: self.progress(idx[r], step, total),
+                               should_cancel=lambda r: self.should_cancel(idx[r]))
+
+    def run_fitting(self, idx: list[int]) -> dict[int, JobOutput]:
+        """Outputs of the requests ``idx``, run in one engine call when they fit."""
+        over_budget = out_of_memory = None
+        try:
+            results = self._call(idx)
+        except InputError as exc:
+            if len(idx) == 1:
+                return {idx[0]: JobOutput(error_code=exc.code, error_message=str(exc))}
+            log.warning("engine rejected a %d-job batch (%s); rerunning its jobs one by one", len(idx), exc)
+            return {k: out for i in idx for k, out in self.run_fitting([i]).items()}
+        except MemoryBudgetError as exc:
+            over_budget = str(exc)
+        except torch.OutOfMemoryError as exc:
+            out_of_memory = (str(exc).strip() or "out of memory").splitlines()[0]
+        else:
+            return {k: _to_output(result) for k, result in zip(idx, results, strict=True)}
+        # Out of the except block: the traceback, and the activations its frames held, are gone.
+        if out_of_memory is not None:
+            free_device_memory(self.engine)
+        if len(idx) == 1:
+            return {idx[0]: self._does_not_fit(idx[0], over_budget, out_of_memory)}
+        half = (len(idx) + 1) // 2
+        log.warning("%d job(s) do not fit together (%s); splitting into %d + %d", len(idx),
+                    over_budget or f"out of memory: {out_of_memory}", half, len(idx) - half)
+        return {**self.run_fitting(idx[:half]), **self.run_fitting(idx[half:])}
+
+    def _does_not_fit(self, k: int, over_budget: str | None, out_of_memory: str | None) -> JobOutput:
+        job, engine = self.jobs[k], self.engine
+        try:
+            need = f"an estimated {engine.memory_estimate([self.requests[k]]).describe()}"
+        except BagelError as exc:  # the run already validated it; report rather than mask the failure
+            need = f"an unknown amount ({exc})"
+        budget, source = engine.memory_budget_bytes, self.holder.budget_source
+        if over_budget is not None and budget is not None:
+            memory = f"over the {budget / MIB:.1f} MiB memory budget ({source})"
+        else:
+            limit = f"memory budget {budget / MIB:.1f} MiB ({source})" if budget is not None else "no memory budget"
+            memory = (f"and the device ran out of memory running it alone ({limit}{device_memory(engine)}): "
+                      f"{out_of_memory or over_budget}")
+        message = (f"{describe_job(job, self.requests[k])} does not fit in GPU memory: it needs {need} of "
+                   f"working memory, {memory}")
+        log.error("job %s: %s", job.job_id, message)
+        return JobOutput(error_code=GpuOutOfMemory.code, error_message=message)
+
+
+def describe_job(job: JobInput, request: Request) -> str:
+    """The size of a job, as named in a ``gpu_out_of_memory`` message."""
+    if request.task == "generate":
+        size = f"{job.width}x{job.height} px output"
+    elif request.images:
+        size = "input picture {}x{} px".format(*request.images[0].size)
+    else:
+        size = "text output"
+    steps = job.params.get("num_timesteps")
+    return f"{job.task} job ({size}, {steps} steps, think {'on' if job.think else 'off'})"
+
+
+def device_memory(engine: Engine) -> str:
+    """``", device free X of Y MiB"`` on CUDA, empty elsewhere."""
+    if engine.device.type != "cuda":
+        return ""
+    free, total = torch.cuda.mem_get_info(engine.device)
+    return f", device free {free / MIB:.0f} of {total / MIB:.0f} MiB"
+
+
+def free_device_memory(engine: Engine) -> None:
+    """After an out-of-memory error: collect the failed run's garbage and hand the allocator's
+    cached blocks back, so the next, smaller run starts from the model's own footprint."""
+    gc.collect()
+    if engine.device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def is_device_error(exc: BaseException) -> bool:
+    """True for errors that leave the CUDA context unusable: ``torch.AcceleratorError`` (what
+    device-side asserts and illegal accesses raise since torch 2.8) and the older
+    ``RuntimeError("CUDA error: …")``. Out of memory is not one of them."""
+    if isinstance(exc, torch.OutOfMemoryError):
+        return False
+    return isinstance(exc, torch.AcceleratorError) or (isinstance(exc, RuntimeError)
+                                                       and str(exc).startswith("CUDA error"))
 
 
 def _build_request(job: JobInput, decoded: dict[int, Any], max_pixels: int) -> Request:
@@ -179,10 +318,10 @@ def picture_context_seed(data: bytes) -> int:
     return int.from_bytes(hashlib.sha256(data).digest()[:8], "big") >> 1
 
 
-def _to_output(result: Result | BagelError, share_s: float) -> JobOutput:
-    if isinstance(result, BagelError):
-        return JobOutput(error_code=result.code, error_message=str(result))
-    seconds = float(result.stats.get("model_seconds", share_s))
+def _to_output(result: Result) -> JobOutput:
+    # The engine's model_seconds is the wall time of the call this request ran in: after a
+    # split, the sub-run's, not the chunk's.
+    seconds = float(result.stats.get("model_seconds", 0.0))
     if result.canceled:
         return JobOutput(canceled=True, model_seconds=seconds, stats=dict(result.stats))
     png = None

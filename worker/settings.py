@@ -1,8 +1,8 @@
 """Deployment settings of the job service: one ``Settings`` object read from the environment.
 
-Owns: every knob of the service (database, broker, storage, model, limits, leases, retries,
-webhooks, reconciler), its start-up validation and the masked dump printed by
-``bagel-jobs config``. Leaves architecture config to the checkpoint (``bagel.config``) and
+Owns: every knob of the service (database, broker, storage, model, GPU memory budget, limits,
+leases, retries, webhooks, reconciler, test-only fault injection), its start-up validation and
+the masked dump printed by ``bagel-jobs config``. Leaves architecture config to the checkpoint (``bagel.config``) and
 per-request knobs to ``worker.params``.
 
 Built once per entry point (API factory, worker start-up, CLI) and passed down; importing this
@@ -17,13 +17,15 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit, urlunsplit
 
-from pydantic import Field, SecretStr, ValidationError, model_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from worker.errors import SettingsError
+from worker.faults import parse_fault
 
 ENV_PREFIX = "BAGEL_JOBS_"
 MIB = 1024 * 1024
+GIB = 1024 * MIB
 TINY_MODEL_DIR = Path("var/models/tiny-demo")
 
 
@@ -60,6 +62,20 @@ class Settings(BaseSettings):
     quantization: Literal["none", "nf4", "int8"] = "none"
     device: str = "auto"
 
+    # GPU memory. The engine splits a batch whose working-memory estimate (``bagel/memory.py``,
+    # weights excluded) exceeds the budget into sub-batches, and fails a job that cannot fit alone
+    # with ``gpu_out_of_memory``. Unset on CUDA: the free device memory after loading the model
+    # minus the margin; unset on CPU: no budget. The 2 GiB margin is for what the estimate leaves
+    # out: the caching allocator's fragmentation, cuBLAS and attention-kernel workspaces, and the
+    # estimate's own error. A fixed amount rather than a fraction: those costs do not grow with
+    # the card (2 GiB is under 3 % of an 80 GB card and still leaves most of a 24 GB one).
+    gpu_memory_budget_bytes: int | None = Field(
+        None, gt=0, description="working memory one engine run may use; None → free memory − margin on CUDA")
+    gpu_memory_margin_bytes: int = Field(
+        2 * GIB, ge=0, description="kept free on CUDA when the budget comes from the free memory")
+    # Tests only (worker/faults.py): "oom_above_rows:N" or "device_error".
+    fault_injection: str | None = Field(None, description="inject a GPU fault into the LLM forwards (tests only)")
+
     # Limits.
     chunk_size: int = Field(8, ge=1, le=256)
     max_batch_items: int = Field(256, ge=1, le=100_000)
@@ -87,6 +103,14 @@ class Settings(BaseSettings):
     # API process.
     api_host: str = "127.0.0.1"
     api_port: int = Field(8000, ge=1, le=65535)
+
+    @field_validator("fault_injection")
+    @classmethod
+    def _check_fault(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None
+        parse_fault(value)  # a ValueError says what is wrong and lists the accepted forms
+        return value.strip()
 
     @model_validator(mode="after")
     def _check_combinations(self) -> Settings:

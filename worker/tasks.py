@@ -1,10 +1,20 @@
 """The Celery tasks, thin: each takes ids, calls plain functions and returns nothing.
 
-Owns: task registration on an app (``register``) and the per-process runtime the tasks share
+Owns: task registration on an app (``register``), the per-process runtime the tasks share
 (``WorkerRuntime``: settings, DB sessions, result store, engine holder, worker id, shutdown
-flag). Leaves chunk execution to ``execution.py``, delivery to ``webhooks.py`` and recovery to
-``reconciler.py``. A repeated message is harmless: claims are conditional and result keys are
-deterministic.
+flag) and ending the process after a device error. Leaves chunk execution to ``execution.py``,
+delivery to ``webhooks.py`` and recovery to ``reconciler.py``. A repeated message is harmless:
+claims are conditional and result keys are deterministic.
+
+Ending the process after a device error (the chunk is already back in the queue, see
+``execution.py``): the task sets Celery's warm-shutdown flag (``celery.worker.state.should_stop``,
+what Celery's own SIGTERM handler sets) to ``DEVICE_ERROR_EXIT_CODE`` and returns normally, so
+Celery acks the late-acked message first. The consumer loop then raises ``WorkerShutdown`` with
+that code, the worker stops with it as ``exitcode`` and ``bagel-jobs worker`` exits with it (a
+plain ``celery worker`` too); the supervisor (compose ``restart``, Kubernetes) starts a clean
+process. Celery's blocking loop may still deliver one more message while it stops: a
+``run_chunk`` arriving then is rejected back to the queue untouched, never run on the broken
+device.
 """
 
 from __future__ import annotations
@@ -17,6 +27,7 @@ import uuid
 from typing import TYPE_CHECKING, Any
 
 from worker.celery_app import DELIVER_WEBHOOKS, RUN_CHUNK
+from worker.errors import DeviceFailure
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -28,6 +39,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+# The worker's exit status after a device error: non-zero, and distinct from the CLI's 1 (a
+# service error) and 2 (bad settings), so an operator can tell a GPU fault from a misconfiguration.
+DEVICE_ERROR_EXIT_CODE = 3
+
 
 class WorkerRuntime:
     """What one worker process holds for its whole life. Built lazily so that a publisher-only
@@ -38,6 +53,7 @@ class WorkerRuntime:
         self.engine_holder = engine_holder
         self.worker_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         self.shutting_down = threading.Event()
+        self.exit_code: int | None = None  # set when this process must end (a device error)
         self._lock = threading.Lock()
         self._session_factory: Any = None
         self._store: ResultStore | None = None
@@ -85,9 +101,18 @@ def register(app: Celery) -> None:
 
     @app.task(name=RUN_CHUNK, bind=True, ignore_result=True, acks_late=True)
     def run_chunk(self: Any, chunk_id: str) -> None:
+        from celery.exceptions import Reject
+
         from worker.execution import run_chunk as execute
 
-        execute(runtime(self.app), chunk_id)
+        rt = runtime(self.app)
+        if rt.exit_code is not None:
+            raise Reject(f"chunk {chunk_id}: worker {rt.worker_id} is exiting after a device error",
+                         requeue=True)
+        try:
+            execute(rt, chunk_id)
+        except DeviceFailure:
+            end_worker(rt, DEVICE_ERROR_EXIT_CODE)
 
     @app.task(name=DELIVER_WEBHOOKS, bind=True, ignore_result=True)
     def deliver_webhooks(self: Any) -> None:
@@ -95,3 +120,14 @@ def register(app: Celery) -> None:
 
         rt = runtime(self.app)
         deliver_due(rt.settings, rt.session, rt.store)
+
+
+def end_worker(rt: WorkerRuntime, exit_code: int) -> None:
+    """Make the Celery worker running this task stop with ``exit_code`` once the task returns
+    and its message is acked (see the module docstring)."""
+    from celery.worker import state
+
+    rt.exit_code = exit_code
+    state.should_stop = exit_code
+    log.error("worker %s: the device is unusable; stopping with exit status %d for the supervisor to "
+              "start a clean process", rt.worker_id, exit_code)
