@@ -6,7 +6,7 @@ and the mapping of user errors to exit status 2 with a one-line message (no trac
 Leaves everything else to the library: ``Engine`` (``engine.py``), ``make_tiny`` (``tiny.py``),
 ``verify_folder`` (``parity.py``), ``run_bench`` (``bench.py``).
 
-    bagel make-tiny DIR [--seed N] [--size tiny|small] [--min-side-px N]
+    bagel make-tiny DIR [--seed N] [--size tiny|small|full] [--min-side-px N]
     bagel verify DIR [--device cpu] [--case ID ...]
     bagel bench [--size tiny|small] [--scenario NAME ...] [--json report.json]
     bagel generate --model DIR --prompt P [--width W --height H] [--think] --out out.png
@@ -86,10 +86,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bagel", description="BAGEL-7B-MoT inference on files.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("make-tiny", parents=[common], help="write a random checkpoint in the real layout")
+    p = sub.add_parser("make-tiny", parents=[common], help="write a random checkpoint in the real layout",
+                       description="Write a random checkpoint in the real BAGEL-7B-MoT folder layout. "
+                                   "The weights are streamed to disk one tensor at a time (little RAM).")
     p.add_argument("dir", type=Path)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--size", choices=("tiny", "small"), default="tiny")
+    p.add_argument("--size", choices=("tiny", "small", "full"), default="tiny",
+                   help="tiny: test-sized (~8 MB); small: benchmark-sized (~300 MB); full: BAGEL-7B-MoT's "
+                        "real shapes in bf16 (~29 GB, for GPU time and memory measurements; "
+                        "Engine.random('full') makes the same model on a GPU without the disk)")
     p.add_argument("--min-side-px", type=int, default=None,
                    help="lower the transforms' minimum picture side (fast CPU edits; real: 512)")
 

@@ -74,12 +74,18 @@ from bagel.memory import Footprint, MemoryEstimate, MemoryModel, split_to_budget
 from bagel.prompts import think_system_prompt
 from bagel.requests import CancelFn, ProgressFn, Request, Result
 from bagel.sampler import make_schedule
+from bagel.tiny import random_checkpoint
 from bagel.loops import ImageJob, TextJob, branch_names, decode_texts, denoise, reply_text
 
 logger = logging.getLogger(__name__)
 
 MODES = ("batched", "naive")
 THINK_END = "</think>"
+
+
+def _default_dtype(device: torch.device) -> torch.dtype:
+    """bfloat16 on CUDA (what the real weights are), float32 elsewhere (CPU kernels)."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
 def _image_key(img: Image.Image) -> str:
@@ -160,10 +166,23 @@ class Engine:
         as consecutive sub-batches, a request that cannot fit alone raises
         ``MemoryBudgetError``."""
         dev = resolve_device(device)
-        if dtype is None:
-            dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
-        return cls(load_checkpoint(path, device=dev, dtype=dtype, quantization=quantization), mode=mode,
-                   memory_budget_bytes=memory_budget_bytes, attention=attention)
+        checkpoint = load_checkpoint(path, device=dev, dtype=_default_dtype(dev) if dtype is None else dtype,
+                                     quantization=quantization)
+        return cls(checkpoint, mode=mode, memory_budget_bytes=memory_budget_bytes, attention=attention)
+
+    @classmethod
+    def random(cls, size: str, *, device: str | torch.device = "auto", dtype: torch.dtype | str | None = None,
+               quantization: str = "none", seed: int = 0, mode: str = "batched",
+               memory_budget_bytes: int | None = None, attention: str | Attention = "auto") -> Engine:
+        """An engine on a random checkpoint of ``tiny.py``'s preset ``size`` ("tiny", "small", or
+        "full": BAGEL-7B-MoT's real shapes), made straight on the device without touching disk
+        and loaded through the same streamed path as ``load`` (``tiny.random_checkpoint``): the
+        real model's time and memory without its weights. Options as in ``load``; a seed gives
+        the same weights on a given device."""
+        dev = resolve_device(device)
+        checkpoint = random_checkpoint(size, device=dev, dtype=_default_dtype(dev) if dtype is None else dtype,
+                                       quantization=quantization, seed=seed)
+        return cls(checkpoint, mode=mode, memory_budget_bytes=memory_budget_bytes, attention=attention)
 
     @property
     def config(self) -> ModelConfig:

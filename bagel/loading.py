@@ -1,23 +1,31 @@
-"""Checkpoint loading: turns a BAGEL checkpoint folder into modules on a device.
+"""Checkpoint loading: turns a BAGEL checkpoint folder, or any source of its tensors, into
+modules on a device.
 
 Owns: the one explicit map between checkpoint key names and our module names, the choice of
-which linears are quantized, the strict streamed load of ``ema.safetensors`` into
-``BagelModel`` and of ``ae.safetensors`` into ``AutoEncoder``, and the resulting
-``LoadedCheckpoint``. Leaves the architecture to ``model.py``/``vae.py``, the JSON configs to
-``config.py``, the tokenizer files to ``tokenizer.py`` and the quantized modules to ``quant.py``.
+which linears are quantized, the tensor-source interface (``TensorSource``: names and shapes
+first, then one tensor at a time) with its file-backed implementation (``open_safetensors``),
+the strict streamed load of a source into ``BagelModel`` (``ema.safetensors``) and
+``AutoEncoder`` (``ae.safetensors``), and the resulting ``LoadedCheckpoint``. Leaves the
+architecture to ``model.py``/``vae.py``, the JSON configs to ``config.py``, the tokenizer files
+to ``tokenizer.py``, the quantized modules to ``quant.py`` and the random source (random weights
+made straight on the device, for measurements without the real files) to ``tiny.py``.
 
-How a load goes (``load_checkpoint``):
-1. read the three configs (``ModelConfig.from_folder``) and the tokenizer;
+How a load goes (``load_checkpoint`` for a folder; steps 2-6 are ``load_from_sources``, which
+``tiny.random_checkpoint`` calls with random sources — one code path for both):
+1. read the three configs (``ModelConfig.from_folder``) and the tokenizer, and open the two
+   safetensors files as sources;
 2. build ``BagelModel`` and ``AutoEncoder`` on the meta device (no memory, no init cost);
 3. if a quantization mode is asked for, swap the LLM decoder linears for empty quantized ones;
-4. check the safetensors headers against the modules before reading any data: every
-   checkpoint tensor maps to a parameter or persistent buffer, every one of those has a tensor,
-   shapes agree — else ``CheckpointError`` naming the file and the first offending keys;
-5. stream tensors one at a time from the memory-mapped file: cast floating tensors to the load
-   dtype, move them to the device (quantizing there when the target is quantized) and assign
-   them in place of the meta tensor. No second full copy of the model is ever held; on CPU in
-   the file's own dtype nothing is copied at all (the parameters stay views of the mapped file,
-   paged in on first use);
+4. check each source's names and shapes (for a file: its safetensors header) against the
+   modules before any data is read: every checkpoint tensor maps to a parameter or persistent
+   buffer, every one of those has a tensor, shapes agree — else ``CheckpointError`` naming the
+   source (the file) and the first offending keys;
+5. stream tensors one at a time from the source: cast floating tensors to the load dtype, move
+   them to the device (quantizing there when the target is quantized) and assign them in place
+   of the meta tensor. No second full copy of the model is ever held; on CPU in the file's own
+   dtype nothing is copied at all (the parameters stay views of the mapped file, paged in on
+   first use), and a random source that makes its tensors on the device in the load dtype is
+   never copied either;
 6. recompute non-persistent buffers (rotary tables and the like) by calling ``reset_buffers()``
    on every module that has one, then check that nothing is left on meta.
 
@@ -36,8 +44,10 @@ import logging
 import re
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -174,63 +184,113 @@ def _first(keys: list[str]) -> str:
     return shown + (f" (and {more} more)" if more > 0 else "")
 
 
-def _open(path: Path):
+class TensorSource(Protocol):
+    """Where a load's tensors come from: every name and shape first (a safetensors header), then
+    the tensors themselves one at a time. ``location`` names the source in error messages (a
+    file path, or e.g. "random tiny checkpoint, seed 0: ema")."""
+
+    location: str
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """Checkpoint key → shape of every tensor the source holds, read without any data, in
+        the order ``tensors()`` yields them."""
+        ...
+
+    def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """(checkpoint key, tensor) for every key of ``shapes()``, each once, made or read only
+        when asked for: a consumer that drops each tensor holds one at a time."""
+        ...
+
+
+class SafetensorsSource:
+    """A ``TensorSource`` over an open, memory-mapped safetensors file. ``tensors()`` yields CPU
+    tensors in sorted key order in the file's dtype, views of the mapped file (no copy)."""
+
+    def __init__(self, path: Path, handle) -> None:
+        self.location = str(path)
+        self._path = path
+        self._handle = handle
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return {key: tuple(self._handle.get_slice(key).get_shape()) for key in sorted(self._handle.keys())}
+
+    def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        for key in sorted(self._handle.keys()):
+            try:
+                tensor = self._handle.get_tensor(key)
+            except (SafetensorError, OSError, RuntimeError) as exc:
+                raise CheckpointError(f"{self._path}: tensor {key} cannot be read ({exc})") from exc
+            yield key, tensor
+
+
+@contextmanager
+def open_safetensors(path: Path) -> Iterator[SafetensorsSource]:
+    """``path`` as a ``TensorSource`` while the block runs; a missing or unreadable file is a
+    ``CheckpointError`` naming it. Loaded CPU views keep the mapping alive after the block."""
     if not path.is_file():
         raise CheckpointError(f"{path}: file is missing from the checkpoint folder")
     try:
-        return safe_open(str(path), framework="pt", device="cpu")
+        handle = safe_open(str(path), framework="pt", device="cpu")
     except (SafetensorError, OSError, ValueError) as exc:
         raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from exc
+    with handle:
+        yield SafetensorsSource(path, handle)
 
 
-def stream_into(root: nn.Module, path: Path, name_map: tuple[tuple[str, str], ...], *,
+def stream_into(root: nn.Module, source: TensorSource, name_map: tuple[tuple[str, str], ...], *,
                 device: torch.device, dtype: torch.dtype) -> int:
-    """Strictly load ``path`` into the meta-built ``root``, one tensor at a time. Returns the
-    number of tensors read. Raises ``CheckpointError`` naming ``path`` and the first missing,
-    unexpected or mis-shaped keys before any data is read."""
+    """Strictly load the tensors of ``source`` into the meta-built ``root``, one at a time.
+    Returns the number of tensors loaded. Raises ``CheckpointError`` naming the source and the
+    first missing, unexpected or mis-shaped keys before any data is read, or when the source
+    delivers something other than what its shapes announced."""
     slots = {key: (module, leaf, is_param) for key, module, leaf, is_param in tensor_slots(root)}
-    with _open(path) as handle:
-        ckpt_keys = sorted(handle.keys())
-        mapped = {key: to_module_key(key, name_map) for key in ckpt_keys}
-        unexpected = [k for k, m in mapped.items() if m is None or m not in slots]
-        wanted = set(mapped.values())
-        missing = sorted(to_checkpoint_key(k, name_map) or k for k in slots if k not in wanted)
-        if missing or unexpected:
-            parts = []
-            if missing:
-                parts.append(f"missing {len(missing)} tensors: {_first(missing)}")
-            if unexpected:
-                parts.append(f"unexpected {len(unexpected)} tensors: {_first(unexpected)}")
-            raise CheckpointError(f"{path}: " + "; ".join(parts))
-        misshaped = []
-        for key in ckpt_keys:
-            module, leaf, _ = slots[mapped[key]]
-            got = tuple(handle.get_slice(key).get_shape())
-            want = _expected_shape(module, leaf)
-            if got != want:
-                misshaped.append(f"{key} has shape {list(got)}, the model expects {list(want)}")
-        if misshaped:
-            raise CheckpointError(f"{path}: {len(misshaped)} mis-shaped tensors: {_first(misshaped)}")
-        for key in ckpt_keys:
-            module, leaf, is_param = slots[mapped[key]]
-            try:
-                tensor = handle.get_tensor(key)
-            except (SafetensorError, OSError, RuntimeError) as exc:
-                raise CheckpointError(f"{path}: tensor {key} cannot be read ({exc})") from exc
-            if quant.is_quantized(module) and leaf == "weight":
-                quant.assign_quantized_weight(module, tensor, device, dtype)
-                continue
-            if tensor.is_floating_point():
-                tensor = tensor.to(dtype)
-            tensor = tensor.to(device)
-            if is_param:
-                module._parameters[leaf] = nn.Parameter(tensor, requires_grad=False)
-            else:
-                module._buffers[leaf] = tensor
-    return len(ckpt_keys)
+    where = source.location
+    shapes = source.shapes()
+    mapped = {key: to_module_key(key, name_map) for key in shapes}
+    unexpected = [k for k, m in mapped.items() if m is None or m not in slots]
+    wanted = set(mapped.values())
+    missing = sorted(to_checkpoint_key(k, name_map) or k for k in slots if k not in wanted)
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)} tensors: {_first(missing)}")
+        if unexpected:
+            parts.append(f"unexpected {len(unexpected)} tensors: {_first(unexpected)}")
+        raise CheckpointError(f"{where}: " + "; ".join(parts))
+    misshaped = []
+    for key, got in shapes.items():
+        module, leaf, _ = slots[mapped[key]]
+        want = _expected_shape(module, leaf)
+        if got != want:
+            misshaped.append(f"{key} has shape {list(got)}, the model expects {list(want)}")
+    if misshaped:
+        raise CheckpointError(f"{where}: {len(misshaped)} mis-shaped tensors: {_first(misshaped)}")
+    delivered: set[str] = set()
+    for key, tensor in source.tensors():
+        announced = list(shapes[key]) if key in shapes else "no tensor of that name"
+        if key in delivered or list(tensor.shape) != announced:
+            raise CheckpointError(f"{where}: tensor {key} arrived with shape {list(tensor.shape)}"
+                                  f"{' a second time' if key in delivered else ''}; announced: {announced}")
+        delivered.add(key)
+        module, leaf, is_param = slots[mapped[key]]
+        if quant.is_quantized(module) and leaf == "weight":
+            quant.assign_quantized_weight(module, tensor, device, dtype)
+            del tensor  # the float weight goes before the source makes the next tensor
+            continue
+        if tensor.is_floating_point():
+            tensor = tensor.to(dtype)
+        tensor = tensor.to(device)
+        if is_param:
+            module._parameters[leaf] = nn.Parameter(tensor, requires_grad=False)
+        else:
+            module._buffers[leaf] = tensor
+    if len(delivered) != len(shapes):
+        never = sorted(set(shapes) - delivered)
+        raise CheckpointError(f"{where}: {len(never)} announced tensors never arrived: {_first(never)}")
+    return len(delivered)
 
 
-def _finish_buffers(root: nn.Module, device: torch.device, source: Path) -> None:
+def _finish_buffers(root: nn.Module, device: torch.device, location: str) -> None:
     """Materialise non-persistent buffers on ``device`` and have their modules recompute them
     (``reset_buffers()``), then insist that no parameter or buffer is left on meta."""
     no_reset = []
@@ -247,13 +307,49 @@ def _finish_buffers(root: nn.Module, device: torch.device, source: Path) -> None
             if t.device.type == "meta"]
     left += no_reset
     if left:
-        raise CheckpointError(f"{source}: {len(left)} tensors left uninitialised after loading: {_first(left)}")
+        raise CheckpointError(f"{location}: {len(left)} tensors left uninitialised after loading: {_first(left)}")
 
 
 def build_empty(config: ModelConfig) -> tuple[BagelModel, AutoEncoder]:
     """``BagelModel`` and ``AutoEncoder`` for ``config`` on the meta device (no storage)."""
     with torch.device("meta"):
         return BagelModel(config), AutoEncoder(config.vae)
+
+
+def _load_arguments(quantization: str | None, device: torch.device | str,
+                    dtype: torch.dtype | str) -> tuple[str, torch.device, torch.dtype]:
+    """The checked quantization mode, device and dtype of a load (``InputError`` otherwise)."""
+    quantization = quant.check_mode(quantization)
+    if quantization != "none":
+        quant.bitsandbytes_module(quantization)
+    return quantization, resolve_device(device), parse_dtype(dtype)
+
+
+def load_from_sources(config: ModelConfig, tokenizer: Tokenizer, ema: TensorSource, ae: TensorSource, *,
+                      label: str, device: torch.device | str = "cpu", dtype: torch.dtype | str = torch.float32,
+                      quantization: str = "none", started: float | None = None) -> LoadedCheckpoint:
+    """Steps 2-6 of the module docstring: modules for ``config`` built on meta, quantized linears
+    swapped in when asked, ``ema`` streamed into ``BagelModel`` and ``ae`` into ``AutoEncoder``
+    on ``device`` in ``dtype``. ``label`` names the checkpoint in the log line; ``started``
+    (a ``time.perf_counter()`` value) is when the load began, if before this call."""
+    started = time.perf_counter() if started is None else started
+    quantization, device, dtype = _load_arguments(quantization, device, dtype)
+    model, vae = build_empty(config)
+    quant.swap_linears(model, should_quantize, quantization, dtype)
+    n_ema = stream_into(model, ema, EMA_NAME_MAP, device=device, dtype=dtype)
+    n_ae = stream_into(vae, ae, AE_NAME_MAP, device=device, dtype=dtype)
+    _finish_buffers(model, device, ema.location)
+    _finish_buffers(vae, device, ae.location)
+    model.eval()
+    vae.use_decoder_layout().eval()
+    weight_bytes = quant.memory_bytes(model, vae)
+    seconds = time.perf_counter() - started
+    logger.info("loaded %s: %d+%d tensors, %.1f MB of weights on %s as %s (quantization %s) in %.2f s",
+                label, n_ema, n_ae, weight_bytes / 2**20, device, str(dtype).removeprefix("torch."),
+                quantization, seconds)
+    return LoadedCheckpoint(config=config, model=model, vae=vae, tokenizer=tokenizer,
+                            weight_bytes=weight_bytes, quantization=quantization, device=device,
+                            dtype=dtype, load_seconds=seconds)
 
 
 def load_checkpoint(folder: str | Path, *, device: torch.device | str = "cpu",
@@ -263,32 +359,15 @@ def load_checkpoint(folder: str | Path, *, device: torch.device | str = "cpu",
     quantizing the LLM decoder linears when ``quantization`` is "nf4" or "int8"."""
     started = time.perf_counter()
     folder = Path(folder)
-    quant.check_mode(quantization)
-    if quantization != "none":
-        quant.bitsandbytes_module(quantization)
-    device = resolve_device(device)
-    dtype = parse_dtype(dtype)
+    quantization, device, dtype = _load_arguments(quantization, device, dtype)
     config = ModelConfig.from_folder(folder)
     tokenizer = Tokenizer.from_dir(folder)
     if len(tokenizer) > config.llm.vocab_size:
         raise CheckpointError(f"{folder / 'llm_config.json'}: vocab_size {config.llm.vocab_size} is smaller "
                               f"than the tokenizer's {len(tokenizer)} tokens")
-    model, vae = build_empty(config)
-    quant.swap_linears(model, should_quantize, quantization, dtype)
-    n_ema = stream_into(model, folder / EMA_FILE, EMA_NAME_MAP, device=device, dtype=dtype)
-    n_ae = stream_into(vae, folder / AE_FILE, AE_NAME_MAP, device=device, dtype=dtype)
-    _finish_buffers(model, device, folder / EMA_FILE)
-    _finish_buffers(vae, device, folder / AE_FILE)
-    model.eval()
-    vae.use_decoder_layout().eval()
-    weight_bytes = quant.memory_bytes(model, vae)
-    seconds = time.perf_counter() - started
-    logger.info("loaded %s: %d+%d tensors, %.1f MB of weights on %s as %s (quantization %s) in %.2f s",
-                folder, n_ema, n_ae, weight_bytes / 2**20, device, str(dtype).removeprefix("torch."),
-                quantization, seconds)
-    return LoadedCheckpoint(config=config, model=model, vae=vae, tokenizer=tokenizer,
-                            weight_bytes=weight_bytes, quantization=quantization, device=device,
-                            dtype=dtype, load_seconds=seconds)
+    with open_safetensors(folder / EMA_FILE) as ema, open_safetensors(folder / AE_FILE) as ae:
+        return load_from_sources(config, tokenizer, ema, ae, label=str(folder), device=device, dtype=dtype,
+                                 quantization=quantization, started=started)
 
 
 def paper_weight_bytes(config: ModelConfig, *, dtype: torch.dtype = torch.bfloat16,
@@ -297,7 +376,7 @@ def paper_weight_bytes(config: ModelConfig, *, dtype: torch.dtype = torch.bfloat
     file needed): NF4 costs 4 bits per weight plus one float32 absmax per 64 weights, INT8 one
     byte per weight plus one float32 scale per output row. Equals ``weight_bytes`` of a real
     load (a test checks it), so it gives the figures for checkpoints too big to load here."""
-    quant.check_mode(quantization)
+    quantization = quant.check_mode(quantization)
     model, vae = build_empty(config)
     item = torch.empty((), dtype=dtype).element_size()
     total = 0

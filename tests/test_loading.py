@@ -1,26 +1,35 @@
-"""Checkpoint loading: strict key coverage, clear errors for broken folders, dtypes."""
+"""Checkpoint loading: strict key coverage, clear errors for broken folders and sources, dtypes, and
+``Engine.random`` (random weights made on the device through the same streamed load)."""
 
 from __future__ import annotations
 
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from bagel.config import ModelConfig
+from bagel.config import GenerationParams, ModelConfig
+from bagel.engine import Engine
 from bagel.errors import CheckpointError, InputError
 from bagel.loading import (
     AE_NAME_MAP,
     EMA_NAME_MAP,
     load_checkpoint,
+    load_from_sources,
+    open_safetensors,
     paper_weight_bytes,
     should_quantize,
     to_checkpoint_key,
     to_module_key,
 )
+from bagel.requests import Request
+from bagel.tiny import make_tiny
+from bagel.tokenizer import Tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -177,3 +186,93 @@ def test_cuda_load_streams_every_tensor_to_the_gpu(golden_dir, quantization):
     tensors = [*ckpt.model.parameters(), *ckpt.model.buffers(), *ckpt.vae.parameters()]
     assert all(t.device.type == "cuda" for t in tensors)
     assert torch.cuda.memory_allocated() >= ckpt.weight_bytes
+
+
+class _DroppingSource:
+    """A ``TensorSource`` that announces every tensor of a file but never delivers its last one."""
+
+    def __init__(self, inner) -> None:
+        self.location = f"{inner.location} (dropping the last tensor)"
+        self._inner = inner
+
+    def shapes(self):
+        return self._inner.shapes()
+
+    def tensors(self):
+        pairs = list(self._inner.tensors())
+        yield from pairs[:-1]
+
+
+def test_a_source_that_does_not_deliver_what_it_announced_is_named(golden_dir):
+    config, tokenizer = ModelConfig.from_folder(golden_dir), Tokenizer.from_dir(golden_dir)
+    with open_safetensors(golden_dir / "ema.safetensors") as ema, \
+            open_safetensors(golden_dir / "ae.safetensors") as ae:
+        with pytest.raises(CheckpointError, match=r"ae\.safetensors \(dropping the last tensor\): 1 announced "
+                                                  r"tensors never arrived: encoder\.norm_out\.weight"):
+            load_from_sources(config, tokenizer, ema, _DroppingSource(ae), label="golden")
+
+
+# ---- Engine.random: a random checkpoint made on the device, loaded through the same path ----
+
+@pytest.fixture(scope="module")
+def random_tiny():
+    return Engine.random("tiny", device="cpu", seed=7)
+
+
+def test_engine_random_holds_exactly_the_tensors_make_tiny_writes(random_tiny, tmp_path):
+    folder = make_tiny(tmp_path / "tiny", seed=7)
+    from_file = load_checkpoint(folder)
+    assert random_tiny.config == from_file.config and random_tiny.dtype == torch.float32
+    for ours, theirs in ((random_tiny.model, from_file.model), (random_tiny.vae, from_file.vae)):
+        state, expected = ours.state_dict(), theirs.state_dict()
+        assert state.keys() == expected.keys()
+        assert all(torch.equal(state[k], expected[k]) for k in state)
+    assert random_tiny.checkpoint.weight_bytes == from_file.weight_bytes
+
+
+@pytest.mark.parametrize(("size", "quantization"), [("tiny", "none"), ("tiny", "nf4"), ("tiny", "int8"),
+                                                    ("small", "none")])
+def test_engine_random_weight_bytes_are_the_paper_figure(size, quantization):
+    if quantization != "none":
+        pytest.importorskip("bitsandbytes", reason="bitsandbytes is not installed")
+    engine = Engine.random(size, device="cpu", quantization=quantization, seed=1)
+    ckpt = engine.checkpoint
+    assert (ckpt.quantization, ckpt.device.type, ckpt.dtype) == (quantization, "cpu", torch.float32)
+    assert ckpt.weight_bytes == paper_weight_bytes(ckpt.config, dtype=torch.float32, quantization=quantization)
+    tensors = [*ckpt.model.parameters(), *ckpt.model.buffers(), *ckpt.vae.parameters(), *ckpt.vae.buffers()]
+    assert all(t.device.type == "cpu" for t in tensors)
+
+
+def test_engine_random_generates_and_understands_with_finite_output(random_tiny):
+    picture = Image.new("RGB", (32, 32), (200, 40, 40))
+    results, traces = random_tiny.run_traced([
+        Request(task="generate", prompt="a red circle", width=32, height=32,
+                params=GenerationParams.for_task("generate", num_timesteps=2, seed=1)),
+        Request(task="understand", prompt="What color is it?", images=[picture],
+                params=GenerationParams.for_task("understand", max_new_tokens=4, seed=1)),
+    ], record=True)
+    latent, logits = traces[0]["final_latent"], traces[1]["step_logits"]
+    assert torch.isfinite(latent).all() and latent.std() > 0.1
+    assert torch.isfinite(logits).all() and logits.std() > 0.1
+    assert results[0].image.size == (32, 32) and np.asarray(results[0].image).std() > 0
+    assert isinstance(results[1].text, str)
+
+
+def test_engine_random_same_seed_same_weights_other_seed_other_weights(random_tiny):
+    again = Engine.random("tiny", device="cpu", seed=7, dtype="bf16")
+    twice = Engine.random("tiny", device="cpu", seed=7, dtype="bf16")
+    other = Engine.random("tiny", device="cpu", seed=8, dtype="bf16")
+    head = "language_model.lm_head.weight"
+    assert again.model.state_dict()[head].dtype == torch.bfloat16
+    for key, tensor in again.model.state_dict().items():
+        assert torch.equal(tensor, twice.model.state_dict()[key]), key
+    assert not torch.equal(again.model.state_dict()[head], other.model.state_dict()[head])
+
+
+def test_engine_random_refuses_an_unknown_size_and_a_bad_seed():
+    with pytest.raises(InputError, match=r"size: 'huge' is not one of \['full', 'small', 'tiny'\]"):
+        Engine.random("huge", device="cpu")
+    with pytest.raises(InputError, match=r"seed: 2\.5 must be an integer in 0..2\^63-1"):
+        Engine.random("tiny", device="cpu", seed=2.5)
+    with pytest.raises(InputError, match="quantization: 'fp8' is not one of"):
+        Engine.random("tiny", device="cpu", quantization="fp8")

@@ -1,19 +1,45 @@
-"""The tiny-checkpoint maker: real layout, strict load, determinism, tokenizer round trip."""
+"""The random-checkpoint maker: real layout, strict load, determinism, tokenizer round trip, the
+``full`` preset's real BAGEL-7B-MoT shapes, and the streamed safetensors writer."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors import safe_open
+from safetensors.torch import save_file
 
-from bagel.config import ModelConfig
+from bagel.config import LLMConfig, ModelConfig, VAEConfig, ViTConfig
 from bagel.errors import InputError
-from bagel.loading import load_checkpoint
-from bagel.tiny import SIZES, make_tiny
+from bagel.loading import (AE_NAME_MAP, EMA_NAME_MAP, build_empty, load_checkpoint, paper_weight_bytes,
+                           tensor_slots, to_checkpoint_key)
+from bagel.safetensors_writer import data_bytes, safetensors_header, write_safetensors
+from bagel.tiny import SIZES, RandomWeights, make_tiny, preset_config
 from bagel.tokenizer import Tokenizer
+
+ROOT = Path(__file__).resolve().parent.parent
+# BAGEL-7B-MoT as its llm_config.json / vit_config.json (after the reference's "num_hidden_layers
+# -= 1") and the FLUX autoencoder's parameters state it; its tokenizer has 151665 tokens.
+BAGEL_7B_MOT = ModelConfig(
+    llm=LLMConfig(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                  num_key_value_heads=4, vocab_size=152064, rms_norm_eps=1e-6, rope_theta=1e6,
+                  max_position_embeddings=32768),
+    vit=ViTConfig(hidden_size=1152, intermediate_size=4304, num_hidden_layers=26, num_attention_heads=16,
+                  patch_size=14, image_size=980),
+    vae=VAEConfig(ch=128, ch_mult=(1, 2, 4, 4), num_res_blocks=2, z_channels=16),
+)
+
+# SHA-256 of make_tiny(seed=7)'s weight files as the whole-state-dict writer (safetensors' save_file)
+# made them before writing was streamed: a seed keeps giving the same files, whatever the writer.
+TINY_SEED_7_SHA256 = {
+    "ema.safetensors": "a33556b40a907534f5cd4ffa8aca92eff37d369ad2e16cda2b132b3349c4ac6b",
+    "ae.safetensors": "330fb186c4b43644eb6915f97890edce821941a8ea22f71f9c6798fa8b14801b",
+}
 
 LAYOUT = {"llm_config.json", "vit_config.json", "ae_config.json", "ema.safetensors", "ae.safetensors",
           "vocab.json", "merges.txt", "tokenizer_config.json", "tokenizer.json"}
@@ -95,8 +121,10 @@ def test_vocab_and_merges_give_the_same_ids_as_tokenizer_json(made, tmp_path):
 
 
 def test_refuses_bad_arguments_and_a_non_empty_folder(made, tmp_path):
-    with pytest.raises(InputError, match=r"size: 'huge' is not one of \['small', 'tiny'\]"):
+    with pytest.raises(InputError, match=r"size: 'huge' is not one of \['full', 'small', 'tiny'\]"):
         make_tiny(tmp_path / "x", size="huge")
+    with pytest.raises(InputError, match=r"seed: -1 must be an integer in 0..2\^63-1"):
+        make_tiny(tmp_path / "x", seed=-1)
     with pytest.raises(InputError, match="already exists and is not an empty directory"):
         make_tiny(made)
     empty = tmp_path / "empty"
@@ -135,3 +163,101 @@ def test_bagel_config_rejects_unknown_fields(tmp_path):
     (folder / "bagel_config.json").write_text(json.dumps({"vae_min_side": 64}))
     with pytest.raises(CheckpointError, match=r"bagel_config.json: unknown fields \['vae_min_side'\]"):
         ModelConfig.from_folder(folder)
+
+
+def test_tiny_files_are_byte_identical_to_the_whole_state_dict_writers(made):
+    for name, digest in TINY_SEED_7_SHA256.items():
+        assert hashlib.sha256((made / name).read_bytes()).hexdigest() == digest, name
+
+
+def test_preset_config_is_what_the_written_json_files_read_back(made):
+    n_tokens = len(Tokenizer.from_dir(made))
+    assert ModelConfig.from_folder(made) == preset_config("tiny", n_tokens)
+
+
+def test_full_preset_is_bagel_7b_mot_with_our_tokenizer(made):
+    n_tokens = len(Tokenizer.from_dir(made))
+    assert preset_config("full", n_tokens) == BAGEL_7B_MOT
+    assert BAGEL_7B_MOT.vae == VAEConfig()  # the real folder ships no ae_config.json: the defaults
+    assert SIZES["full"].file_dtype == torch.bfloat16
+
+
+def test_full_preset_tensors_are_exactly_the_slots_of_the_real_model(made):
+    weights = RandomWeights(preset_config("full", len(Tokenizer.from_dir(made))), Tokenizer.from_dir(made), seed=0,
+                            device=torch.device("cpu"), dtype=torch.bfloat16, label="full")
+    model, vae = build_empty(BAGEL_7B_MOT)
+    for source, root, name_map in ((weights.ema, model, EMA_NAME_MAP), (weights.ae, vae, AE_NAME_MAP)):
+        expected = {to_checkpoint_key(key, name_map): tuple(getattr(module, leaf).shape)
+                    for key, module, leaf, _ in tensor_slots(root)}
+        assert source.shapes() == expected  # same names, same shapes, nothing more (no data is made)
+    ema = weights.ema.shapes()
+    assert ema["language_model.model.embed_tokens.weight"] == (152064, 3584)
+    assert ema["language_model.model.layers.27.mlp_moe_gen.down_proj.weight"] == (3584, 18944)
+    assert ema["language_model.model.layers.0.self_attn.k_proj.weight"] == (512, 3584)  # 4 KV heads × 128
+    assert ema["vit_model.vision_model.embeddings.patch_embedding.weight"] == (1152, 3 * 14 * 14)
+    assert "vit_model.vision_model.encoder.layers.25.mlp.fc2.weight" in ema
+    assert "vit_model.vision_model.encoder.layers.26.mlp.fc2.weight" not in ema  # the 27th is dropped
+
+
+def test_full_preset_weighs_what_the_readme_states(made):
+    weights = RandomWeights(BAGEL_7B_MOT, Tokenizer.from_dir(made), seed=0, device=torch.device("cpu"),
+                            dtype=torch.bfloat16, label="full")
+    files = data_bytes(weights.ema.shapes(), torch.bfloat16) + data_bytes(weights.ae.shapes(), torch.bfloat16)
+    assert files == paper_weight_bytes(BAGEL_7B_MOT, dtype=torch.bfloat16)
+    assert round(files / 2**30, 1) == 27.4  # README, "Memory per mode": none (bf16)
+    header = safetensors_header(weights.ema.shapes(), torch.bfloat16, {"format": "pt"})
+    parsed = json.loads(header[8:])
+    assert int.from_bytes(header[:8], "little") == len(header) - 8 and len(header) % 8 == 0
+    assert parsed["language_model.lm_head.weight"]["dtype"] == "BF16"
+    assert max(e["data_offsets"][1] for k, e in parsed.items() if k != "__metadata__") \
+        == data_bytes(weights.ema.shapes(), torch.bfloat16)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_streamed_writer_gives_exactly_save_files_bytes(made, tmp_path, dtype):
+    config, tokenizer = ModelConfig.from_folder(made), Tokenizer.from_dir(made)
+
+    def weights() -> RandomWeights:
+        return RandomWeights(config, tokenizer, seed=11, device=torch.device("cpu"), dtype=dtype, label="tiny")
+
+    write_safetensors(tmp_path / "streamed.safetensors", weights().ema, dtype=dtype, metadata={"format": "pt"})
+    save_file(dict(weights().ema.tensors()), tmp_path / "whole.safetensors", metadata={"format": "pt"})
+    streamed = (tmp_path / "streamed.safetensors").read_bytes()
+    assert streamed == (tmp_path / "whole.safetensors").read_bytes()
+    with safe_open(str(tmp_path / "streamed.safetensors"), framework="pt") as handle:
+        for key, tensor in weights().ema.tensors():
+            assert torch.equal(handle.get_tensor(key), tensor), key
+
+
+def test_small_preset_streams_to_disk_with_little_memory_and_reads_back_identically(tmp_path):
+    folder = tmp_path / "small"
+    script = (  # a fresh process, warmed up on the tiny preset, so the peak is the small write's own
+        "import json, resource, sys\n"
+        "from bagel.tiny import make_tiny\n"
+        "make_tiny(sys.argv[2], size='tiny')\n"
+        "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "make_tiny(sys.argv[1], seed=4, size='small')\n"
+        "print(json.dumps([before, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss]))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script, str(folder), str(tmp_path / "warm")], cwd=ROOT,
+                          capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr
+    before_kib, peak_kib = json.loads(done.stdout.splitlines()[-1])
+    file_bytes = sum((folder / name).stat().st_size for name in ("ema.safetensors", "ae.safetensors"))
+    assert file_bytes > 250e6
+    # A whole state dict would add at least the file size (the old writer: +400 MiB); measured +50 MiB.
+    assert (peak_kib - before_kib) * 1024 < file_bytes / 3
+    weights = RandomWeights(ModelConfig.from_folder(folder), Tokenizer.from_dir(folder), seed=4,
+                            device=torch.device("cpu"), dtype=torch.float32, label="small")
+    with safe_open(str(folder / "ema.safetensors"), framework="pt") as handle:
+        assert {k: tuple(handle.get_slice(k).get_shape()) for k in handle.keys()} == weights.ema.shapes()
+        key, first = next(weights.ema.tensors())  # the first draw (the writer test compares every byte)
+        assert torch.equal(handle.get_tensor(key), first)
+
+
+def test_cli_make_tiny_offers_every_preset():
+    from bagel.cli import build_parser
+
+    parser = build_parser()
+    for size in SIZES:
+        assert parser.parse_args(["make-tiny", "x", "--size", size]).size == size
