@@ -47,6 +47,9 @@ class GenerationParamsIn(Strict):
     do_sample: bool | None = None
     text_temperature: float | None = _num("text_temperature")
     seed: int | None = Field(None, ge=0, le=SEED_MAX)
+    taylorseer: bool | None = Field(None, description="TaylorSeer step caching (generate/edit/try-on): "
+                                    "predicts most denoising steps from the computed ones — faster, an "
+                                    "approximation; off by default, as in the reference")
 
 
 class JobIn(Strict):

@@ -47,6 +47,10 @@ PARAM_FLAGS = {
     "do_sample": "do_sample",
     "temperature": "text_temperature",
     "seed": "seed",
+    "taylorseer": "taylorseer",
+    "taylorseer_warmup": "taylorseer_warmup",
+    "taylorseer_interval": "taylorseer_interval",
+    "taylorseer_order": "taylorseer_order",
 }
 
 
@@ -78,6 +82,12 @@ def _add_engine_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--do-sample", action="store_true", default=None, help="sample text instead of greedy")
     g.add_argument("--temperature", type=float, help="text sampling temperature")
     g.add_argument("--seed", type=int)
+    g.add_argument("--taylorseer", action="store_true", default=None,
+                   help="TaylorSeer step caching: predict most denoising steps from the computed ones "
+                        "(faster, an approximation; the reference's enable_taylorseer)")
+    g.add_argument("--taylorseer-warmup", type=int, help="full steps before caching (default 5)")
+    g.add_argument("--taylorseer-interval", type=int, help="then one full step in N (default 3)")
+    g.add_argument("--taylorseer-order", type=int, help="Taylor expansion order (default 6)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -36,6 +36,7 @@ def test_generate_job_is_queued_published_and_readable(api_stack):
     assert job["status"] == "queued" and job["task"] == "generate" and (job["width"], job["height"]) == (64, 32)
     assert job["params"]["num_timesteps"] == 4 and job["params"]["cfg_text_scale"] == 4.0
     assert isinstance(job["params"]["seed"], int) and job["result"] is None and job["error"] is None
+    assert job["params"]["taylorseer"] is False  # the record says which sampling mode made the image
     assert job["progress"] == {"step": 0, "total": 3} and job["metadata"] == {"sku": "M-1"}
     assert api_stack.queued_messages() == before_messages + 1
     with api_stack.session() as s:
@@ -52,6 +53,9 @@ def test_tryon_edit_and_understand_jobs_take_files(api_stack):
     assert tryon.status_code == 202, tryon.text
     body = tryon.json()
     assert body["params"]["seed"] == 11 and body["params"]["cfg_img_scale"] == 2.5 and body["think"] is True
+    cached = submit(api_stack, {"task": "tryon", "prompt": "on a rock", "input_file_ids": [product],
+                                "params": {"taylorseer": True}})
+    assert cached.status_code == 202 and cached.json()["params"]["taylorseer"] is True
     assert body["width"] is None and body["input_file_ids"] == [product]
     understand = submit(api_stack, {"task": "understand", "prompt": "What is this?", "input_file_ids": [product]})
     assert understand.status_code == 202 and understand.json()["progress"]["total"] == 0
@@ -67,6 +71,8 @@ def test_tryon_edit_and_understand_jobs_take_files(api_stack):
     ({"task": "generate", "prompt": "x", "params": {"cfg_interval": [0.9, 0.1]}}, "params.cfg_interval",
      "params.cfg_interval: start 0.9 is after end 0.1"),
     ({"task": "generate", "prompt": "x", "params": {"steps": 3}}, "params.steps", "params.steps: Extra inputs"),
+    ({"task": "generate", "prompt": "x", "params": {"taylorseer": "often"}}, "params.taylorseer",
+     "params.taylorseer: Input should be a valid boolean"),
     ({"task": "generate", "prompt": "x", "width": 2048}, "width", "width: 2048 px is outside 16..1024 px"),
     ({"task": "generate", "prompt": "x", "width": 100}, "width", "width: 100 px is not a multiple of 16"),
     ({"task": "generate", "prompt": "x", "input_file_ids": ["f"]}, "input_file_ids",

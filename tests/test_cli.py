@@ -46,7 +46,7 @@ def test_make_tiny_writes_a_loadable_checkpoint(ckpt):
 def test_generate_writes_a_png_of_the_requested_size(ckpt, tmp_path):
     out = tmp_path / "sub" / "gen.png"
     done = bagel("generate", "--model", ckpt, "--prompt", "a red circle", "--width", "64", "--height", "48",
-                 "--steps", "3", "--seed", "1", "--cfg-renorm-type", "channel", "--out", out)
+                 "--steps", "8", "--seed", "1", "--cfg-renorm-type", "channel", "--taylorseer", "--out", out)
     assert done.returncode == 0, done.stderr
     assert "denoising" in done.stderr  # the progress bar
     assert f"wrote {out} (64x48)" in done.stderr
@@ -129,8 +129,9 @@ def test_verify_fails_when_a_golden_value_is_off(golden_dir, tmp_path, capsys):
 def test_every_generation_knob_has_a_flag():
     assert set(PARAM_FLAGS.values()) == {f.name for f in dataclasses.fields(GenerationParams)}
     args = build_parser().parse_args(["generate", "--model", "m", "--prompt", "p", "--cfg-interval", "0.1",
-                                      "0.9", "--do-sample", "--temperature", "0.7"])
+                                      "0.9", "--do-sample", "--temperature", "0.7", "--taylorseer"])
     assert args.cfg_interval == [0.1, 0.9] and args.do_sample is True and args.temperature == 0.7
+    assert args.taylorseer is True
 
 
 def test_bench_writes_the_json_report_and_prints_the_table(tmp_path, capsys):

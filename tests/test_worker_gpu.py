@@ -16,8 +16,8 @@ def _png(color: tuple[int, int, int], px: int = 64) -> bytes:
     return buf.getvalue()
 
 
-def _tryon(job_id: str, product: bytes, seed: int) -> JobInput:
-    resolved = params.resolve("tryon", {"num_timesteps": 2, "seed": seed}, False)
+def _tryon(job_id: str, product: bytes, seed: int, **extra) -> JobInput:
+    resolved = params.resolve("tryon", {"num_timesteps": 2, "seed": seed, **extra}, False)
     return JobInput(job_id=job_id, task="tryon", prompt=f"the bag in scene {seed}", images=[product],
                     think=False, width=64, height=64, params=resolved)
 
@@ -43,3 +43,15 @@ def test_context_seed_is_a_function_of_the_picture_bytes():
     assert picture_context_seed(one) == picture_context_seed(bytes(one))
     assert picture_context_seed(one) != picture_context_seed(other)
     assert 0 <= picture_context_seed(one) < 2**63
+
+
+def test_a_job_asking_for_taylorseer_gets_it_and_its_neighbour_does_not(make_settings, service_model):
+    holder = EngineHolder(make_settings(model_path=str(service_model), device="cpu"))
+    product = _png((30, 30, 180))
+    chunk = [_tryon("exact", product, 5, num_timesteps=9), _tryon("cached", product, 6, num_timesteps=9,
+                                                                   taylorseer=True)]
+    exact, cached = holder.run(chunk, progress=lambda *a: None, should_cancel=lambda i: False)
+    assert exact.error_code is None and cached.error_code is None
+    assert exact.stats["denoise_blocks_cached"] == 0
+    # 8 steps, three CFG branches each: full at 0-4 and 7, predicted at 5 and 6
+    assert (cached.stats["denoise_blocks_full"], cached.stats["denoise_blocks_cached"]) == (18, 6)
