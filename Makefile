@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test demo bench services clean
+.PHONY: venv test demo bench bench-taylorseer services clean
 
 venv: $(STAMP)
 
@@ -27,6 +27,9 @@ demo: venv
 
 bench: venv
 	$(BIN)/bagel bench --size small --json var/bench/small.json
+
+bench-taylorseer: venv
+	$(BIN)/bagel bench --size small --scenario tryon8_taylorseer t2i1_taylorseer --json var/bench/taylorseer.json
 
 clean:
 	rm -rf var .pytest_cache

@@ -119,8 +119,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", type=Path, default=None, help="checkpoint folder (default: a cached random one)")
     p.add_argument("--device", default="auto")
     p.add_argument("--scenario", "--scenarios", action="extend", nargs="+", dest="scenarios", metavar="NAME",
-                   help="run only these scenarios (t2i1 edit1 tryon8 think8 mixed; repeatable)")
-    p.add_argument("--steps", type=int, default=None, help="num_timesteps of every request")
+                   help="run only these scenarios (default: t2i1 edit1 tryon8 think8 mixed; also "
+                        "t2i1_taylorseer tryon8_taylorseer; repeatable)")
+    p.add_argument("--steps", type=int, default=None, help="num_timesteps of every request (default 20)")
+    p.add_argument("--taylorseer-steps", type=int, default=None,
+                   help="num_timesteps of the *_taylorseer scenarios (default 50, the reference's)")
     p.add_argument("--think-tokens", type=int, default=None)
     p.add_argument("--repeats", type=int, default=None)
     p.add_argument("--cache-dir", type=Path, default=None, help="where the random checkpoint is cached")
@@ -249,6 +252,7 @@ def _bench(args: argparse.Namespace) -> int:
     from bagel.bench import BenchOptions, format_table, run_bench
 
     given = {"size": args.size, "model": args.model, "device": args.device, "steps": args.steps,
+             "taylorseer_steps": args.taylorseer_steps,
              "think_tokens": args.think_tokens, "repeats": args.repeats, "cache_dir": args.cache_dir,
              "scenarios": tuple(args.scenarios) if args.scenarios else None,
              "warm_up": False if args.no_warm_up else None}

@@ -4,6 +4,7 @@ No timing assertions: the figures are the benchmark's output, not a test's pass 
 """
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -128,10 +129,28 @@ def test_table_states_the_conditions_and_every_scenario(report):
     assert "by phase" in table and "vae_decode" in table
 
 
+def test_taylorseer_scenarios_count_what_the_step_cache_saves(options):
+    """tryon8_taylorseer against the exact naive baseline over 12 timesteps (11 steps, all three
+    CFG branches every step): each branch is computed at steps 0-4, 7 and 10 and predicted at the
+    4 others, so the loop does 7/11 of the naive arithmetic."""
+    report = run_bench(replace(options, scenarios=("tryon8_taylorseer",), taylorseer_steps=12))
+    (row,) = report["results"]
+    assert row["scenario"] == "tryon8_taylorseer" and row["num_timesteps"] == 12 == report["taylorseer_steps"]
+    assert row["blocks_per_image"] == {"naive": {"full": 33, "cached": 0}, "optimised": {"full": 21, "cached": 12}}
+    assert row["naive_forwards"]["loop"] == 8 * 11 * 3  # the exact one-at-a-time baseline
+    assert row["optimised_forwards"]["loop"] == 7
+    assert row["loop_flops_vs_naive"] == pytest.approx(row["loop_flops"] / row["naive_loop_flops"])
+    assert 7 / 11 * 0.95 < row["loop_flops_vs_naive"] < 7 / 11 * 1.05
+    assert row["context_encodes"] == 1 and row["max_pixel_diff"] is not None
+    table = format_table(report)
+    assert "tryon8_taylorseer" in table and "21/12" in table and "(12 for *_taylorseer)" in table
+
+
 @pytest.mark.parametrize("kwargs, message", [
     ({"size": "huge"}, "size: 'huge' is not one of"),
     ({"scenarios": ("tryon9",)}, "scenarios: ['tryon9'] given, choose from"),
     ({"steps": 1}, "steps: 1 is outside the allowed range 2..1000"),
+    ({"taylorseer_steps": 1}, "taylorseer_steps: 1 is outside the allowed range 2..1000"),
 ])
 def test_bad_options_are_refused_with_field_and_limit(kwargs, message):
     with pytest.raises(InputError, match=message.replace("(", r"\(").replace("[", r"\[")):
