@@ -169,7 +169,7 @@ def _taylor_settings(p: GenerationParams) -> TaylorSettings:
     return TaylorSettings(p.taylorseer_warmup, p.taylorseer_interval, p.taylorseer_order)
 
 
-def taylor_plan(job: ImageJob) -> dict[str, list[bool | None]]:
+def evaluation_plan(job: ImageJob) -> dict[str, list[bool | None]]:
     """Per branch of ``job`` and per step: None (not evaluated), True (full), False (predicted
     by TaylorSeer). Without TaylorSeer every evaluation is full."""
     steps = range(job.schedule.num_steps)
@@ -245,7 +245,7 @@ def _denoise_loop(model: BagelModel, tokenizer: Tokenizer, cache: KVCache, jobs:
     device = model.device
     t_all, dt_all = schedule.t.to(device), schedule.dt.to(device)
     positions = {id(j): j.position_ids.to(device) for j in jobs}
-    plans = {id(j): taylor_plan(j) for j in jobs}
+    plans = {id(j): evaluation_plan(j) for j in jobs}
     states = {(id(j), name): TaylorState(_taylor_settings(j.params))
               for j in jobs if j.params.taylorseer for name in BRANCH_ORDER}
     for j in jobs:
