@@ -62,8 +62,9 @@ def parse_fault(spec: str) -> Fault:
     raise ValueError(f"unknown fault {kind!r}; use one of {list(FAULT_FORMS)}")
 
 
-def install_fault(engine: Engine, fault: Fault) -> None:
-    """Register ``fault`` on ``engine``'s LLM for the life of the process."""
+def install_fault(engine: Engine, fault: Fault) -> Any:
+    """Register ``fault`` on ``engine``'s LLM (a worker keeps it for its life); returns the hook's
+    handle, whose ``remove()`` takes it off again."""
     import torch
 
     def raise_fault(module: Any, args: tuple[Any, ...]) -> None:
@@ -76,6 +77,7 @@ def install_fault(engine: Engine, fault: Fault) -> None:
             raise torch.OutOfMemoryError(f"injected fault: a forward of {rows} packed rows exceeds "
                                          f"the {fault.max_rows}-row limit of {OOM_ABOVE_ROWS}")
 
-    engine.model.language_model.register_forward_pre_hook(raise_fault)
+    handle = engine.model.language_model.register_forward_pre_hook(raise_fault)
     log.warning("!!! fault injection %s is active on this worker (BAGEL_JOBS_FAULT_INJECTION): "
                 "for tests only !!!", fault.describe())
+    return handle
