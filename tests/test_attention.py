@@ -205,3 +205,26 @@ def test_attention_is_chosen_by_device_and_dtype():
         resolve_attention("varlen", cpu, torch.float32)
     with pytest.raises(InputError, match=r"attention: 'dense' is not one of"):
         resolve_attention("dense", cpu, torch.float32)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("mode", ["varlen", "flash-attn"])
+def test_cuda_flash_kernels_equal_sdpa_in_bfloat16(golden_dir, mode):
+    """The real kernels on the real paged layout: the mixed batch (forks, a think, an
+    understanding) through varlen_attn / flash-attn against SDPA on the same GPU, in bf16."""
+    from bagel.attention import has_flash_attn
+
+    if mode == "flash-attn" and not has_flash_attn():
+        pytest.skip("the flash extra is not installed")
+    checkpoint = load_checkpoint(golden_dir, device="cuda", dtype=torch.bfloat16)
+    consts = replace(checkpoint.config.constants, vae_min_px=64, vit_min_px=64)
+    checkpoint = replace(checkpoint, config=replace(checkpoint.config, constants=consts))
+    _, expected = Engine(checkpoint, attention="sdpa").run_traced(_mixed_requests(), record=True)
+    engine = Engine(checkpoint, attention=mode)
+    assert engine.attention.page_size == PAGE_SIZE
+    _, got = engine.run_traced(_mixed_requests(), record=True)
+    for want, have in zip(expected, got):
+        if "final_latent" in want:
+            rel = ((have["final_latent"] - want["final_latent"]).norm() / want["final_latent"].norm()).item()
+            assert rel < 0.05, rel  # bf16 kernels with other summation orders over 3 steps

@@ -14,9 +14,9 @@ import io
 from dataclasses import fields
 from functools import lru_cache
 
-import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image
 
+from bagel.bench import product_picture as bench_picture
 from bagel.config import GenerationParams
 from bagel.requests import Request
 from bagel.transforms import load_image
@@ -44,19 +44,9 @@ _PARAM_NAMES = frozenset(f.name for f in fields(GenerationParams))
 
 @lru_cache(maxsize=8)
 def product_png(px: int, seed: int = 1) -> bytes:
-    """A ``px``-square stand-in product photo (shaded backdrop, a bag-like shape) as PNG."""
-    rng = np.random.default_rng(seed)
-    ramp = np.linspace(0.0, 1.0, px, dtype=np.float32)
-    base = rng.uniform(60, 200, size=3).astype(np.float32)
-    pixels = base[None, None, :] * (0.6 + 0.4 * ramp[:, None, None]) * (0.8 + 0.2 * ramp[None, :, None])
-    pixels += rng.normal(0, 6, size=(px, px, 3)).astype(np.float32)
-    img = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8), "RGB")
-    draw = ImageDraw.Draw(img)
-    colour = tuple(int(c) for c in rng.integers(0, 255, size=3))
-    draw.rounded_rectangle((px * 0.25, px * 0.4, px * 0.75, px * 0.85), radius=max(1, px // 16), fill=colour)
-    draw.arc((px * 0.35, px * 0.2, px * 0.65, px * 0.55), 180, 360, fill=colour, width=max(1, px // 32))
+    """The benchmark's ``px``-square stand-in product photo (``bagel.bench.product_picture``) as PNG."""
     buf = io.BytesIO()
-    img.save(buf, format="PNG")
+    bench_picture(px, seed).save(buf, format="PNG")
     return buf.getvalue()
 
 
