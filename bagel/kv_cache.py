@@ -67,10 +67,6 @@ class CacheSeq:
             ranges.append((start, start + count))
         return CacheSeq(tuple(ranges), self.rope + rope_advance)
 
-    def slots(self) -> list[int]:
-        """Every slot of the context, in order."""
-        return [s for start, end in self.ranges for s in range(start, end)]
-
 
 EMPTY = CacheSeq()
 

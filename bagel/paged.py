@@ -57,7 +57,6 @@ class VarlenLayout:
     copy_src: torch.Tensor | None  # [m] long, slots copied to copy_dst before anything is read
     copy_dst: torch.Tensor | None
     calls: tuple[VarlenCall, ...]
-    segment_keys: tuple[CacheSeq, ...]  # every segment's keys, its own rows included (host)
 
 
 def scratch_slots(segments: Sequence[Segment], cache: KVCache) -> int:
@@ -76,7 +75,7 @@ def _pages(seq: CacheSeq, page: int) -> list[int]:
     return out
 
 
-def segment_keys(segments: Sequence[Segment], cache: KVCache, scratch_start: int | None
+def _segment_keys(segments: Sequence[Segment], cache: KVCache, scratch_start: int | None
                  ) -> tuple[list[CacheSeq], list[int], list[SlotCopy]]:
     """Every segment's keys as a paged context, the slot of every row's key, and the page
     copies scratch runs need."""
@@ -134,7 +133,7 @@ def build_varlen(segments: Sequence[Segment], cache: KVCache, length: int, copie
                  device: torch.device | str, scratch_start: int | None) -> VarlenLayout:
     """The varlen layout of a forward over ``segments`` (which tile its ``length`` rows);
     ``copies`` are the page copies its reservations made (``PackBuilder.add_copy``)."""
-    keys, writes, scratch_copies = segment_keys(segments, cache, scratch_start)
+    keys, writes, scratch_copies = _segment_keys(segments, cache, scratch_start)
     assert len(writes) == length, "segments tile the forward's rows"
     all_copies = [*copies, *scratch_copies]
     src = [c.src + k for c in all_copies for k in range(c.count)]
@@ -149,4 +148,4 @@ def build_varlen(segments: Sequence[Segment], cache: KVCache, length: int, copie
     def long(values: list[int]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.long).to(device)
 
-    return VarlenLayout(long(writes), long(src) if src else None, long(dst) if dst else None, calls, tuple(keys))
+    return VarlenLayout(long(writes), long(src) if src else None, long(dst) if dst else None, calls)
