@@ -54,11 +54,13 @@ class WebhookReceiver:
                 length = min(int(self.headers.get("content-length") or 0), MAX_BODY_BYTES)
                 body = self.rfile.read(length)
                 status = receiver._next_status()
+                # Record before answering: once the sender has its status the delivery counts as
+                # done, so a check right after it must already see the request.
+                receiver._record(Received(self.path, {k.lower(): v for k, v in self.headers.items()},
+                                          body, status, time.time()))
                 self.send_response(status)
                 self.send_header("content-length", "0")
                 self.end_headers()
-                receiver._record(Received(self.path, {k.lower(): v for k, v in self.headers.items()},
-                                          body, status, time.time()))
 
             def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
                 return
