@@ -24,6 +24,8 @@ the projections around attention to ``llm.py``.
 from __future__ import annotations
 
 import importlib.util
+import inspect
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -33,6 +35,8 @@ import torch.nn.functional as F
 from bagel.errors import InputError
 from bagel.kv_cache import KVCache
 from bagel.packing import PackedBatch, UniformAttention
+
+logger = logging.getLogger(__name__)
 
 PAGE_SIZE = 256
 ATTENTION_MODES = ("auto", "sdpa", "varlen", "flash-attn")
@@ -160,8 +164,28 @@ def flash_attn_kernel(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Ten
                                   block_table=block_table)
 
 
+# The keyword arguments of torch's varlen_attn this module passes: the paged-cache form of the API
+# (PyTorch 2.13). Earlier releases shipped other signatures (a FA3-only `page_table` cache form,
+# no `enable_gqa`), which cannot take our layout.
+TORCH_VARLEN_KWARGS = ("window_size", "enable_gqa", "seqused_k", "block_table")
+
+
+def takes_paged_varlen_kwargs(fn: Callable) -> bool:
+    """Whether ``fn`` (a ``varlen_attn``) accepts every keyword this module passes it."""
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+    return all(name in params for name in TORCH_VARLEN_KWARGS)
+
+
 def has_torch_varlen() -> bool:
-    return importlib.util.find_spec("torch.nn.attention.varlen") is not None
+    """torch's ``varlen_attn`` exists and takes the paged form of its API."""
+    if importlib.util.find_spec("torch.nn.attention.varlen") is None:
+        return False
+    from torch.nn.attention.varlen import varlen_attn
+
+    return takes_paged_varlen_kwargs(varlen_attn)
 
 
 def has_flash_attn() -> bool:
@@ -185,6 +209,9 @@ def resolve_attention(mode: str | Attention, device: torch.device, dtype: torch.
         if device.type != "cuda" or not half:
             return SdpaAttention()
         mode = "flash-attn" if has_flash_attn() else "varlen" if has_torch_varlen() else "sdpa"
+        if mode == "sdpa":
+            logger.warning("attention: no paged variable-length kernel here (torch %s, no flash-attn): "
+                           "SDPA with dense masks instead", torch.__version__)
     if mode == "sdpa":
         return SdpaAttention()
     if device.type != "cuda" or not half:
@@ -196,6 +223,7 @@ def resolve_attention(mode: str | Attention, device: torch.device, dtype: torch.
                              "(pip install 'bagel-jobs[flash]'); 'varlen' needs nothing extra")
         return VarlenAttention(flash_attn_kernel, name="flash-attn")
     if not has_torch_varlen():
-        raise InputError(f"attention: 'varlen' needs torch >= 2.9 (torch.nn.attention.varlen), "
-                         f"this is {torch.__version__}")
+        raise InputError(f"attention: 'varlen' needs torch.nn.attention.varlen.varlen_attn taking "
+                         f"{', '.join(TORCH_VARLEN_KWARGS)} (torch 2.13), this is torch {torch.__version__}; "
+                         "install the flash extra and use 'flash-attn'")
     return VarlenAttention(torch_varlen_kernel)

@@ -228,3 +228,20 @@ def test_cuda_flash_kernels_equal_sdpa_in_bfloat16(golden_dir, mode):
         if "final_latent" in want:
             rel = ((have["final_latent"] - want["final_latent"]).norm() / want["final_latent"].norm()).item()
             assert rel < 0.05, rel  # bf16 kernels with other summation orders over 3 steps
+
+
+def test_torch_varlen_is_used_only_in_the_paged_form_of_its_api():
+    """Earlier torch releases shipped varlen_attn with other keywords (a page_table cache form,
+    no enable_gqa): those cannot take the paged layout, so 'auto' falls back and 'varlen' says why."""
+    from bagel.attention import has_torch_varlen, takes_paged_varlen_kwargs
+
+    def paged(q, k, v, cu_q, cu_k, max_q, max_k, *, window_size=(-1, -1), enable_gqa=False, seqused_k=None,
+              block_table=None):
+        return q
+
+    def cache_form(q, k, v, cu_q, cu_k, max_q, max_k, *, window_size=(-1, -1), k_cache=None, v_cache=None,
+                   page_table=None, seqused_k=None):
+        return q
+
+    assert takes_paged_varlen_kwargs(paged) and not takes_paged_varlen_kwargs(cache_form)
+    assert has_torch_varlen()  # torch 2.13, which the tests run on
