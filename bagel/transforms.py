@@ -1,6 +1,7 @@
 """Image handling around the model: decoding uploads, resizing, tensors in and out, latent layout.
 
-Owns: turning untrusted image bytes into a checked PIL picture (``load_image``), flattening alpha
+Owns: turning untrusted image bytes into a checked, upright PIL picture (``load_image`` applies
+the EXIF Orientation tag, as viewers do, so a phone's portrait photo is portrait), flattening alpha
 (``to_rgb``), the two resize rules (VAE: long edge ≤ 1024, short edge ≥ 512, sides a multiple of
 16; ViT: 980 / 224 / 14, both capped by a pixel budget), pixel ↔ tensor conversion in [-1, 1],
 ViT patch extraction with its 2-D position ids, and the packed ↔ grid layout of VAE latents.
@@ -29,7 +30,7 @@ import warnings
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from bagel.config import BagelConstants
 from bagel.errors import InputError
@@ -39,9 +40,11 @@ _FORMAT_NAMES = "PNG, JPEG or WebP"
 
 
 def load_image(data: bytes, *, field: str = "image", max_pixels: int = 40_000_000) -> Image.Image:
-    """Decode PNG/JPEG/WebP bytes fully and return an RGB or RGBA picture.
+    """Decode PNG/JPEG/WebP bytes fully and return an upright RGB or RGBA picture.
 
-    The pixel count is checked from the header before any pixel is decoded, so a small file that
+    Upright: the EXIF Orientation tag (a phone stores a portrait photo sideways and sets tag 6)
+    is applied to the pixels and removed, so the engine sees what a viewer shows. The pixel count
+    is checked from the header before any pixel is decoded, so a small file that
     claims a huge canvas (a decompression bomb) costs nothing. Raises ``InputError`` naming
     ``field`` for anything that is not a complete picture in an accepted format.
     """
@@ -68,6 +71,7 @@ def load_image(data: bytes, *, field: str = "image", max_pixels: int = 40_000_00
                          f"{max_pixels} pixel limit")
     try:
         img.load()
+        ImageOps.exif_transpose(img, in_place=True)
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise InputError(f"{field}: truncated or corrupt {img.format} image ({exc})") from exc
 

@@ -99,3 +99,37 @@ def test_field_name_is_carried():
     with pytest.raises(InvalidImage) as info:
         inspect_image(b"junk", field="product_file", **LIMITS)
     assert info.value.field == "product_file" and str(info.value).startswith("product_file:")
+
+
+def oriented_jpeg(size: tuple[int, int], orientation: int) -> bytes:
+    """A JPEG stored at ``size`` whose EXIF says to display it with ``orientation`` applied."""
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    buf = io.BytesIO()
+    Image.new("RGB", size, (20, 40, 200)).save(buf, format="JPEG", exif=exif.tobytes())
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize(("orientation", "upright"), [(1, (384, 192)), (3, (384, 192)), (6, (192, 384)),
+                                                      (8, (192, 384))])
+def test_reported_size_is_the_upright_size(orientation, upright):
+    info = inspect_image(oriented_jpeg((384, 192), orientation), **LIMITS)
+    assert (info.width, info.height) == upright
+
+
+def test_orientation_is_read_from_a_png_exif_chunk():
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buf = io.BytesIO()
+    Image.new("RGB", (384, 192), (20, 40, 200)).save(buf, format="PNG", exif=exif.tobytes())
+    info = inspect_image(buf.getvalue(), **LIMITS)
+    assert (info.width, info.height) == (192, 384)
+
+
+def test_side_limit_names_the_upright_size():
+    sideways = oriented_jpeg((4000, 100), 6)
+    with pytest.raises(ImageTooLarge, match=r"file: 100x4000 px exceeds the 3000 px per side limit"):
+        inspect_image(sideways, max_bytes=1_000_000, max_pixels=4_000_000, max_side_px=3000)
+    too_many = r"file: 100x4000 px = 400,000 pixels exceeds the 300,000 pixel limit"
+    with pytest.raises(ImageTooLarge, match=too_many):
+        inspect_image(sideways, max_bytes=1_000_000, max_pixels=300_000, max_side_px=5000)

@@ -4,6 +4,7 @@ tensor conversions, ViT patch order and the packed latent layout."""
 import io
 import struct
 import zlib
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -12,8 +13,11 @@ import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import load_file
 
-from bagel.config import BagelConstants
+from bagel.config import BagelConstants, GenerationParams
+from bagel.engine import Engine
 from bagel.errors import InputError
+from bagel.loading import load_checkpoint
+from bagel.requests import Request
 from bagel.transforms import (
     grid_position_ids,
     image_to_tensor,
@@ -158,6 +162,47 @@ def test_jpeg_and_webp_decode_to_rgb(fmt):
     img = load_image(_encoded(Image.new("RGB", (40, 30), (250, 120, 0)), fmt))
     assert img.mode == "RGB" and img.size == (40, 30)
     assert np.abs(np.asarray(img, dtype=np.int16) - (250, 120, 0)).max() <= 8
+
+
+
+def _oriented_jpeg(size: tuple[int, int], orientation: int) -> bytes:
+    """A blue JPEG stored at ``size`` with a red 32x32 top-left corner (as stored) and an EXIF
+    Orientation tag."""
+    img = Image.new("RGB", size, (20, 40, 200))
+    img.paste((230, 20, 20), (0, 0, 32, 32))
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", exif=exif.tobytes())
+    return buf.getvalue()
+
+
+def _is_red(img: Image.Image, xy: tuple[int, int]) -> bool:
+    return bool(np.abs(np.asarray(img.getpixel(xy), dtype=np.int16) - (230, 20, 20)).max() <= 24)
+
+
+@pytest.mark.parametrize(("orientation", "upright", "red_corner"), [
+    (1, (384, 192), (16, 16)),     # as stored: the corner stays top-left
+    (3, (384, 192), (367, 175)),   # 180°: top-left goes bottom-right
+    (6, (192, 384), (175, 16)),    # 90° clockwise: top-left goes top-right
+])
+def test_load_image_applies_the_exif_orientation(orientation, upright, red_corner):
+    img = load_image(_oriented_jpeg((384, 192), orientation), field="images[0]")
+    assert img.mode == "RGB" and img.size == upright
+    assert _is_red(img, red_corner)
+    assert not _is_red(img, (16, 16)) or orientation == 1
+    assert img.getexif().get(0x0112) in (None, 1)  # applied once: no tag left to apply again
+
+
+def test_an_edit_of_a_portrait_photo_stored_sideways_comes_out_portrait(golden_dir):
+    checkpoint = load_checkpoint(golden_dir, device="cpu", dtype=torch.float32)
+    consts = replace(checkpoint.config.constants, vae_min_px=64, vit_min_px=64)
+    engine = Engine(replace(checkpoint, config=replace(checkpoint.config, constants=consts)))
+    photo = load_image(_oriented_jpeg((128, 64), 6), field="images[0]")
+    request = Request("edit", "make it red", images=[photo],
+                      params=GenerationParams.for_task("edit", seed=1, num_timesteps=2))
+    (result,) = engine.run([request])
+    assert result.image.size == (64, 128)
 
 
 def test_vit_patches_follow_the_conv_patch_embedding_order():

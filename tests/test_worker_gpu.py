@@ -55,3 +55,27 @@ def test_a_job_asking_for_taylorseer_gets_it_and_its_neighbour_does_not(make_set
     assert exact.stats["denoise_blocks_cached"] == 0
     # 8 steps, three CFG branches each: full at 0-4 and 7, predicted at 5 and 6
     assert (cached.stats["denoise_blocks_full"], cached.stats["denoise_blocks_cached"]) == (18, 6)
+
+
+def _png_chunk_types(png: bytes) -> list[bytes]:
+    types, pos = [], 8
+    while pos < len(png):
+        length = int.from_bytes(png[pos:pos + 4], "big")
+        types.append(png[pos + 4:pos + 8])
+        pos += 12 + length
+    return types
+
+
+def test_a_result_png_carries_no_metadata_from_its_input(make_settings, service_model):
+    holder = EngineHolder(make_settings(model_path=str(service_model), device="cpu"))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    exif[0x010E] = "a caption the product photo came with"  # ImageDescription
+    buf = io.BytesIO()
+    Image.new("RGB", (128, 64), (180, 30, 30)).save(buf, format="JPEG", exif=exif.tobytes())
+    (out,) = holder.run([_tryon("meta", buf.getvalue(), 1)], progress=lambda *a: None,
+                        should_cancel=lambda i: False)
+    assert out.error_code is None
+    assert set(_png_chunk_types(out.png)) == {b"IHDR", b"IDAT", b"IEND"}  # no eXIf, tEXt, iCCP
+    result = Image.open(io.BytesIO(out.png))
+    assert dict(result.getexif()) == {} and result.text == {}

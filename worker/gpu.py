@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+from PIL import Image
 
 from bagel.config import GenerationParams
 from bagel.errors import BagelError, CheckpointError, InputError, MemoryBudgetError
@@ -326,8 +327,12 @@ def _to_output(result: Result) -> JobOutput:
         return JobOutput(canceled=True, model_seconds=seconds, stats=dict(result.stats))
     png = None
     if result.image is not None:
+        # Saved from a fresh image: PNG save carries ``info`` over (an ICC profile, transparency),
+        # and a stored result must hold pixels only, nothing that came in with an input picture.
+        image = result.image
+        bare = Image.frombytes(image.mode, image.size, image.tobytes())
         buf = io.BytesIO()
-        result.image.save(buf, format="PNG")
+        bare.save(buf, format="PNG")
         png = buf.getvalue()
     return JobOutput(png=png, text=result.text, think_text=result.think_text, model_seconds=seconds,
                      stats=dict(result.stats))
