@@ -70,6 +70,24 @@ def _limit_of(err: dict[str, Any]) -> str:
     return ""
 
 
+def _json_error_message(err: dict[str, Any], document: Any) -> str:
+    """``body: invalid JSON at line L, column C: <parser message>``. FastAPI puts the character
+    offset last in ``loc`` and the parser's message in ``ctx.error``; the document gives line and
+    column (counted from 1, as Python's ``json`` does)."""
+    loc = err.get("loc") or ()
+    position = loc[-1] if loc and isinstance(loc[-1], int) else None
+    reason = (err.get("ctx") or {}).get("error") or err.get("msg", "invalid")
+    if position is None:
+        return f"body: invalid JSON: {reason}"
+    if isinstance(document, bytes | bytearray):
+        document = document.decode("utf-8", "replace")
+    if not isinstance(document, str):
+        return f"body: invalid JSON at character {position}: {reason}"
+    line = document.count("\n", 0, position) + 1
+    column = position - document.rfind("\n", 0, position)
+    return f"body: invalid JSON at line {line}, column {column}: {reason}"
+
+
 def install(app: FastAPI) -> None:
     """Register the handlers on ``app``."""
 
@@ -84,6 +102,9 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:
         first = exc.errors()[0]
+        if first.get("type") == "json_invalid":
+            return JSONResponse(error_body("invalid_input", _json_error_message(first, exc.body), "body"),
+                                status_code=422)
         field = _field_of(tuple(first.get("loc", ())))
         value = first.get("input")
         shown = "" if isinstance(value, dict | list) or value is None else f" (got {value!r:.80})"

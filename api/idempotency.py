@@ -20,6 +20,7 @@ from sqlalchemy.orm import Session
 
 from worker.errors import IdempotencyConflict, InvalidParameter
 from worker.models import IdempotencyRecord, utcnow
+from worker.params import check_text
 
 MAX_KEY_CHARS = 255
 REPLAY_HEADER = "Idempotent-Replayed"
@@ -37,6 +38,8 @@ def check_key(key: str | None) -> str | None:
     if key is not None and not 1 <= len(key) <= MAX_KEY_CHARS:
         raise InvalidParameter(f"Idempotency-Key: {len(key)} characters is outside 1..{MAX_KEY_CHARS}",
                                field="Idempotency-Key")
+    if key is not None:
+        check_text(key, "Idempotency-Key", allow_whitespace=False)
     return key
 
 

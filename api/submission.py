@@ -66,7 +66,14 @@ def _spec(settings: Settings, owned: set[str], *, task: str, prompt: str, file_i
                    width=out_w, height=out_h, metadata=params.check_metadata(metadata))
 
 
+def _check_file_ids(file_ids: Sequence[str], field: str) -> None:
+    """Ids are looked up in the database, which cannot take a NUL: refuse control characters first."""
+    for i, file_id in enumerate(file_ids):
+        params.check_text(file_id, f"{field}[{i}]", allow_whitespace=False)
+
+
 def job_spec(session: Session, settings: Settings, tenant_id: str, body: JobIn) -> JobSpec:
+    _check_file_ids(body.input_file_ids, "input_file_ids")
     owned = set(jobs.files_by_ids(session, tenant_id, body.input_file_ids))
     return _spec(settings, owned, task=body.task, prompt=body.prompt, file_ids=body.input_file_ids,
                  think=body.think, width=body.width, height=body.height, seed=body.seed,
@@ -77,6 +84,10 @@ def batch_specs(session: Session, settings: Settings, tenant_id: str, body: Batc
     if len(body.items) > settings.max_batch_items:
         raise BatchTooLarge(f"items: {len(body.items)} items exceeds the {settings.max_batch_items} item limit",
                             field="items")
+    for i, item in enumerate(body.items):
+        _check_file_ids(item.input_file_ids or [], f"items[{i}].input_file_ids")
+    if body.product_file:
+        params.check_text(body.product_file, "product_file", allow_whitespace=False)
     wanted = {fid for item in body.items for fid in (item.input_file_ids or [])}
     if body.product_file:
         wanted.add(body.product_file)

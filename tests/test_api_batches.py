@@ -93,6 +93,31 @@ def test_one_bad_item_refuses_the_whole_batch(api_stack):
     assert api_stack.snapshot() == before
 
 
+def test_control_characters_anywhere_in_a_batch_are_422s_naming_the_field(api_stack):
+    product = api_stack.upload_png()
+    before = api_stack.snapshot()
+    cases = []
+    body = tryon_body(product)
+    body["items"][3]["prompt"] = "on a \u0000 beach"
+    cases.append((body, "items[3].prompt", "items[3].prompt: contains the control character U+0000 at position 5"))
+    body = tryon_body(product)
+    body["items"][1]["metadata"] = {"shot": {"sku": "M\u00001"}}
+    cases.append((body, "items[1].metadata.shot.sku",
+                  "items[1].metadata.shot.sku: contains the control character U+0000 at position 1"))
+    cases.append((tryon_body(product, metadata={"campaign": "spr\u001bing"}), "metadata.campaign",
+                  "metadata.campaign: contains the control character U+001B at position 3"))
+    cases.append((tryon_body(product, webhook_url="http://127.0.0.1:9/\u0000"), "webhook_url",
+                  "webhook_url: contains the control character U+0000 at position 19"))
+    cases.append((tryon_body(product + "\u0000"), "product_file",
+                  f"product_file: contains the control character U+0000 at position {len(product)}"))
+    for body, field, message in cases:
+        r = api_stack.client.post("/v1/batches", json=body, headers=api_stack.auth())
+        assert r.status_code == 422, r.text
+        error = r.json()["error"]
+        assert (error["field"], error["message"]) == (field, message)
+    assert api_stack.snapshot() == before
+
+
 def test_cancel_batch_and_tenant_isolation(api_stack):
     product = api_stack.upload_png()
     batch = api_stack.client.post("/v1/batches", json=tryon_body(product), headers=api_stack.auth()).json()

@@ -73,6 +73,26 @@ def test_bad_images_are_refused_and_nothing_is_stored(api_stack, data, status, c
     assert api_stack.snapshot() == before
 
 
+def raw_upload(stack, filename: bytes, data: bytes):
+    """A multipart upload with the filename's bytes as sent (httpx would percent-encode a NUL)."""
+    boundary = b"b0undary"
+    body = (b"--" + boundary + b'\r\nContent-Disposition: form-data; name="file"; filename="' + filename
+            + b'"\r\nContent-Type: application/octet-stream\r\n\r\n' + data + b"\r\n--" + boundary + b"--\r\n")
+    return stack.client.post("/v1/files", content=body, headers={
+        **stack.auth(), "Content-Type": f"multipart/form-data; boundary={boundary.decode()}"})
+
+
+def test_control_characters_are_removed_from_the_filename_before_storing(api_stack):
+    r = raw_upload(api_stack, b"shoe\x00\x01.png" + b"x" * 300, encode("PNG"))
+    assert r.status_code == 201, r.text
+    assert r.json()["filename"] == ("shoe.png" + "x" * 300)[:255]
+    assert api_stack.row_counts()["files"] == 1  # one object, one row: nothing orphaned
+    assert api_stack.stored_objects() == [f"inputs/{api_stack.tenant_id}/{r.json()['sha256']}"]
+    only_controls = raw_upload(api_stack, b"\x00\x1f", encode("JPEG"))
+    assert only_controls.status_code == 201 and only_controls.json()["filename"] is None
+    assert api_stack.row_counts()["files"] == len(api_stack.stored_objects()) == 2
+
+
 def test_byte_limit_is_enforced(api_stack, make_settings):
     from fastapi.testclient import TestClient
 

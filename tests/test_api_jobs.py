@@ -85,6 +85,23 @@ def test_tryon_edit_and_understand_jobs_take_files(api_stack):
      "webhook_url: scheme 'ftp' is not allowed"),
     ({"task": "generate", "prompt": "x", "metadata": {"blob": "x" * 20000}}, "metadata",
      "metadata: 20,011 bytes of JSON exceeds the 16,384 byte limit"),
+    # Control characters: Postgres cannot store NUL, so each text field refuses them up front.
+    ({"task": "generate", "prompt": "hello\u0000world"}, "prompt",
+     "prompt: contains the control character U+0000 at position 5"),
+    ({"task": "generate", "prompt": "bell\u0007"}, "prompt",
+     "prompt: contains the control character U+0007 at position 4"),
+    ({"task": "generate", "prompt": "x", "metadata": {"product": {"sku": "A\u0000B"}}}, "metadata.product.sku",
+     "metadata.product.sku: contains the control character U+0000 at position 1"),
+    ({"task": "generate", "prompt": "x", "metadata": {"tags": ["ok", "b\u0000"]}}, "metadata.tags[1]",
+     "metadata.tags[1]: contains the control character U+0000 at position 1"),
+    ({"task": "generate", "prompt": "x", "metadata": {"s\u0000ku": 1}}, "metadata",
+     "metadata: key 's\\x00ku' contains the control character U+0000 at position 1"),
+    ({"task": "generate", "prompt": "x", "webhook_url": "https://example.com/\u0000hook"}, "webhook_url",
+     "webhook_url: contains the control character U+0000 at position 20"),
+    ({"task": "generate", "prompt": "x", "webhook_url": "https://example.com/a\tb"}, "webhook_url",
+     "webhook_url: contains the control character U+0009 at position 21"),
+    ({"task": "edit", "prompt": "x", "input_file_ids": ["f\u0000"]}, "input_file_ids[0]",
+     "input_file_ids[0]: contains the control character U+0000 at position 1"),
 ])
 def test_bad_parameters_are_422_naming_the_field_and_nothing_is_stored_or_enqueued(api_stack, body, field, message):
     before = api_stack.snapshot()
@@ -100,6 +117,33 @@ def test_malformed_json_is_a_422_not_a_500(api_stack):
     r = api_stack.client.post("/v1/jobs", content=b"{not json", headers={**api_stack.auth(),
                                                                         "Content-Type": "application/json"})
     assert r.status_code == 422 and r.json()["error"]["code"] == "invalid_input"
+
+
+def test_malformed_json_names_the_body_and_where_the_error_is(api_stack):
+    before = api_stack.snapshot()
+    r = api_stack.client.post("/v1/jobs", content=b'{"task": "generate",\n "prompt": "x" "seed": 1}',
+                              headers={**api_stack.auth(), "Content-Type": "application/json"})
+    assert r.status_code == 422, r.text
+    assert r.json()["error"] == {"code": "invalid_input", "field": "body",
+                                 "message": "body: invalid JSON at line 2, column 16: Expecting ',' delimiter"}
+    assert api_stack.snapshot() == before
+
+
+def test_tabs_and_newlines_are_kept_in_prompts_and_metadata(api_stack):
+    r = submit(api_stack, {"task": "generate", "prompt": "line one\n\tline two\r\n", "width": 32, "height": 32,
+                           "metadata": {"note": "a\tb\nc"}})
+    assert r.status_code == 202, r.text
+    assert r.json()["prompt"] == "line one\n\tline two\r\n" and r.json()["metadata"] == {"note": "a\tb\nc"}
+
+
+def test_control_characters_in_the_idempotency_key_are_refused(api_stack):
+    before = api_stack.snapshot()
+    r = api_stack.client.post("/v1/jobs", json={"task": "generate", "prompt": "x"},
+                              headers={**api_stack.auth(), "Idempotency-Key": "k\x01"})
+    assert r.status_code == 422, r.text
+    assert r.json()["error"] == {"code": "invalid_parameter", "field": "Idempotency-Key",
+                                 "message": "Idempotency-Key: contains the control character U+0001 at position 1"}
+    assert api_stack.snapshot() == before
 
 
 def test_private_webhook_targets_are_refused_unless_allowed(api_stack):

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
-from worker.errors import InvalidParameter, InvalidWebhookUrl
+from worker.errors import InvalidInput, InvalidParameter, InvalidWebhookUrl
 
 TASKS = ("generate", "edit", "understand", "tryon")
 IMAGE_OUTPUT_TASKS = ("generate", "edit", "tryon")
@@ -32,6 +32,7 @@ MAX_URL_CHARS = 2048
 SIDE_MULTIPLE_PX = 16
 MIN_SIDE_PX = 16
 SEED_MAX = 2**63 - 1
+_TEXT_WHITESPACE = "\t\n\r"
 
 # Images each task takes: (minimum, maximum).
 INPUT_IMAGES = {"generate": (0, 0), "edit": (1, 1), "tryon": (1, 1), "understand": (1, 4)}
@@ -108,13 +109,28 @@ def engine_prompt(task: str, prompt: str) -> str:
     return TRYON_TEMPLATE.format(scene=prompt) if task == "tryon" else prompt
 
 
+def check_text(text: str, field: str, *, allow_whitespace: bool = True, what: str = "",
+               error: type[InvalidInput] = InvalidParameter) -> str:
+    """Refuse C0 control characters (U+0000..U+001F) in any text that reaches the database:
+    Postgres cannot store NUL, and the others are never meant in a prompt, a key or a URL.
+    ``allow_whitespace`` lets tab, newline and carriage return through (prompts, metadata
+    values); ``what`` names the text inside the field (a metadata key). Positions count from 0."""
+    allowed = _TEXT_WHITESPACE if allow_whitespace else ""
+    for position, char in enumerate(text):
+        if char < " " and char not in allowed:
+            subject = f"{what} " if what else ""
+            raise error(f"{field}: {subject}contains the control character U+{ord(char):04X} at position "
+                        f"{position}", field=field)
+    return text
+
+
 def check_prompt(prompt: Any, field: str = "prompt") -> str:
     if not isinstance(prompt, str) or not prompt.strip():
         raise InvalidParameter(f"{field}: must be a non-empty string", field=field)
     if len(prompt) > MAX_PROMPT_CHARS:
         raise InvalidParameter(f"{field}: {len(prompt)} characters exceeds the {MAX_PROMPT_CHARS} limit",
                                field=field)
-    return prompt
+    return check_text(prompt, field)
 
 
 def _check_number(name: str, value: Any, rng: Range, field: str) -> Any:
@@ -211,7 +227,22 @@ def check_metadata(metadata: Any, field: str = "metadata") -> dict[str, Any]:
     if size > MAX_METADATA_BYTES:
         raise InvalidParameter(f"{field}: {size:,} bytes of JSON exceeds the {MAX_METADATA_BYTES:,} byte limit",
                                field=field)
+    _check_metadata_text(metadata, field)
     return metadata
+
+
+def _check_metadata_text(value: Any, field: str) -> None:
+    """Keys (no control characters at all) and string values (tab/newline/CR allowed), at any
+    depth; the field is the path to the value (``metadata.tags[2]``)."""
+    if isinstance(value, str):
+        check_text(value, field)
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            check_text(str(key), field, allow_whitespace=False, what=f"key {str(key)!r}")
+            _check_metadata_text(item, f"{field}.{key}")
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            _check_metadata_text(item, f"{field}[{i}]")
 
 
 def _is_private(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
@@ -230,6 +261,7 @@ def check_webhook_url(url: str | None, *, allow_private: bool, resolve_dns: bool
         return None
     if len(url) > MAX_URL_CHARS:
         raise InvalidWebhookUrl(f"{field}: {len(url)} characters exceeds the {MAX_URL_CHARS} limit", field=field)
+    check_text(url, field, allow_whitespace=False, error=InvalidWebhookUrl)
     try:
         parts = urlsplit(url)
         port = parts.port

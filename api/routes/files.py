@@ -23,7 +23,17 @@ from worker.storage import input_key
 
 router = APIRouter(prefix="/v1/files", tags=["files"])
 MULTIPART_OVERHEAD_BYTES = 64 * 1024
+MAX_FILENAME_CHARS = 255
 ROUTE = "POST /v1/files"
+_CONTROL_CHARS = dict.fromkeys([*range(0x20), 0x7F])
+
+
+def clean_filename(filename: str | None) -> str | None:
+    """The client's filename as recorded: control characters removed (Postgres cannot store NUL,
+    and none belongs in a name), cut to 255 characters; None when nothing is left. Done before
+    the image is stored, so no refusal can follow the object write."""
+    cleaned = (filename or "").translate(_CONTROL_CHARS)[:MAX_FILENAME_CHARS]
+    return cleaned or None
 
 
 def _refuse_oversized(request: Request, limit: int) -> None:
@@ -41,7 +51,8 @@ def upload_file(request: Request, tenant: TenantDep, session: SessionDep, settin
     _refuse_oversized(request, settings.max_upload_bytes)
     key = idempotency.check_key(idempotency_key)
     data = file.file.read(settings.max_upload_bytes + 1)
-    digest = idempotency.fingerprint(data + b"\0" + (file.filename or "").encode())
+    filename = clean_filename(file.filename)
+    digest = idempotency.fingerprint(data + b"\0" + (filename or "").encode())
     if (previous := idempotency.replay(session, tenant.id, key, ROUTE, digest)) is not None:
         return previous
     info = inspect_image(data, max_bytes=settings.max_upload_bytes, max_pixels=settings.max_image_pixels,
@@ -54,7 +65,7 @@ def upload_file(request: Request, tenant: TenantDep, session: SessionDep, settin
         row = jobs.add_file(session, tenant.id, sha256=info.sha256, storage_key=storage_key,
                             content_type=info.content_type, fmt=info.format, width=info.width,
                             height=info.height, size_bytes=info.size_bytes,
-                            filename=(file.filename or None) and file.filename[:255], commit=False)
+                            filename=filename, commit=False)
     except IntegrityError:  # the same content uploaded concurrently: use the winner's row
         session.rollback()
         row = jobs.files_by_sha256(session, tenant.id, info.sha256)
