@@ -10,14 +10,19 @@ Owns: the two ways a forward's attention runs and the choice between them.
   * ``VarlenAttention`` (CUDA in bf16/fp16): variable-length flash kernels over the paged
     cache — no dense mask and no score matrix, GQA native, every segment of the forward in one
     call (two when a prefill mixes causal text with image blocks). The kernel is
-    ``torch.nn.attention.varlen.varlen_attn`` (FlashAttention inside PyTorch ≥ 2.9), or
+    ``torch.nn.attention.varlen.varlen_attn`` (FlashAttention inside PyTorch), or
     ``flash_attn.flash_attn_varlen_func`` when the optional ``flash-attn`` package is
     installed; both take the same metadata (``paged.py``). Pages are ``PAGE_SIZE`` slots, the
-    smallest block the FlashAttention-2 paged kernels accept.
-A kernel is any callable ``kernel(q, k_pages, v_pages, cu_seq_q, cu_seq_k, max_q, max_k, *,
+    smallest block the FlashAttention-2 paged kernels accept. PyTorch 2.13's ``varlen_attn``
+    reads the pages through block tables; 2.11's takes contiguous keys only, so there each
+    call first gathers its keys out of the pages (``VarlenCall.key_slots``: one copy of the
+    call's keys per layer, a few percent of a step's time) — ``varlen-gather``.
+A paged kernel is any callable ``kernel(q, k_pages, v_pages, cu_seq_q, cu_seq_k, max_q, max_k, *,
 causal, seqused_k, block_table) -> out`` with q/out ``[Tq, H, D]`` and pages ``[P, page, Hkv, D]``
-(causal: the mask aligned bottom-right, as flash kernels do), so a test can hand the exact
-metadata to a reference implementation. Leaves the layouts to ``packing.py``/``paged.py`` and
+(causal: the mask aligned bottom-right, as flash kernels do); a gathering kernel is
+``kernel(q, keys, values, cu_seq_q, cu_seq_k, max_q, max_k, *, causal)`` with keys/values
+``[Tk, Hkv, D]`` packed segment after segment. A test can hand the exact metadata to a
+reference implementation of either. Leaves the layouts to ``packing.py``/``paged.py`` and
 the projections around attention to ``llm.py``.
 """
 
@@ -56,6 +61,7 @@ class SdpaAttention:
 
     page_size: int | None = None
     name = "sdpa"
+    gathers_keys = False
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: PackedBatch,
                  cache: KVCache | None, layer: int) -> torch.Tensor:
@@ -117,6 +123,7 @@ class VarlenAttention:
     kernel: VarlenKernel
     name: str = "varlen"
     page_size: int = PAGE_SIZE
+    gathers_keys: bool = False  # the kernel takes contiguous keys (see the module docstring)
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: PackedBatch,
                  cache: KVCache | None, layer: int) -> torch.Tensor:
@@ -127,13 +134,17 @@ class VarlenAttention:
         if lay.copy_src is not None:
             cache.copy_rows(layer, lay.copy_src, lay.copy_dst)
         cache.write_rows(layer, lay.write_slots, k, v)
-        k_pages, v_pages = cache.pages(layer)
+        k_pages, v_pages = (None, None) if self.gathers_keys else cache.pages(layer)
         out = None
         for call in lay.calls:
-            q_call = q if call.rows is None else q.index_select(0, call.rows)
-            o = self.kernel(q_call.contiguous(), k_pages, v_pages, call.cu_seq_q, call.cu_seq_k, call.max_q,
-                            call.max_k, causal=call.causal, seqused_k=call.seqused_k,
-                            block_table=call.block_table)
+            q_call = (q if call.rows is None else q.index_select(0, call.rows)).contiguous()
+            if self.gathers_keys:
+                keys, values = cache.gather(layer, call.key_slots)
+                o = self.kernel(q_call, keys, values, call.cu_seq_q, call.cu_seq_k, call.max_q, call.max_k,
+                                causal=call.causal)
+            else:
+                o = self.kernel(q_call, k_pages, v_pages, call.cu_seq_q, call.cu_seq_k, call.max_q, call.max_k,
+                                causal=call.causal, seqused_k=call.seqused_k, block_table=call.block_table)
             if call.rows is None:
                 return o.reshape(n, h * d)
             if out is None:
@@ -153,6 +164,15 @@ def torch_varlen_kernel(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.T
                        seqused_k=seqused_k, block_table=block_table)
 
 
+def torch_varlen_gather_kernel(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, cu_seq_q: torch.Tensor,
+                               cu_seq_k: torch.Tensor, max_q: int, max_k: int, *, causal: bool) -> torch.Tensor:
+    """``varlen_attn`` of PyTorch 2.11 (contiguous keys; grouped-query heads taken as they are)."""
+    from torch.nn.attention.varlen import varlen_attn
+
+    return varlen_attn(q, keys, values, cu_seq_q, cu_seq_k, max_q, max_k,
+                       window_size=(-1, 0) if causal else (-1, -1))
+
+
 def flash_attn_kernel(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor, cu_seq_q: torch.Tensor,
                       cu_seq_k: torch.Tensor, max_q: int, max_k: int, *, causal: bool,
                       seqused_k: torch.Tensor, block_table: torch.Tensor) -> torch.Tensor:
@@ -165,27 +185,41 @@ def flash_attn_kernel(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Ten
 
 
 # The keyword arguments of torch's varlen_attn this module passes: the paged-cache form of the API
-# (PyTorch 2.13). Earlier releases shipped other signatures (a FA3-only `page_table` cache form,
-# no `enable_gqa`), which cannot take our layout.
+# (PyTorch 2.13). PyTorch 2.11 has the contiguous form (``window_size``, no ``block_table``), used
+# with gathered keys; other releases shipped other signatures (a FA3-only ``page_table`` cache
+# form, an ``is_causal`` flag), which are not used.
 TORCH_VARLEN_KWARGS = ("window_size", "enable_gqa", "seqused_k", "block_table")
+TORCH_VARLEN_GATHER_KWARGS = ("window_size",)
 
 
-def takes_paged_varlen_kwargs(fn: Callable) -> bool:
-    """Whether ``fn`` (a ``varlen_attn``) accepts every keyword this module passes it."""
+def _takes(fn: Callable, names: tuple[str, ...]) -> bool:
     try:
         params = inspect.signature(fn).parameters
     except (TypeError, ValueError):
         return False
-    return all(name in params for name in TORCH_VARLEN_KWARGS)
+    return all(name in params for name in names)
+
+
+def varlen_form(fn: Callable) -> str | None:
+    """Which form of torch's ``varlen_attn`` ``fn`` is: ``"paged"`` (block tables, 2.13),
+    ``"gather"`` (contiguous keys with ``window_size``, 2.11), or None (not usable)."""
+    if _takes(fn, TORCH_VARLEN_KWARGS):
+        return "paged"
+    return "gather" if _takes(fn, TORCH_VARLEN_GATHER_KWARGS) else None
+
+
+def torch_varlen_form() -> str | None:
+    """The form of this torch's ``varlen_attn`` (``varlen_form``), None without one."""
+    if importlib.util.find_spec("torch.nn.attention.varlen") is None:
+        return None
+    from torch.nn.attention.varlen import varlen_attn
+
+    return varlen_form(varlen_attn)
 
 
 def has_torch_varlen() -> bool:
-    """torch's ``varlen_attn`` exists and takes the paged form of its API."""
-    if importlib.util.find_spec("torch.nn.attention.varlen") is None:
-        return False
-    from torch.nn.attention.varlen import varlen_attn
-
-    return takes_paged_varlen_kwargs(varlen_attn)
+    """torch's ``varlen_attn`` exists in a form this module can call."""
+    return torch_varlen_form() is not None
 
 
 def has_flash_attn() -> bool:
@@ -210,7 +244,7 @@ def resolve_attention(mode: str | Attention, device: torch.device, dtype: torch.
             return SdpaAttention()
         mode = "flash-attn" if has_flash_attn() else "varlen" if has_torch_varlen() else "sdpa"
         if mode == "sdpa":
-            logger.warning("attention: no paged variable-length kernel here (torch %s, no flash-attn): "
+            logger.warning("attention: no variable-length kernel here (torch %s, no flash-attn): "
                            "SDPA with dense masks instead", torch.__version__)
     if mode == "sdpa":
         return SdpaAttention()
@@ -222,8 +256,11 @@ def resolve_attention(mode: str | Attention, device: torch.device, dtype: torch.
             raise InputError("attention: 'flash-attn' needs the flash-attn package "
                              "(pip install 'bagel-jobs[flash]'); 'varlen' needs nothing extra")
         return VarlenAttention(flash_attn_kernel, name="flash-attn")
-    if not has_torch_varlen():
+    form = torch_varlen_form()
+    if form is None:
         raise InputError(f"attention: 'varlen' needs torch.nn.attention.varlen.varlen_attn taking "
-                         f"{', '.join(TORCH_VARLEN_KWARGS)} (torch 2.13), this is torch {torch.__version__}; "
-                         "install the flash extra and use 'flash-attn'")
+                         f"{', '.join(TORCH_VARLEN_KWARGS)} (torch 2.13) or {', '.join(TORCH_VARLEN_GATHER_KWARGS)} "
+                         f"(torch 2.11), this is torch {torch.__version__}; install the flash extra and use 'flash-attn'")
+    if form == "gather":
+        return VarlenAttention(torch_varlen_gather_kernel, name="varlen-gather", gathers_keys=True)
     return VarlenAttention(torch_varlen_kernel)

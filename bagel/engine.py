@@ -154,7 +154,8 @@ class Engine:
         self.attention = resolve_attention(attention, checkpoint.device, checkpoint.dtype)
         self.model.language_model.model.attention = self.attention
         self._memory_model = MemoryModel(checkpoint.config, checkpoint.dtype, max_rows_per_forward,
-                                         page_size=self.attention.page_size)
+                                         page_size=self.attention.page_size,
+                                         gathers_keys=self.attention.gathers_keys)
 
     @classmethod
     def load(cls, path: str | Path, quantization: str = "none", device: str | torch.device = "auto",

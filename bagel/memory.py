@@ -20,7 +20,8 @@ The model (bytes, ``e`` = bytes per element of the engine dtype):
     ``H · q · k · 4`` and its gathered keys and values ``2 · k · Hkv · D · e`` (the kernels may
     tile the scores, so this is an upper bound); a prefill attends one segment at a time, so
     its widest segment counts. Variable-length flash kernels materialise no scores: only
-    their float32 log-sum-exp, ``H · rows · 4``;
+    their float32 log-sum-exp, ``H · rows · 4`` (and, when the kernel gathers its keys out of
+    the pages, one layer's copy of a call's keys and values ``2 · k · Hkv · D · e``);
   * a paged cache (the flash kernels') starts every allocation on a page and copies a fork's
     partial last page: up to one page of slots per allocation;
   * latents: per image, x and up to four velocity buffers in float32;
@@ -87,11 +88,12 @@ class MemoryModel:
     """Turns footprints into bytes for one checkpoint, dtype and forward-size limit."""
 
     def __init__(self, config: ModelConfig, dtype: torch.dtype, max_rows_per_forward: int, *,
-                 page_size: int | None = None) -> None:
+                 page_size: int | None = None, gathers_keys: bool = False) -> None:
         llm, vae = config.llm, config.vae
         e = torch.empty((), dtype=dtype).element_size()
         self.elem = e
         self.page_size = page_size
+        self.gathers_keys = gathers_keys
         self.heads = llm.num_attention_heads
         self.hidden = llm.hidden_size
         self.kv_row_bytes = 2 * llm.num_key_value_heads * llm.head_dim * e  # one layer's key + value
@@ -115,8 +117,13 @@ class MemoryModel:
 
     def attention_bytes(self, footprints: Sequence[Footprint], rows: int) -> int:
         """The attention's transients beyond the per-row activations (see the module docstring)."""
-        if self.page_size is not None:  # flash kernels: only the log-sum-exp
-            return 4 * self.heads * rows
+        if self.page_size is not None:  # flash kernels: only the log-sum-exp (and gathered keys)
+            gathered = 0
+            if self.gathers_keys:
+                keys = max(sum(k for f in footprints for _, k in f.loop_segments),
+                           max((f.widest_segment[1] for f in footprints), default=0))
+                gathered = keys * self.kv_row_bytes
+            return 4 * self.heads * rows + gathered
         call = sum(4 * self.heads * q * k + k * self.kv_row_bytes
                    for f in footprints for q, k in f.loop_segments)
         q, k = max((f.widest_segment for f in footprints), key=lambda s: s[0] * s[1], default=(0, 0))

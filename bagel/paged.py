@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from typing import TYPE_CHECKING
 
 import torch
@@ -47,6 +48,20 @@ class VarlenCall:
     block_table: torch.Tensor  # [n, max pages]
     max_q: int
     max_k: int
+    total_k: int  # sum of seqused_k
+    page_size: int
+
+    @cached_property
+    def key_slots(self) -> torch.Tensor:
+        """The cache slot of every key of the call, segment after segment ``[total_k]`` (long,
+        on the device): what a kernel without block tables reads through ``KVCache.gather``.
+        Built on the device without a sync, once per layout (every layer and step reuse it)."""
+        table = self.block_table
+        segment = torch.repeat_interleave(torch.arange(table.shape[0], device=table.device),
+                                          self.seqused_k.long(), output_size=self.total_k)
+        position = torch.arange(self.total_k, device=table.device) - self.cu_seq_k.long()[segment]
+        page = table[segment, position // self.page_size].long()
+        return page * self.page_size + position % self.page_size
 
 
 @dataclass(frozen=True)
@@ -118,7 +133,7 @@ def _call(segments: list[tuple[int, Segment]], keys: list[CacheSeq], page: int, 
         [r for _, seg in segments for r in range(seg.query_start, seg.query_start + seg.query_len)],
         dtype=torch.long).to(device)
     return VarlenCall(causal, rows, int32([0, *_cumsum(q_lens)]), int32([0, *_cumsum(k_lens)]), int32(k_lens),
-                      table.to(device), max(q_lens), max(k_lens))
+                      table.to(device), max(q_lens), max(k_lens), sum(k_lens), page)
 
 
 def _cumsum(values: list[int]) -> list[int]:

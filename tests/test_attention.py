@@ -17,7 +17,7 @@ from bagel.loading import load_checkpoint
 from bagel.packing import PackBuilder
 from bagel.parity import verify_folder
 from bagel.requests import Request
-from tests.varlen_reference import make_reference
+from tests.varlen_reference import make_gather_reference, make_reference
 
 TAYLORSEER_CASES = ("t2i_taylorseer", "edit_taylorseer", "t2i_think_taylorseer")
 
@@ -35,9 +35,13 @@ def small_pictures(checkpoint):
     return replace(checkpoint, config=replace(checkpoint.config, constants=consts))
 
 
-def _reference_engine(checkpoint, page_size):
-    kernel = make_reference(min_page=16)
-    return Engine(checkpoint, attention=VarlenAttention(kernel, name="reference", page_size=page_size))
+def _reference_engine(checkpoint, page_size, gathers_keys=False):
+    if gathers_keys:
+        attention = VarlenAttention(make_gather_reference(), name="reference-gather", page_size=page_size,
+                                    gathers_keys=True)
+    else:
+        attention = VarlenAttention(make_reference(min_page=16), name="reference", page_size=page_size)
+    return Engine(checkpoint, attention=attention)
 
 
 def test_golden_cases_pass_through_the_paged_varlen_path(golden_dir, checkpoint):
@@ -68,14 +72,16 @@ def _mixed_requests():
     ]
 
 
+@pytest.mark.parametrize("gathers_keys", [False, True], ids=["paged", "gather"])
 @pytest.mark.parametrize("page_size", [16, PAGE_SIZE])
-def test_paged_varlen_batch_equals_sdpa(small_pictures, page_size):
+def test_paged_varlen_batch_equals_sdpa(small_pictures, page_size, gathers_keys):
     """A try-on chunk sharing one product (forks of a shared context, partial pages moved), a
-    think generation and an understanding: the paged path gives the SDPA path's results."""
+    think generation and an understanding: the paged path gives the SDPA path's results, with
+    a kernel reading the pages through block tables and with one taking gathered keys."""
     sdpa = Engine(small_pictures)
     expected, expected_traces = sdpa.run_traced(_mixed_requests(), record=True)
     try:
-        paged = _reference_engine(small_pictures, page_size)
+        paged = _reference_engine(small_pictures, page_size, gathers_keys)
         got, traces = paged.run_traced(_mixed_requests(), record=True)
     finally:
         small_pictures.model.language_model.model.attention = SdpaAttention()
@@ -230,18 +236,40 @@ def test_cuda_flash_kernels_equal_sdpa_in_bfloat16(golden_dir, mode):
             assert rel < 0.05, rel  # bf16 kernels with other summation orders over 3 steps
 
 
-def test_torch_varlen_is_used_only_in_the_paged_form_of_its_api():
-    """Earlier torch releases shipped varlen_attn with other keywords (a page_table cache form,
-    no enable_gqa): those cannot take the paged layout, so 'auto' falls back and 'varlen' says why."""
-    from bagel.attention import has_torch_varlen, takes_paged_varlen_kwargs
+def test_torch_varlen_forms():
+    """torch's varlen_attn changed between releases: 2.13 reads pages through block tables,
+    2.11 takes contiguous keys (``window_size``, no block tables) and gets gathered keys; a form
+    with neither (an ``is_causal`` flag only) is not used, so 'auto' falls back and 'varlen'
+    says why."""
+    from bagel.attention import has_torch_varlen, varlen_form
 
     def paged(q, k, v, cu_q, cu_k, max_q, max_k, *, window_size=(-1, -1), enable_gqa=False, seqused_k=None,
               block_table=None):
         return q
 
-    def cache_form(q, k, v, cu_q, cu_k, max_q, max_k, *, window_size=(-1, -1), k_cache=None, v_cache=None,
-                   page_table=None, seqused_k=None):
+    def contiguous(q, k, v, cu_q, cu_k, max_q, max_k, *, return_aux=None, scale=None, window_size=(-1, -1)):
         return q
 
-    assert takes_paged_varlen_kwargs(paged) and not takes_paged_varlen_kwargs(cache_form)
+    def causal_flag(q, k, v, cu_q, cu_k, max_q, max_k, is_causal=False, return_aux=None):
+        return q
+
+    assert [varlen_form(f) for f in (paged, contiguous, causal_flag)] == ["paged", "gather", None]
     assert has_torch_varlen()  # torch 2.13, which the tests run on
+
+
+@torch.inference_mode()
+def test_key_slots_read_a_forks_pages_in_order():
+    """The gathered form reads each segment's keys through ``VarlenCall.key_slots``, built on
+    the device from the block table: a fork's context pages, then its moved partial page and
+    its own rows."""
+    cache = KVCache(1, 1, 2, 128, "cpu", torch.float32, page_size=16)
+    builder = PackBuilder(cache)
+    ctx = builder.add_image_block("vit", 18, EMPTY, 0, 1)[0]  # 20 keys: pages 0 and 1 (4 keys)
+    builder.build("cpu")
+    builder = PackBuilder(cache)
+    fork_a = builder.add_text([1, 2, 3], ctx)
+    fork_b = builder.add_text([4, 5], ctx)
+    call = builder.build("cpu").varlen.calls[0]
+    # the first fork continues in place; the second moves the 4-key partial page to page 2
+    assert fork_a.ranges == ((0, 23),) and fork_b.ranges == ((0, 16), (32, 38))
+    assert call.total_k == 45 and call.key_slots.tolist() == [*range(0, 23), *range(0, 16), *range(32, 38)]

@@ -147,7 +147,8 @@ def test_memory_estimate_grows_per_extra_request(engine, product):
 def test_memory_model_counts_every_segment_of_an_attention_call(engine):
     """A denoising step attends every request's CFG blocks in one SDPA call: a try-on chunk of 8
     edits (3 blocks each) holds 24 score matrices at once. Flash kernels over a paged cache
-    hold none (their log-sum-exp only) but round every cache allocation up to a page."""
+    hold none (their log-sum-exp only, plus the gathered keys where the kernel reads no pages)
+    but round every cache allocation up to a page."""
     llm = engine.config.llm
     edit = Footprint(kv_tokens=100, loop_rows=3 * 66, widest_segment=(40, 40), prefill_rows=40, latent_elems=0,
                      out_pixels=0, in_pixels=0, loop_segments=((66, 300),) * 3, allocations=9)
@@ -159,6 +160,9 @@ def test_memory_model_counts_every_segment_of_an_attention_call(engine):
     paged = MemoryModel(engine.config, torch.float32, 1 << 16, page_size=256)
     assert paged.attention_bytes([edit] * 8, 8 * 198) == 4 * llm.num_attention_heads * 8 * 198
     assert paged.kv_slots([edit] * 8) == sdpa.kv_slots([edit] * 8) + 8 * 9 * 256
+    # a kernel that gathers its keys out of the pages (torch 2.11) holds one layer's copy of them
+    gather = MemoryModel(engine.config, torch.float32, 1 << 16, page_size=256, gathers_keys=True)
+    assert gather.attention_bytes([edit] * 8, 8 * 198) == 4 * llm.num_attention_heads * 8 * 198 + 24 * 300 * kv_row
 
 
 def test_a_batch_over_the_budget_runs_as_sub_batches_with_the_same_results(engine, product):
