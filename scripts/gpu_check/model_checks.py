@@ -8,11 +8,15 @@ and with ``naive=True``, over ONE Euler step (2 timesteps), compared by the rela
 difference of their final latents. One step, because a random model amplifies any rounding
 difference at every step (CFG scale 4 with sharp random attention: on the ``small`` preset in
 float32, 5e-6 after one step, 7e-4 after four), so a multi-step comparison measures that
-chaos, not batching. Tolerance 0.25 in bf16: on the ``small`` preset in bf16 batched and naive
-differ by 0.04–0.06 after one step, while bf16 and float32 runs of the same forward differ by
-0.22–0.30 — the bound is what bf16 itself does to this random model; a batching error (another
-request's context, a shifted position, a wrong mask) changes the result by O(1): two different
-requests' latents differ by ~1.4, reported next to it. float32 (the CPU): 1e-3.
+chaos, not batching; a batching error (another request's context, a shifted position, a wrong
+mask) changes the result by O(1) — two different requests differ by ~1.4. In float32 (the CPU;
+on CUDA a float32 engine is loaded for this check) batched equals naive within 1e-2: measured
+below 1e-6 on the ``tiny`` preset (CPU) and 3.4e-3 on the real shapes (an H200, 2026-11-28,
+where the 28 random layers amplify float32 rounding that much). In bf16 no bound on batched vs
+naive works: on the real shapes the random model puts both bf16 runs at rel L2 1.0 from the
+float32 result and 0.6 from each other. So on CUDA the float32 naive result is the truth, and
+the bf16 batched result must be no further from it than the bf16 naive result is, within
+``BF16_SLACK`` (×1.25 + 0.05).
 """
 
 from __future__ import annotations
@@ -36,7 +40,8 @@ from gpu_check.session import Session, allocated_bytes, dtype_name, size_text
 
 GIB = 2**30
 LOAD_TOLERANCE = 0.05
-NAIVE_TOLERANCE = {torch.bfloat16: 0.25, torch.float32: 1e-3}
+NAIVE_TOLERANCE_F32 = 1e-2
+BF16_SLACK = (1.25, 0.05)  # bf16 batched error ≤ 1.25 × bf16 naive error + 0.05 (errors vs float32)
 HOST_OPS = ("aten._local_scalar_dense.default", "aten.nonzero.default")
 SYNC_STEPS = 6  # timesteps of the short run; the long one has twice as many
 
@@ -205,26 +210,52 @@ def check_loop_syncs(session: Session, rec: Record) -> None:
     rec.summary += "; no sync under sync-debug error"
 
 
-def check_batched_vs_naive(session: Session, rec: Record) -> None:
-    """Check 6: batched vs one-at-a-time within bf16 tolerance (see the module docstring)."""
-    engine = session.slot.get("none")
-    px = session.scale.mid_px
-    tolerance = NAIVE_TOLERANCE[session.dtype]
+def _rel(x: torch.Tensor, y: torch.Tensor) -> float:
+    x, y = x.float(), y.float()
+    return ((x - y).norm() / y.norm()).item()
+
+
+def _batched_and_naive(engine, px: int) -> tuple[list[dict], list[dict]]:
     _, batched = engine.run_traced(scenarios.generations(px, 2, 3), record=True)
     _, naive = engine.run_traced(scenarios.generations(px, 2, 3), record=True, naive=True)
-    rels, branch_rels = [], []
-    for b, n in zip(batched, naive):
-        x, y = b["final_latent"].float(), n["final_latent"].float()
-        rels.append(((x - y).norm() / y.norm()).item())
-        v, w = b["first_step_v_cond"].float(), n["first_step_v_cond"].float()
-        branch_rels.append(((v - w).norm() / w.norm()).item())
-    a, c = naive[0]["final_latent"].float(), naive[2]["final_latent"].float()  # two square requests
-    cross = ((a - c).norm() / c.norm()).item()
-    rec.expect(f"batched final latents equal one-at-a-time within rel L2 {tolerance:g}", max(rels) <= tolerance,
+    return batched, naive
+
+
+def check_batched_vs_naive(session: Session, rec: Record) -> None:
+    """Check 6: batched vs one-at-a-time (see the module docstring)."""
+    px = session.scale.mid_px
+    engine = session.slot.get("none")
+    attention = engine.attention.name
+    batched, naive = _batched_and_naive(engine, px)
+    del engine  # the float32 engine replaces it
+    low = session.dtype != torch.float32
+    if low:  # the float32 truth both bf16 runs are measured against
+        session.slot.load("none", torch.float32)
+        batched32, naive32 = _batched_and_naive(session.slot.engine, px)
+        session.slot.drop()
+    else:
+        batched32, naive32 = batched, naive
+    rels = [_rel(b["final_latent"], n["final_latent"]) for b, n in zip(batched32, naive32)]
+    cross = _rel(naive32[0]["final_latent"], naive32[2]["final_latent"])  # two square requests
+    rec.expect(f"float32: batched final latents equal one-at-a-time within rel L2 {NAIVE_TOLERANCE_F32:g}",
+               max(rels) <= NAIVE_TOLERANCE_F32,
                f"rel L2 per request {[f'{r:.2e}' for r in rels]}; two different requests differ by {cross:.2f}")
-    rec.figure(px=px, requests=3, timesteps=2, tolerance_rel_l2=tolerance, rel_l2=rels,
-               first_step_v_cond_rel_l2=branch_rels, cross_request_rel_l2=cross, dtype=dtype_name(session.dtype))
-    rec.summary = f"max rel L2 {max(rels):.2e} (tolerance {tolerance:g}; different requests {cross:.2f})"
+    rec.figure(px=px, requests=3, timesteps=2, f32_rel_l2=rels, cross_request_rel_l2=cross)
+    rec.summary = f"float32: max rel L2 {max(rels):.2e} (different requests {cross:.2f})"
+    if not low:
+        return
+    scale, slack = BF16_SLACK
+    err_b = [_rel(b["final_latent"], t["final_latent"]) for b, t in zip(batched, naive32)]
+    err_n = [_rel(n["final_latent"], t["final_latent"]) for n, t in zip(naive, naive32)]
+    bn = [_rel(b["final_latent"], n["final_latent"]) for b, n in zip(batched, naive)]
+    ok = all(b <= scale * n + slack for b, n in zip(err_b, err_n))
+    name = dtype_name(session.dtype)
+    rec.expect(f"{name}: batched is no further from float32 than one-at-a-time (x{scale:g} + {slack:g})", ok,
+               f"vs float32: batched {[f'{r:.2f}' for r in err_b]}, naive {[f'{r:.2f}' for r in err_n]}")
+    rec.figure(dtype=name, batched_vs_f32=err_b, naive_vs_f32=err_n, batched_vs_naive=bn,
+               attention=attention)
+    rec.summary += (f"; {name} vs float32: batched max {max(err_b):.2f}, naive max {max(err_n):.2f} "
+                    f"(batched vs naive {max(bn):.2f})")
 
 
 def check_tryon_memory(session: Session, rec: Record) -> None:

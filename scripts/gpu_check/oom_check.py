@@ -130,11 +130,12 @@ def _real_oom(session: Session, rec: Record, engine, holder: EngineHolder) -> No
     cap = held + max(int(math.sqrt(one * whole)), 2 * one)
     seen = _Records()
     logging.getLogger("worker.gpu").addHandler(seen)
-    torch.cuda.set_per_process_memory_fraction(cap / total, device)
+    index = device.index if device.index is not None else torch.cuda.current_device()  # it wants an index
+    torch.cuda.set_per_process_memory_fraction(cap / total, index)
     try:
         outputs = holder.run(jobs, progress=lambda *a: None, should_cancel=lambda k: False)
     finally:
-        torch.cuda.set_per_process_memory_fraction(1.0, device)
+        torch.cuda.set_per_process_memory_fraction(1.0, index)
         logging.getLogger("worker.gpu").removeHandler(seen)
     splits = sum("do not fit together" in m for m in seen.messages)
     failed = [f"{job.job_id}: {out.error_message}" for job, out in zip(jobs, outputs) if out.png is None]

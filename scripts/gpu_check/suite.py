@@ -61,7 +61,12 @@ def _syncs_s(session: Session) -> float:
 
 def _naive_s(session: Session) -> float:
     requests = scenarios.generations(session.scale.mid_px, 2, 3)
-    return session.load_plan_s("none") + _cost(session, requests) + _cost(session, requests, naive=True)
+    runs = _cost(session, requests) + _cost(session, requests, naive=True)
+    if not session.is_cuda:
+        return session.load_plan_s("none") + runs
+    # and a float32 engine: twice the bytes of bf16 to load, matmuls at about 1/8 of bf16's rate
+    float32_load = 2 * session.costs.load_seconds(session.weight_bytes["none"], "none")
+    return session.load_plan_s("none") + runs + float32_load + 8 * runs
 
 
 def _memory_s(session: Session) -> float:
