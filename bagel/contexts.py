@@ -85,6 +85,8 @@ class Counters:
     blocks_full: dict[int, int] = field(default_factory=dict)
     blocks_cached: dict[int, int] = field(default_factory=dict)
     encoded_pictures: set[str] = field(default_factory=set)  # a picture counts once per run
+    # wall seconds per phase of the run (encode, prefill, think, denoise, decode), device synced
+    phase_seconds: dict[str, float] = field(default_factory=dict)
 
     def forward(self, owners: set[int]) -> None:
         self.run_llm_forwards += 1

@@ -41,7 +41,10 @@ states a batch's estimate by part; the difference for one more request is its co
 it, a picture's encode for the first request that uses it), ``run_llm_forwards``,
 ``run_context_encodes`` and ``run_denoise_forward_tokens`` (the batch the request ran in: the
 whole call, or its sub-batch under a memory budget, or itself in naive mode), ``run_batches``
-and ``denoise_seconds`` (wall time of every denoising loop of the call, summed).
+and ``denoise_seconds`` (wall time of every denoising loop of the call, summed);
+``phase_<name>_seconds`` for the call's phases ``encode``, ``prefill``, ``think`` (generated
+text: think and answers), ``denoise`` and ``decode`` (VAE decode and pictures), whole-call
+wall times like ``model_seconds``.
 
 Departures from the reference: batching and prefix sharing as above; understanding requests
 skip the image-free context the reference builds but never reads; posterior noise is shared
@@ -52,10 +55,12 @@ whatever the number of noises (the reference encodes per request).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import secrets
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -305,7 +310,12 @@ class Engine:
             for batch in batches:
                 outcomes += self._execute(batch, progress, should_cancel, naive=naive, record=record)
         seconds = time.perf_counter() - started
-        denoise_seconds = sum({id(c): c.denoise_seconds for _, c in outcomes}.values())
+        runs = {id(c): c for _, c in outcomes}.values()
+        denoise_seconds = sum(c.denoise_seconds for c in runs)
+        phases: dict[str, float] = {}
+        for c in runs:
+            for name, value in c.phase_seconds.items():
+                phases[name] = phases.get(name, 0.0) + value
         results = []
         for plan, (result, counters) in zip(plans, outcomes):
             result.stats.update({
@@ -319,6 +329,7 @@ class Engine:
                 "run_denoise_forward_tokens": counters.denoise_forward_rows,
                 "denoise_blocks_full": counters.blocks_full.get(plan.index, 0),
                 "denoise_blocks_cached": counters.blocks_cached.get(plan.index, 0),
+                **{f"phase_{name}_seconds": value for name, value in phases.items()},
             })
             results.append(result)
         logger.info("ran %d requests in %.2f s (%s)", len(plans), seconds, "naive" if naive else "batched")
@@ -332,7 +343,8 @@ class Engine:
                         self._capacity_estimate(plans), self.device, self.dtype,
                         page_size=self.attention.page_size)
         store = ContextStore(self.model, self.tokenizer, cache, counters, naive=naive)
-        self._encode_pictures(plans, store, counters)  # 2.
+        with self._phase(counters, "encode"):
+            self._encode_pictures(plans, store, counters)  # 2.
         self._build_paths(plans)
         paths, owners = [], []  # 3.
         for plan in plans:
@@ -340,17 +352,37 @@ class Engine:
                 if path:
                     paths.append(path)
                     owners.append(plan.index)
-        store.prefill(paths, owners)
-        self._decode(plans, store, cache, counters, should_cancel, progress, naive, record)  # 4.
+        with self._phase(counters, "prefill"):
+            store.prefill(paths, owners)
+        with self._phase(counters, "think"):
+            self._decode(plans, store, cache, counters, should_cancel, progress, naive, record)  # 4.
         think_paths = []  # 5.
         for plan in plans:
             if plan.think_text is not None and not plan.canceled:
                 plan.main = (*plan.main, TextItem(plan.think_text))
                 think_paths.append((plan.main, plan.index))
         if think_paths:
-            store.prefill([p for p, _ in think_paths], [o for _, o in think_paths])
-        self._denoise(plans, store, cache, counters, progress, should_cancel, naive, record)  # 6.
-        return [(self._result(plan, record), counters) for plan in plans]  # 7.
+            with self._phase(counters, "prefill"):
+                store.prefill([p for p, _ in think_paths], [o for _, o in think_paths])
+        with self._phase(counters, "denoise"):
+            self._denoise(plans, store, cache, counters, progress, should_cancel, naive, record)  # 6.
+        with self._phase(counters, "decode"):
+            results = [self._result(plan, record) for plan in plans]  # 7.
+        return [(result, counters) for result in results]
+
+    @contextlib.contextmanager
+    def _phase(self, counters: Counters, name: str) -> Iterator[None]:
+        """Add the wall time of the block to ``counters.phase_seconds[name]`` (the device synced
+        at both ends on CUDA: a handful of syncs per run, none inside a denoising step)."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            counters.phase_seconds[name] = counters.phase_seconds.get(name, 0.0) + time.perf_counter() - started
 
     def _capacity_estimate(self, plans: list[_Plan]) -> int:
         """KV slots the run reserves: every request's own tokens, shared pictures once, and the
