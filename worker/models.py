@@ -78,13 +78,14 @@ class JobStatus(enum.StrEnum):
     succeeded = "succeeded"
     failed = "failed"
     canceled = "canceled"
+    expired = "expired"  # its deadline passed before a GPU started it, or while it ran
 
     @property
     def is_terminal(self) -> bool:
         return self in TERMINAL_STATUSES
 
 
-TERMINAL_STATUSES = frozenset({JobStatus.succeeded, JobStatus.failed, JobStatus.canceled})
+TERMINAL_STATUSES = frozenset({JobStatus.succeeded, JobStatus.failed, JobStatus.canceled, JobStatus.expired})
 ACTIVE_STATUSES = frozenset({JobStatus.queued, JobStatus.running})
 
 
@@ -92,6 +93,17 @@ class DeliveryStatus(enum.StrEnum):
     pending = "pending"
     delivered = "delivered"
     failed = "failed"
+
+
+class Priority(enum.StrEnum):
+    interactive = "interactive"  # dispatched ahead of the tenant's batch work
+    batch = "batch"
+
+
+class WorkerState(enum.StrEnum):
+    loading = "loading"
+    ready = "ready"
+    draining = "draining"  # finishing its chunk, taking no new one
 
 
 TASK_NAMES = ("generate", "edit", "understand", "tryon")
@@ -113,6 +125,12 @@ class Tenant(Base):
     name: Mapped[str] = mapped_column(String(200), unique=True)
     webhook_secret: Mapped[str] = mapped_column(String(100))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    # Scheduling and limits (``bagel-jobs tenant limits``); None: unlimited.
+    weight: Mapped[float] = mapped_column(Float, default=1.0, server_default="1.0")
+    requests_per_minute: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    max_waiting_jobs: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    max_running_chunks: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    monthly_gpu_seconds: Mapped[float | None] = mapped_column(Float, nullable=True)
 
 
 class ApiKey(Base):
@@ -155,18 +173,28 @@ class Batch(Base):
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     completed_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    priority: Mapped[Priority] = mapped_column(_enum(Priority, "priority"), default=Priority.batch,
+                                                server_default=Priority.batch.value)
+    deadline_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
 
 
 class Chunk(Base):
+    """The unit of GPU work, formed by the dispatcher from compatible waiting jobs (any batch,
+    any tenant) and published as one message; finished when its worker is done with it."""
+
     __tablename__ = "chunks"
+    __table_args__ = (Index("ix_chunks_finished_at_claimed_at", "finished_at", "claimed_at"),)
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
-    batch_id: Mapped[str | None] = mapped_column(ForeignKey("batches.id", ondelete="CASCADE"),
-                                                 nullable=True, index=True)
-    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     published_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
     publish_count: Mapped[int] = mapped_column(Integer, default=0)
+    job_count: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    cost_key: Mapped[str] = mapped_column(String(120), default="")
+    claimed_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    claimed_by: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    gpu_seconds: Mapped[float | None] = mapped_column(Float, nullable=True)
 
 
 class Job(Base):
@@ -174,14 +202,24 @@ class Job(Base):
     __table_args__ = (
         Index("ix_jobs_status_lease_until", "status", "lease_until"),
         Index("ix_jobs_tenant_id_created_at", "tenant_id", "created_at"),
+        Index("ix_jobs_status_chunk_id_queued_at", "status", "chunk_id", "queued_at"),
     )
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
     tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
     batch_id: Mapped[str | None] = mapped_column(ForeignKey("batches.id", ondelete="CASCADE"),
                                                  nullable=True, index=True)
-    chunk_id: Mapped[str] = mapped_column(ForeignKey("chunks.id", ondelete="CASCADE"), index=True)
+    # None while waiting for the dispatcher; set when a chunk takes the job, cleared when the job
+    # goes back to waiting (a retry, an expired lease, a release).
+    chunk_id: Mapped[str | None] = mapped_column(ForeignKey("chunks.id", ondelete="SET NULL"),
+                                                 nullable=True, index=True)
     position: Mapped[int] = mapped_column(Integer, default=0)
+    priority: Mapped[Priority] = mapped_column(_enum(Priority, "priority"), default=Priority.batch,
+                                                server_default=Priority.batch.value)
+    chunk_key: Mapped[str] = mapped_column(String(64), default="")  # jobs with equal keys share a chunk
+    cost_key: Mapped[str] = mapped_column(String(120), default="")  # task/size/steps/think: the ETA model
+    not_before: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)  # a retry's backoff
+    deadline_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
 
     task: Mapped[str] = mapped_column(String(16))
     prompt: Mapped[str] = mapped_column(Text)
@@ -206,6 +244,8 @@ class Job(Base):
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
     model_seconds: Mapped[float | None] = mapped_column(Float, nullable=True)
+    gpu_seconds: Mapped[float | None] = mapped_column(Float, nullable=True)  # its share of its chunks' GPU time
+    phase_seconds: Mapped[dict[str, float]] = mapped_column(JSON, default=dict)
 
     output_key: Mapped[str | None] = mapped_column(String(300), nullable=True)
     output_text: Mapped[str | None] = mapped_column(Text, nullable=True)
@@ -266,3 +306,38 @@ class IdempotencyRecord(Base):
     status_code: Mapped[int] = mapped_column(Integer)
     response: Mapped[dict[str, Any]] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+class Worker(Base):
+    """A live GPU worker process: registered at start, heartbeat every few seconds. The
+    dispatcher sizes its window from the ready ones; metrics and ETAs count them."""
+
+    __tablename__ = "workers"
+
+    id: Mapped[str] = mapped_column(String(200), primary_key=True)
+    state: Mapped[WorkerState] = mapped_column(_enum(WorkerState, "worker_state"), default=WorkerState.loading)
+    started_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    last_seen: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    current_chunk_id: Mapped[str | None] = mapped_column(String(36), nullable=True)
+
+
+class Lease(Base):
+    """A named cluster-wide lease (the dispatcher's): one owner at a time until ``until``."""
+
+    __tablename__ = "leases"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    owner: Mapped[str] = mapped_column(String(200))
+    until: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
+class JobCost(Base):
+    """Measured GPU-seconds per job of one kind (``Job.cost_key``): an exponential moving
+    average, the ETA's and the backlog metric's unit price."""
+
+    __tablename__ = "job_costs"
+
+    cost_key: Mapped[str] = mapped_column(String(120), primary_key=True)
+    avg_gpu_seconds: Mapped[float] = mapped_column(Float)
+    samples: Mapped[int] = mapped_column(Integer, default=0)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
