@@ -33,6 +33,8 @@ STATUS_BY_ERROR: tuple[tuple[type[errors.ServiceError], int], ...] = (
     (errors.ObjectNotFound, 404),
     (errors.SignatureInvalid, 403),
     (errors.IdempotencyConflict, 409),
+    (errors.GpuBudgetExhausted, 403),
+    (errors.LimitExceeded, 429),
     (errors.TransientError, 503),
 )
 
@@ -97,6 +99,8 @@ def install(app: FastAPI) -> None:
         if status >= 500:
             log.warning("request failed: %s: %s", exc.code, exc.message)
         headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+        if isinstance(exc, errors.LimitExceeded) and exc.retry_after_s is not None:
+            headers = {"Retry-After": str(exc.retry_after_s)}
         return JSONResponse(error_body(exc.code, exc.message, exc.field), status_code=status, headers=headers)
 
     @app.exception_handler(RequestValidationError)

@@ -12,8 +12,8 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from api import errors
-from api.routes import batches, files, health, jobs, objects
+from api import errors, metrics
+from api.routes import batches, files, health, jobs, objects, usage
 from worker.db import make_engine, session_factory
 from worker.settings import Settings, load_settings
 from worker.storage import make_store
@@ -41,8 +41,10 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.sessions = session_factory(engine)
     app.state.store = make_store(settings)
     errors.install(app)
-    for module in (files, jobs, batches, objects, health):
+    for module in (files, jobs, batches, usage, objects, health):
         app.include_router(module.router)
+    # Observability: request-duration middleware and GET /metrics (no API key; cluster network).
+    metrics.install(app)
     return app
 
 

@@ -8,11 +8,12 @@ that are settings (batch size, output side) are checked in the routes, which kno
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import date, datetime
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from worker.models import Priority
 from worker.params import LIMITS, MAX_PROMPT_CHARS, MAX_URL_CHARS, SEED_MAX
 
 Task = Literal["generate", "edit", "understand", "tryon"]
@@ -20,6 +21,16 @@ RenormType = Literal["global", "channel", "text_channel"]
 HARD_MAX_ITEMS = 100_000  # parsing bound; the real limit is the max_batch_items setting
 MAX_INPUT_FILES = 4
 ID = Field(min_length=1, max_length=64)
+MAX_DEADLINE_S = 30 * 86400  # 30 days: a deadline (``deadline_s``, ``Cancel-After``) is 1 s..30 days
+
+
+def _priority() -> Any:
+    return Field(Priority.batch, description="interactive: dispatched ahead of the tenant's batch work")
+
+
+def _deadline() -> Any:
+    return Field(None, ge=1, le=MAX_DEADLINE_S, description="seconds from submission after which a job that "
+                 "has not finished expires (as does the Cancel-After header; the smaller wins)")
 
 
 def _num(name: str, **extra: Any) -> Any:
@@ -66,6 +77,8 @@ class JobIn(Strict):
     params: GenerationParamsIn | None = None
     webhook_url: str | None = Field(None, max_length=MAX_URL_CHARS)
     metadata: dict[str, Any] | None = None
+    priority: Priority = _priority()
+    deadline_s: int | None = _deadline()
 
 
 class BatchItemIn(Strict):
@@ -96,6 +109,8 @@ class BatchIn(Strict):
     params: GenerationParamsIn | None = Field(None, description="defaults for every item")
     webhook_url: str | None = Field(None, max_length=MAX_URL_CHARS)
     metadata: dict[str, Any] | None = None
+    priority: Priority = _priority()
+    deadline_s: int | None = _deadline()
 
 
 class FileOut(BaseModel):
@@ -124,7 +139,20 @@ class Timings(BaseModel):
     queued_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
-    model_seconds: float | None
+    model_seconds: float | None = Field(None, description="its share of the engine call it ran in")
+    gpu_seconds: float | None = Field(None, description="the job's share of its chunks' GPU time (all attempts)")
+    phases: dict[str, float] = Field(default_factory=dict, description="seconds per phase: queue, input, encode, "
+                                     "prefill, think, denoise, decode, upload (engine phases: the whole chunk's)")
+
+
+class QueueOut(BaseModel):
+    """Where an active job or batch stands (see README "Scheduling")."""
+
+    position: int = Field(description="jobs of all tenants dispatched before it (0: next or running)")
+    tenant_position: int = Field(description="the tenant's own jobs dispatched before it")
+    eta_s: float | None = Field(description="expected seconds until it finishes; null while no GPU worker is live")
+    eta_at: datetime | None
+    live_workers: int
 
 
 class Result(BaseModel):
@@ -158,6 +186,9 @@ class JobOut(BaseModel):
     metadata: dict[str, Any]
     webhook_url: str | None
     created_at: datetime
+    priority: Priority
+    deadline_at: datetime | None
+    queue: QueueOut | None = Field(None, description="position and ETA while queued or running")
 
 
 class BatchOut(BaseModel):
@@ -172,6 +203,10 @@ class BatchOut(BaseModel):
     created_at: datetime
     completed_at: datetime | None
     job_ids: list[str] | None = Field(None, description="in item order; returned on creation")
+    priority: Priority
+    deadline_at: datetime | None
+    gpu_seconds: float = Field(0.0, description="GPU-seconds of its jobs so far")
+    queue: QueueOut | None = Field(None, description="first active job's position, last job's ETA")
 
 
 class JobPage(BaseModel):
@@ -180,6 +215,39 @@ class JobPage(BaseModel):
     page_size: int
     total: int
     next_page: int | None
+
+
+class JobList(BaseModel):
+    data: list[JobOut] = Field(description="newest first")
+    next_cursor: str | None = Field(description="pass as ?cursor= for the next page; null on the last")
+
+
+class BatchList(BaseModel):
+    data: list[BatchOut] = Field(description="newest first")
+    next_cursor: str | None = Field(description="pass as ?cursor= for the next page; null on the last")
+
+
+class UsageDay(BaseModel):
+    date: date
+    task: str
+    jobs: int = Field(description="jobs finished that UTC day, any final status")
+    images: int = Field(description="succeeded jobs that made an image (every task but understand)")
+    gpu_seconds: float
+
+
+class UsageTotals(BaseModel):
+    jobs: int
+    images: int
+    gpu_seconds: float
+
+
+class Usage(BaseModel):
+    model_config = ConfigDict(populate_by_name=True)
+
+    from_: date = Field(alias="from")
+    to: date
+    days: list[UsageDay]
+    totals: UsageTotals
 
 
 class Health(BaseModel):

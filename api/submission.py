@@ -1,9 +1,12 @@
-"""From validated request bodies to job specs, and publishing after the commit.
+"""From validated request bodies to job specs.
 
 Owns: the edge checks that need the database or the settings — input files the tenant owns,
-image counts per task, batch size, output size, webhook URL policy — and the merge of batch
-defaults into items; then, once the jobs are committed, one broker message per chunk. Leaves
-the per-parameter rules to ``worker.params`` and the state change to ``worker.jobs``.
+image counts per task, batch size, output size, webhook URL policy — the merge of batch
+defaults into items, and the deadline (``deadline_s`` in the body, the ``Cancel-After``
+header). The tenant's limits are ``worker.limits``' (their HTTP form: ``api/errors.py``).
+Nothing here talks to the broker: the committed jobs wait in the database for the dispatcher
+(``worker.scheduler``). Leaves the per-parameter rules to ``worker.params`` and the state
+change to ``worker.jobs``.
 
 Every error is raised before anything is stored or enqueued; its field is the full path in the
 body (``items[3].params.num_timesteps``).
@@ -11,20 +14,29 @@ body (``items[3].params.num_timesteps``).
 
 from __future__ import annotations
 
-import logging
+import re
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy.orm import Session
 
-from api.schemas import BatchIn, GenerationParamsIn, JobIn
-from worker import dispatch, jobs, params
-from worker.errors import BatchTooLarge, BrokerUnavailable, InvalidInput, InvalidParameter, UnknownFile
+from api.schemas import MAX_DEADLINE_S, BatchIn, GenerationParamsIn, JobIn
+from worker import params, queries
+from worker.errors import (
+    BatchTooLarge,
+    InvalidInput,
+    InvalidParameter,
+    UnknownFile,
+)
 from worker.jobs import JobSpec
 from worker.settings import Settings
 
-log = logging.getLogger(__name__)
+CANCEL_AFTER_FIELD = "header.Cancel-After"
+_SECONDS = re.compile(r"[0-9]{1,12}")
+_DURATION_PART = re.compile(r"([0-9]{1,9})([smhd])")
+_UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
 @contextmanager
@@ -74,7 +86,7 @@ def _check_file_ids(file_ids: Sequence[str], field: str) -> None:
 
 def job_spec(session: Session, settings: Settings, tenant_id: str, body: JobIn) -> JobSpec:
     _check_file_ids(body.input_file_ids, "input_file_ids")
-    owned = set(jobs.files_by_ids(session, tenant_id, body.input_file_ids))
+    owned = set(queries.files_by_ids(session, tenant_id, body.input_file_ids))
     return _spec(settings, owned, task=body.task, prompt=body.prompt, file_ids=body.input_file_ids,
                  think=body.think, width=body.width, height=body.height, seed=body.seed,
                  user_params=_params_dict(body.params), metadata=body.metadata)
@@ -91,7 +103,7 @@ def batch_specs(session: Session, settings: Settings, tenant_id: str, body: Batc
     wanted = {fid for item in body.items for fid in (item.input_file_ids or [])}
     if body.product_file:
         wanted.add(body.product_file)
-    owned = set(jobs.files_by_ids(session, tenant_id, wanted))
+    owned = set(queries.files_by_ids(session, tenant_id, wanted))
     if body.product_file and body.product_file not in owned:
         raise UnknownFile(f"product_file: file {body.product_file!r} not found", field="product_file")
     specs = []
@@ -119,12 +131,34 @@ def check_metadata(metadata: dict[str, Any] | None) -> dict[str, Any]:
     return params.check_metadata(metadata)
 
 
-def publish(settings: Settings, session: Session, chunk_ids: list[str]) -> None:
-    """After the commit: one message per chunk, then record it. A broker outage is logged and
-    left to the reconciler (the jobs are safely queued in the database)."""
-    try:
-        dispatch.publish_chunks(settings, chunk_ids)
-    except BrokerUnavailable as exc:
-        log.warning("%d chunk(s) stay queued for the reconciler: %s", len(chunk_ids), exc.message)
-        return
-    jobs.mark_published(session, chunk_ids)
+def parse_cancel_after(value: str) -> int:
+    """Seconds of a ``Cancel-After`` header (in the style of Replicate's): plain seconds
+    (``300``) or whole units (``90s``, ``5m``, ``1h``, ``1h30m``, ``2d``); 1 s..30 days."""
+    text = value.strip().lower()
+    if _SECONDS.fullmatch(text):
+        seconds = int(text)
+    elif text and _DURATION_PART.sub("", text) == "":
+        seconds = sum(int(n) * _UNIT_S[unit] for n, unit in _DURATION_PART.findall(text))
+    else:
+        raise InvalidParameter(f"{CANCEL_AFTER_FIELD}: {value[:40]!r} is not a duration like 90s, 5m, 1h "
+                               "or plain seconds", field=CANCEL_AFTER_FIELD)
+    if not 1 <= seconds <= MAX_DEADLINE_S:
+        raise InvalidParameter(f"{CANCEL_AFTER_FIELD}: {value.strip()!r} is {seconds} s, outside "
+                               f"1..{MAX_DEADLINE_S} s (30 days)", field=CANCEL_AFTER_FIELD)
+    return seconds
+
+
+def deadline_at(deadline_s: int | None, cancel_after: str | None, now: datetime) -> datetime | None:
+    """``now`` plus the smaller of the body's ``deadline_s`` and the ``Cancel-After`` header;
+    None when neither is given. The body's range is checked by its schema."""
+    given = [s for s in (deadline_s, parse_cancel_after(cancel_after) if cancel_after is not None else None)
+             if s is not None]
+    return now + timedelta(seconds=min(given)) if given else None
+
+
+def fingerprint_payload(body: JobIn | BatchIn, cancel_after: str | None) -> dict[str, Any]:
+    """What an ``Idempotency-Key`` is bound to: the body, and the deadline header when given."""
+    payload = body.model_dump(mode="json")
+    if cancel_after is not None:
+        payload[CANCEL_AFTER_FIELD] = cancel_after
+    return payload

@@ -11,9 +11,9 @@ from datetime import timedelta
 
 from sqlalchemy.orm import Session
 
-from api.schemas import BatchOut, ErrorInfo, JobOut, Progress, Result, Timings
-from worker import jobs
-from worker.models import Batch, Job, JobStatus, utcnow
+from api.schemas import BatchOut, ErrorInfo, JobOut, Progress, QueueOut, Result, Timings
+from worker import eta, queries
+from worker.models import Batch, Job, JobStatus, Priority, utcnow
 from worker.settings import Settings
 from worker.storage import ResultStore, content_type_for
 
@@ -31,7 +31,13 @@ def _result(job: Job, store: ResultStore, settings: Settings) -> Result | None:
     return result
 
 
-def job_out(job: Job, store: ResultStore, settings: Settings) -> JobOut:
+def _queue(info: eta.QueueInfo | None) -> QueueOut | None:
+    return None if info is None else QueueOut(position=info.position, tenant_position=info.tenant_position,
+                                               eta_s=info.eta_s, eta_at=info.eta_at, live_workers=info.live_workers)
+
+
+def job_out(job: Job, store: ResultStore, settings: Settings, session: Session | None = None) -> JobOut:
+    """``session`` given: with its queue position and ETA (a few queries; single-job reads)."""
     return JobOut(
         id=job.id, batch_id=job.batch_id, position=job.position, task=job.task,
         status=JobStatus(job.status).value, prompt=job.prompt, input_file_ids=list(job.input_file_ids),
@@ -41,16 +47,23 @@ def job_out(job: Job, store: ResultStore, settings: Settings) -> JobOut:
         if job.error_code and JobStatus(job.status) == JobStatus.failed else None,
         progress=Progress(step=job.progress_step, total=job.progress_total),
         timings=Timings(queued_at=job.queued_at, started_at=job.started_at, finished_at=job.finished_at,
-                        model_seconds=job.model_seconds),
+                        model_seconds=job.model_seconds, gpu_seconds=job.gpu_seconds,
+                        phases=dict(job.phase_seconds or {})),
         result=_result(job, store, settings), metadata=dict(job.meta or {}), webhook_url=job.webhook_url,
-        created_at=job.created_at,
+        created_at=job.created_at, priority=Priority(job.priority), deadline_at=job.deadline_at,
+        queue=_queue(eta.job_queue(session, settings, job)) if session is not None else None,
     )
 
 
-def batch_out(session: Session, batch: Batch, job_ids: list[str] | None = None) -> BatchOut:
+def batch_out(session: Session, batch: Batch, job_ids: list[str] | None = None,
+              settings: Settings | None = None) -> BatchOut:
+    """``settings`` given: with its queue position and ETA (single-batch reads)."""
     return BatchOut(
         id=batch.id, status="completed" if batch.completed_at else "active", job_count=batch.job_count,
-        counts=jobs.batch_counts(session, batch.id), progress=round(jobs.batch_progress(session, batch.id), 4),
+        counts=queries.batch_counts(session, batch.id), progress=round(queries.batch_progress(session, batch.id), 4),
         cancel_requested=batch.cancel_requested, webhook_url=batch.webhook_url, metadata=dict(batch.meta or {}),
         created_at=batch.created_at, completed_at=batch.completed_at, job_ids=job_ids,
+        priority=Priority(batch.priority), deadline_at=batch.deadline_at,
+        gpu_seconds=round(queries.batch_gpu_seconds(session, batch.id), 4),
+        queue=_queue(eta.batch_queue(session, settings, batch.id)) if settings is not None else None,
     )

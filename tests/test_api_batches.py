@@ -1,10 +1,13 @@
 """POST/GET /v1/batches, its job pages and cancel on both stacks: the try-on form and the
-general form, chunking visible as broker messages, oversized and invalid batches refused with
-nothing stored or enqueued, tenants isolated."""
+general form, jobs waiting in the database until the dispatcher chunks them (chunking visible as
+broker messages then), oversized and invalid batches refused with nothing stored or enqueued,
+tenants isolated."""
 
 from __future__ import annotations
 
-from worker import jobs
+from worker import jobs, queries
+from worker.models import Worker, WorkerState, utcnow
+from worker.scheduler import Dispatcher
 
 SCENES = ["on a marble kitchen counter", "on a picnic blanket in a park", "on an office desk at night",
           "on a wooden shelf with plants"]
@@ -25,8 +28,21 @@ def test_tryon_batch_is_accepted_chunked_and_readable(api_stack):
     batch = r.json()
     assert batch["job_count"] == 4 and len(batch["job_ids"]) == 4 and batch["status"] == "active"
     assert batch["counts"]["queued"] == 4 and batch["progress"] == 0.0 and batch["metadata"] == {"campaign": "spring"}
+    assert api_stack.queued_messages() == before  # the API publishes nothing: the jobs wait
+    with api_stack.session() as s:
+        rows = queries.load_jobs(s, batch["job_ids"])
+        assert all(j.chunk_id is None for j in rows)
+        now = utcnow()  # a live GPU worker, for the dispatcher to fill its window
+        s.add(Worker(id="gpu-1", state=WorkerState.ready, started_at=now, last_seen=now))
+        s.commit()
     # Three items share product + size + think=false → one chunk; the think item is its own.
+    report = Dispatcher(api_stack.settings, api_stack.session, "test-dispatcher").dispatch_once()
+    assert (report.formed, report.published) == (2, 2)
     assert api_stack.queued_messages() == before + 2
+    with api_stack.session() as s:
+        chunk_of = {j.id: j.chunk_id for j in queries.load_jobs(s, batch["job_ids"])}
+    assert len(set(chunk_of.values())) == 2 and None not in chunk_of.values()
+    assert len({chunk_of[batch["job_ids"][i]] for i in (0, 2, 3)}) == 1
     page = api_stack.client.get(f"/v1/batches/{batch['id']}/jobs?page=1&page_size=3", headers=api_stack.auth())
     assert page.status_code == 200
     body = page.json()
@@ -50,10 +66,11 @@ def test_general_batch_with_per_item_tasks(api_stack):
     ]})
     assert r.status_code == 202, r.text
     with api_stack.session() as s:
-        rows = jobs.load_jobs(s, r.json()["job_ids"])
+        rows = queries.load_jobs(s, r.json()["job_ids"])
     assert [j.task for j in rows] == ["generate", "edit", "understand"]
     assert rows[2].params["max_new_tokens"] == 16 and (rows[0].width, rows[0].height) == (64, 64)
-    assert len({j.chunk_id for j in rows}) == 3
+    assert len({j.chunk_key for j in rows}) == 3  # different tasks never share a chunk
+    assert all(j.chunk_id is None for j in rows)
 
 
 def test_oversized_batch_is_refused_and_nothing_is_stored_or_enqueued(api_stack):
@@ -126,14 +143,15 @@ def test_cancel_batch_and_tenant_isolation(api_stack):
         assert api_stack.client.get(path, headers=other).status_code == 404
     assert api_stack.client.post(f"/v1/batches/{batch['id']}/cancel", headers=other).status_code == 404
     assert api_stack.client.get(f"/v1/jobs/{batch['job_ids'][0]}", headers=other).status_code == 404
-    with api_stack.session() as s:
-        chunk_id = jobs.load_jobs(s, [batch["job_ids"][1]])[0].chunk_id  # the think item's chunk
+    with api_stack.session() as s:  # the think item: chunked by the dispatcher, claimed by a worker
+        chunk_id = jobs.form_chunk(s, [batch["job_ids"][1]], utcnow())
+        s.commit()
         jobs.claim_chunk(s, chunk_id, "worker-1", lease_s=60)
     r = api_stack.client.post(f"/v1/batches/{batch['id']}/cancel", headers=api_stack.auth())
     assert r.status_code == 200
     body = r.json()
     assert body["cancel_requested"] is True and body["status"] == "active"
-    assert body["counts"] == {"queued": 0, "running": 1, "succeeded": 0, "failed": 0, "canceled": 3}
+    assert body["counts"] == {"queued": 0, "running": 1, "succeeded": 0, "failed": 0, "canceled": 3, "expired": 0}
     with api_stack.session() as s:
         assert jobs.mark_canceled(s, batch["job_ids"][1], "worker-1")
     done = api_stack.client.get(f"/v1/batches/{batch['id']}", headers=api_stack.auth()).json()

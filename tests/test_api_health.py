@@ -8,7 +8,7 @@ from pydantic import SecretStr
 from sqlalchemy import select
 
 from api.main import create_app
-from worker.models import Chunk
+from worker.models import Chunk, Job
 
 
 def test_healthz_and_readyz_on_healthy_services(api_stack):
@@ -35,15 +35,18 @@ def test_readyz_names_what_is_down(api_stack, make_settings):
     assert checks["broker"].startswith("unavailable") and checks["storage"].startswith("unavailable")
 
 
-def test_broker_outage_still_accepts_jobs_for_the_reconciler(api_stack):
+def test_a_broker_outage_does_not_touch_submission(api_stack):
+    """Submit never talks to the broker: with it unreachable the job is accepted and waits in the
+    database, unchunked, for the dispatcher."""
     settings = api_stack.settings.model_copy(update={"broker_url": "redis://127.0.0.1:9/0"})
     with TestClient(create_app(settings)) as client:
         r = client.post("/v1/jobs", headers=api_stack.auth(),
                         json={"task": "generate", "prompt": "x", "width": 32, "height": 32})
     assert r.status_code == 202 and r.json()["status"] == "queued"
     with api_stack.session() as s:
-        [chunk] = s.scalars(select(Chunk)).all()
-        assert chunk.published_at is None and chunk.publish_count == 0
+        assert s.scalars(select(Chunk)).all() == []
+        [job] = s.scalars(select(Job)).all()
+        assert job.chunk_id is None and job.status == "queued"
 
 
 def test_openapi_docs_list_every_route(api_stack):
@@ -51,7 +54,8 @@ def test_openapi_docs_list_every_route(api_stack):
     paths = api_stack.client.get("/openapi.json").json()["paths"]
     for path in ("/v1/files", "/v1/files/{file_id}", "/v1/jobs", "/v1/jobs/{job_id}", "/v1/jobs/{job_id}/cancel",
                  "/v1/batches", "/v1/batches/{batch_id}", "/v1/batches/{batch_id}/jobs",
-                 "/v1/batches/{batch_id}/cancel", "/v1/objects/{key}", "/healthz", "/readyz"):
+                 "/v1/batches/{batch_id}/cancel", "/v1/objects/{key}", "/healthz", "/readyz", "/v1/usage",
+                 "/metrics"):
         assert path in paths, path
     limits = api_stack.client.get("/openapi.json").json()["components"]["schemas"]["GenerationParamsIn"]
     steps = limits["properties"]["num_timesteps"]["anyOf"][0]

@@ -1,6 +1,7 @@
-"""POST/GET /v1/jobs and cancel on both stacks: submission enqueues one message per chunk,
-parameters are resolved, bad parameters are 422s naming field and limit with nothing stored or
-enqueued, results come back as working URLs, tenants are isolated."""
+"""POST/GET /v1/jobs and cancel on both stacks: a submitted job waits in the database (no chunk,
+no broker message: the dispatcher hands it out), parameters are resolved, bad parameters are
+422s naming field and limit with nothing stored or enqueued, results come back as working URLs,
+tenants are isolated."""
 
 from __future__ import annotations
 
@@ -10,13 +11,21 @@ import httpx
 import pytest
 from sqlalchemy import select
 
-from worker import jobs
-from worker.models import Chunk
+from worker import jobs, queries
+from worker.models import Chunk, utcnow
 from worker.storage import output_key
 
 
 def submit(stack, body, key=None, **kw):
     return stack.client.post("/v1/jobs", json=body, headers=stack.auth(key), **kw)
+
+
+def claim(stack, job_id: str, worker_id: str = "worker-1") -> None:
+    """What the dispatcher and a GPU worker do for a waiting job: a chunk taking it, claimed."""
+    with stack.session() as s:
+        chunk_id = jobs.form_chunk(s, [job_id], utcnow())
+        s.commit()
+        assert [j.id for j in jobs.claim_chunk(s, chunk_id, worker_id, lease_s=60)] == [job_id]
 
 
 def fetch(stack, url: str) -> httpx.Response:
@@ -27,7 +36,7 @@ def fetch(stack, url: str) -> httpx.Response:
     return httpx.get(url)
 
 
-def test_generate_job_is_queued_published_and_readable(api_stack):
+def test_generate_job_is_queued_waiting_for_the_dispatcher_and_readable(api_stack):
     before_messages = api_stack.queued_messages()
     r = submit(api_stack, {"task": "generate", "prompt": "a red mug", "width": 64, "height": 32,
                            "params": {"num_timesteps": 4}, "metadata": {"sku": "M-1"}})
@@ -38,10 +47,10 @@ def test_generate_job_is_queued_published_and_readable(api_stack):
     assert isinstance(job["params"]["seed"], int) and job["result"] is None and job["error"] is None
     assert job["params"]["taylorseer"] is False  # the record says which sampling mode made the image
     assert job["progress"] == {"step": 0, "total": 3} and job["metadata"] == {"sku": "M-1"}
-    assert api_stack.queued_messages() == before_messages + 1
+    assert api_stack.queued_messages() == before_messages  # the API publishes nothing
     with api_stack.session() as s:
-        [chunk] = s.scalars(select(Chunk)).all()
-        assert chunk.published_at is not None and chunk.publish_count == 1
+        assert s.scalars(select(Chunk)).all() == []
+        assert queries.load_jobs(s, [job["id"]])[0].chunk_id is None  # waiting for the dispatcher
     got = api_stack.client.get(f"/v1/jobs/{job['id']}", headers=api_stack.auth())
     assert got.status_code == 200 and got.json()["id"] == job["id"]
 
@@ -179,9 +188,7 @@ def test_cancel_queued_job_is_immediate_and_running_is_requested(api_stack):
     r = api_stack.client.post(f"/v1/jobs/{a['id']}/cancel", headers=api_stack.auth())
     assert r.status_code == 200 and r.json()["status"] == "canceled"
     b = submit(api_stack, {"task": "generate", "prompt": "b", "width": 32, "height": 32}).json()
-    with api_stack.session() as s:
-        chunk_id = jobs.load_jobs(s, [b["id"]])[0].chunk_id
-        jobs.claim_chunk(s, chunk_id, "worker-1", lease_s=60)
+    claim(api_stack, b["id"])
     r = api_stack.client.post(f"/v1/jobs/{b['id']}/cancel", headers=api_stack.auth())
     assert r.json()["status"] == "running" and r.json()["cancel_requested"] is True
 
@@ -190,9 +197,8 @@ def test_succeeded_job_shows_a_working_result_url(api_stack):
     job = submit(api_stack, {"task": "generate", "prompt": "a", "width": 32, "height": 32, "think": True}).json()
     store = api_stack.client.app.state.store
     key = output_key(api_stack.tenant_id, job["id"])
+    claim(api_stack, job["id"])
     with api_stack.session() as s:
-        chunk_id = jobs.load_jobs(s, [job["id"]])[0].chunk_id
-        jobs.claim_chunk(s, chunk_id, "worker-1", lease_s=60)
         jobs.record_progress(s, [job["id"]], "worker-1", 2, 50)
     running = api_stack.client.get(f"/v1/jobs/{job['id']}", headers=api_stack.auth()).json()
     assert running["status"] == "running" and running["progress"] == {"step": 2, "total": 50}

@@ -142,3 +142,68 @@ def test_bench_writes_the_json_report_and_prints_the_table(tmp_path, capsys):
     report = json.loads(out.read_text())
     assert report["size"] == "tiny" and [r["scenario"] for r in report["results"]] == ["t2i1"]
     assert "t2i1" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------------------------------
+# ``bagel-jobs tenant limits``: the job service's command line, run as a real process on both databases
+
+
+def bagel_jobs(db_url: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
+    import os
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BAGEL_JOBS_")}
+    env.update(PYTHONPATH=str(ROOT), BAGEL_JOBS_DATABASE_URL=db_url)
+    return subprocess.run([sys.executable, "-m", "worker.cli", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_tenant_limits_are_printed_set_and_cleared(db_url, db_session, tmp_path):
+    from worker import tenants
+    from worker.models import Tenant
+
+    tenant = tenants.create_tenant(db_session, "acme")
+    shown = bagel_jobs(db_url, "tenant", "limits", "acme", cwd=tmp_path)
+    assert shown.returncode == 0, shown.stderr
+    assert json.loads(shown.stdout) == {"tenant_id": tenant.id, "name": "acme", "weight": 1.0,
+                                        "requests_per_minute": None, "max_waiting_jobs": None,
+                                        "max_running_chunks": None, "monthly_gpu_seconds": None}
+    changed = bagel_jobs(db_url, "tenant", "limits", tenant.id, "--requests-per-minute", "10", "--max-waiting-jobs",
+                         "0", "--max-running-chunks", "2", "--monthly-gpu-seconds", "3600.5", "--weight", "2.5",
+                         cwd=tmp_path)
+    assert changed.returncode == 0, changed.stderr
+    assert json.loads(changed.stdout) | {"tenant_id": None} == {
+        "tenant_id": None, "name": "acme", "weight": 2.5, "requests_per_minute": 10, "max_waiting_jobs": 0,
+        "max_running_chunks": 2, "monthly_gpu_seconds": 3600.5}
+    cleared = bagel_jobs(db_url, "tenant", "limits", "acme", "--requests-per-minute", "none",
+                         "--monthly-gpu-seconds", "NONE", cwd=tmp_path)
+    assert cleared.returncode == 0, cleared.stderr
+    after = json.loads(cleared.stdout)
+    assert after["requests_per_minute"] is None and after["monthly_gpu_seconds"] is None
+    assert (after["max_waiting_jobs"], after["max_running_chunks"], after["weight"]) == (0, 2, 2.5)  # kept
+    db_session.expire_all()
+    row = db_session.get(Tenant, tenant.id)
+    assert (row.requests_per_minute, row.max_waiting_jobs, row.max_running_chunks, row.monthly_gpu_seconds,
+            row.weight) == (None, 0, 2, None, 2.5)
+
+
+def test_tenant_limits_refuse_bad_values_and_change_nothing(db_url, db_session, tmp_path):
+    from worker import tenants
+
+    tenants.create_tenant(db_session, "acme")
+    tenants.set_limits(db_session, "acme", {"max_waiting_jobs": 7})
+    cases = [
+        (["--max-waiting-jobs", "-1"], 1, "max_waiting_jobs: -1 must be an integer in 0..10,000,000, or none"),
+        (["--weight", "0"], 1, "weight: 0.0 must be a number > 0 and <= 1000"),
+        (["--weight", "none"], 1, "weight: None must be a number > 0"),
+        (["--monthly-gpu-seconds", "nan"], 1, "monthly_gpu_seconds: nan must be a number in 0.."),
+        (["--requests-per-minute", "lots"], 2, "argument --requests-per-minute: 'lots' is not an integer or 'none'"),
+        (["--max-running-chunks", "1.5"], 2, "'1.5' is not an integer or 'none'"),
+    ]
+    for extra, code, needle in cases:
+        done = bagel_jobs(db_url, "tenant", "limits", "acme", "--requests-per-minute", "5", *extra, cwd=tmp_path)
+        assert done.returncode == code, (extra, done.stderr)
+        assert needle in done.stderr and "Traceback" not in done.stderr, done.stderr
+    missing = bagel_jobs(db_url, "tenant", "limits", "nobody", cwd=tmp_path)
+    assert missing.returncode == 1 and "no tenant with id or name 'nobody'" in missing.stderr
+    assert tenants.get_limits(db_session, "acme")["requests_per_minute"] is None  # no partial change
+    assert tenants.get_limits(db_session, "acme")["max_waiting_jobs"] == 7

@@ -1,11 +1,13 @@
 """The GPU worker as a real Celery worker process running the tiny real engine, on both stacks
-(PostgreSQL + Redis + S3 and SQLite + embedded broker + local folder).
+(PostgreSQL + Redis + S3 and SQLite + embedded broker + local folder), fed by a real
+``reconciler`` process (its dispatcher forms the chunks from waiting jobs and publishes them).
 
-Covers: a chunk runs end to end (claim → engine → upload → succeeded, progress, timings,
-webhook outbox); a bad input fails at once without a retry; a storage outage is retried with
-backoff and then fails with a clear code; a retried job succeeds once storage is back;
-cancellation between denoising steps; SIGKILL mid-chunk → lease expiry → another worker
-finishes with one result; SIGTERM mid-chunk → leases released → another worker finishes.
+Covers: a chunk runs end to end (dispatch → claim → engine → upload → succeeded, progress,
+timings, webhook outbox); every finished chunk keeps its GPU time; a bad input fails at once
+without a retry; a storage outage is retried with backoff and then fails with a clear code; a
+retried job waits out its backoff and succeeds once storage is back; cancellation between
+denoising steps; SIGKILL mid-chunk → lease expiry → another worker finishes with one result;
+SIGTERM mid-chunk (``drain=release``) → leases released → another worker finishes.
 """
 
 from __future__ import annotations
@@ -13,12 +15,13 @@ from __future__ import annotations
 import io
 import signal
 
+import pytest
 from PIL import Image
 from sqlalchemy import func, select
 
 from tests.fixtures.worker import Stack, job_rows, submit_jobs, wait_jobs, wait_until
-from worker import jobs
-from worker.models import WebhookDelivery
+from worker import jobs, tenants
+from worker.models import Chunk, WebhookDelivery
 from worker.receiver import WebhookReceiver
 from worker.storage import make_store, output_key
 
@@ -38,8 +41,10 @@ def _bad_storage_env(stack: Stack) -> dict[str, str]:
 
 def test_chunk_runs_through_the_engine_and_records_everything(stack: Stack, receiver: WebhookReceiver) -> None:
     stack.start("gpu")
+    stack.start("reconciler")
     sub = submit_jobs(stack, 3, steps=2, px=32, webhook_url=receiver.url)
     rows = wait_jobs(stack, sub.job_ids, DONE)
+    assert len({row.chunk_id for row in rows}) == 1  # alike jobs (chunk_size 4): one chunk, one engine call
     store = make_store(stack.settings)
     for row in rows:
         assert row.status == "succeeded", (row.error_code, row.error_message)
@@ -53,9 +58,36 @@ def test_chunk_runs_through_the_engine_and_records_everything(stack: Stack, rece
         events = sorted(s.scalars(select(WebhookDelivery.event)).all())
     assert events == ["batch.completed"] + ["job.succeeded"] * 3
 
+    def finished_chunk() -> Chunk | None:
+        with stack.session() as s:
+            chunk = s.get(Chunk, rows[0].chunk_id)
+        return chunk if chunk.finished_at is not None else None
+
+    chunk = wait_until(finished_chunk, 30, 0.1, "the chunk to be finished")  # its window slot is free again
+    assert chunk.job_count == 3 and chunk.publish_count == 1 and chunk.claimed_by == rows[0].lease_owner
+    assert all(row.gpu_seconds > 0 for row in rows)  # each job's share of the chunk's engine time
+
+
+def test_every_finished_chunk_records_its_gpu_time(stack: Stack) -> None:
+    stack.start("gpu")
+    stack.start("reconciler")
+    subs = [submit_jobs(stack, 1, steps=2, px=px) for px in (32, 48, 64, 80)]  # four sizes: four chunks
+    rows = wait_jobs(stack, [job_id for sub in subs for job_id in sub.job_ids], DONE)
+    assert {row.status for row in rows} == {"succeeded"}
+
+    def finished() -> list[Chunk] | None:
+        with stack.session() as s:
+            chunks = list(s.scalars(select(Chunk)).all())
+        return chunks if len(chunks) == 4 and all(c.finished_at is not None for c in chunks) else None
+
+    chunks = wait_until(finished, 30, 0.1, "every chunk to be finished")
+    # the worker's finish_chunk records the engine time; the dispatcher closing an idle chunk must not lose it
+    assert [(c.id, c.finished_at, c.gpu_seconds) for c in chunks if not c.gpu_seconds] == []
+
 
 def test_bad_input_fails_at_once_without_retry(stack: Stack) -> None:
     stack.start("gpu")
+    stack.start("reconciler")
     good = submit_jobs(stack, 1, steps=2)
     with stack.session() as s:  # an input file that exists in the DB but not in storage
         f = jobs.add_file(s, good.tenant_id, sha256="0" * 64, storage_key=f"inputs/{good.tenant_id}/{'0' * 64}",
@@ -69,14 +101,16 @@ def test_bad_input_fails_at_once_without_retry(stack: Stack) -> None:
 
 def test_undecodable_input_fails_with_the_engine_code(stack: Stack) -> None:
     stack.start("gpu")
-    sub = submit_jobs(stack, 1, publish=False)
+    stack.start("reconciler")
+    with stack.session() as s:
+        tenant_id = tenants.create_tenant(s, "undecodable").id
     store = make_store(stack.settings)
-    key = f"inputs/{sub.tenant_id}/{'1' * 64}"
+    key = f"inputs/{tenant_id}/{'1' * 64}"
     store.put(key, b"\x89PNG\r\n\x1a\n but truncated", "image/png")
     with stack.session() as s:
-        f = jobs.add_file(s, sub.tenant_id, sha256="1" * 64, storage_key=key, content_type="image/png", fmt="PNG",
+        f = jobs.add_file(s, tenant_id, sha256="1" * 64, storage_key=key, content_type="image/png", fmt="PNG",
                           width=32, height=32, size_bytes=20, filename=None)
-    bad = submit_jobs(stack, 1, task="edit", input_file_ids=(f.id,), tenant_id=sub.tenant_id)
+    bad = submit_jobs(stack, 1, task="edit", input_file_ids=(f.id,), tenant_id=tenant_id)
     [row] = wait_jobs(stack, bad.job_ids, DONE)
     assert (row.status, row.attempts, row.error_code) == ("failed", 1, "invalid_input")
     assert row.error_message.startswith("input_file_ids[0]:")
@@ -84,6 +118,7 @@ def test_undecodable_input_fails_with_the_engine_code(stack: Stack) -> None:
 
 def test_storage_outage_is_retried_then_fails_with_a_clear_code(stack: Stack) -> None:
     stack.start("gpu", extra_env=_bad_storage_env(stack))
+    stack.start("reconciler")
     sub = submit_jobs(stack, 1, steps=2)
     [row] = wait_jobs(stack, sub.job_ids, DONE, timeout_s=90)
     assert (row.status, row.attempts, row.error_code) == ("failed", stack.settings.max_attempts,
@@ -92,23 +127,27 @@ def test_storage_outage_is_retried_then_fails_with_a_clear_code(stack: Stack) ->
 
 
 def test_retried_job_succeeds_once_storage_is_back(stack: Stack) -> None:
-    # A long backoff keeps the job queued between attempts; the delayed retry message dies with
-    # the killed worker, so the reconciler has to publish the chunk again.
-    broken = stack.start("gpu", extra_env={**_bad_storage_env(stack), "BAGEL_JOBS_RETRY_BACKOFF_S": "30"})
+    # The broken worker's backoff keeps the job waiting (out of any chunk) long enough to replace
+    # the worker; the dispatcher hands it to the healthy one once the backoff is over, not before.
+    broken = stack.start("gpu", extra_env={**_bad_storage_env(stack), "BAGEL_JOBS_RETRY_BACKOFF_S": "10"})
+    stack.start("reconciler")
     sub = submit_jobs(stack, 1, steps=2)
     wait_until(lambda: (lambda r: r.attempts == 1 and r.status == "queued")(job_rows(stack, sub.job_ids)[0]),
                60, what="first attempt to be retried")
-    assert job_rows(stack, sub.job_ids)[0].error_code == "storage_unavailable"
     broken.kill()
+    waiting = job_rows(stack, sub.job_ids)[0]
+    assert waiting.error_code == "storage_unavailable" and waiting.chunk_id is None
+    assert (waiting.not_before - waiting.updated_at).total_seconds() == pytest.approx(10, abs=0.01)  # the backoff
     stack.start("gpu")
-    stack.start("reconciler")
     [row] = wait_jobs(stack, sub.job_ids, DONE, timeout_s=90)
-    assert row.status == "succeeded" and row.attempts >= 2
+    assert row.status == "succeeded" and row.attempts == 2
+    assert row.started_at >= waiting.not_before  # the retry was not dispatched before its backoff
     assert make_store(stack.settings).exists(row.output_key)
 
 
 def test_cancel_stops_a_running_job_between_denoising_steps(stack: Stack) -> None:
     stack.start("gpu")
+    stack.start("reconciler")
     sub = submit_jobs(stack, 1, steps=LONG_STEPS, px=LONG_PX)
     wait_until(lambda: job_rows(stack, sub.job_ids)[0].progress_step >= 2, 60, 0.02, "denoising to start")
     with stack.session() as s:
@@ -127,7 +166,7 @@ def test_killed_worker_loses_its_lease_and_another_finishes_with_one_result(
     owner = job_rows(stack, sub.job_ids)[0].lease_owner
     first.kill()  # SIGKILL: no chance to release anything
     stack.start("gpu")
-    [row] = wait_jobs(stack, sub.job_ids, DONE, timeout_s=120)
+    [row] = wait_jobs(stack, sub.job_ids, DONE, timeout_s=240)  # 200 steps at 512 px, on a loaded machine
     assert row.status == "succeeded" and row.attempts == 2
     assert row.lease_owner != owner
     with stack.session() as s:
@@ -137,14 +176,16 @@ def test_killed_worker_loses_its_lease_and_another_finishes_with_one_result(
 
 
 def test_sigterm_releases_the_running_chunk_for_another_worker(stack: Stack) -> None:
-    first = stack.start("gpu")
+    first = stack.start("gpu", extra_env={"BAGEL_JOBS_DRAIN": "release"})
+    stack.start("reconciler")
     sub = submit_jobs(stack, 1, steps=LONG_STEPS, px=LONG_PX)
     wait_until(lambda: job_rows(stack, sub.job_ids)[0].progress_step >= 2, 60, 0.02, "denoising to start")
     first.signal(signal.SIGTERM)
     assert first.popen.wait(30) == 0
     assert "released 1 job(s)" in first.log()
     row = job_rows(stack, sub.job_ids)[0]
-    assert row.status in ("queued", "running") and row.attempts <= 1
+    # waiting again, out of its chunk; no live worker is left, so the dispatcher holds it back
+    assert (row.status, row.chunk_id, row.attempts, row.lease_owner) == ("queued", None, 0, None)
     stack.start("gpu")
-    [row] = wait_jobs(stack, sub.job_ids, DONE, timeout_s=120)
+    [row] = wait_jobs(stack, sub.job_ids, DONE, timeout_s=240)  # 200 steps at 512 px, on a loaded machine
     assert row.status == "succeeded" and row.attempts == 1  # the released attempt does not count

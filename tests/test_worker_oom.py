@@ -3,11 +3,13 @@
 
 Covers: a chunk that runs out of memory is split in halves, not retried, every job still
 succeeds, and callbacks and timings stay with their jobs; a job that does not fit on its own fails
-at once with ``gpu_out_of_memory`` while its chunk-mate succeeds; a device error gives the chunk back, ends the worker with a non-zero status
-without leaving its message in the broker, and a clean worker finishes the jobs once; the memory
-budget reaches the engine. The row limits and the budget are measured on the same tiny
-checkpoint in this process (LLM forward sizes, ``Engine.memory_estimate``), never hard-coded,
-and each test asserts that the fault actually fired.
+at once with ``gpu_out_of_memory`` while its chunk-mate succeeds; a device error gives the chunk's
+jobs back to waiting at once (no backoff), ends the worker with a non-zero status without leaving
+its message in the broker, and a clean worker finishes the jobs once; the memory budget reaches
+the engine. A ``reconciler`` process (its dispatcher) forms the chunks and hands them out. The
+row limits and the budget are measured on the same tiny checkpoint in this process (LLM forward
+sizes, ``Engine.memory_estimate``), never hard-coded, and each test asserts that the fault
+actually fired.
 
 Backends: the device-error test runs on both stacks, because what happens to the late-acked
 message (ack, reject, restore) is the broker transport's business. The split and budget tests
@@ -29,7 +31,7 @@ from sqlalchemy import select
 
 from tests.fixtures.worker import Stack, job_rows, wait_jobs, wait_until
 from worker import dispatch, jobs, params, tenants
-from worker.celery_app import GPU_QUEUE
+from worker.queues import GPU_QUEUE
 from worker.gpu import EngineHolder, JobInput
 from worker.models import WebhookDelivery
 from worker.settings import Settings
@@ -54,21 +56,16 @@ def _params(n: int) -> dict[str, Any]:
     return params.resolve("generate", {"num_timesteps": STEPS, "seed": n}, False)
 
 
-def _submit(stack: Stack, jobs_in: list[JobInput], webhook_url: str | None = None) -> tuple[list[str], list[str]]:
-    """Submit ``jobs_in`` as one batch (compatible ones share a chunk) and publish its chunks;
-    returns (job ids, chunk ids)."""
+def _submit(stack: Stack, jobs_in: list[JobInput], webhook_url: str | None = None) -> list[str]:
+    """Submit ``jobs_in`` as one batch of a new tenant; they wait for the dispatcher, which puts
+    compatible ones in one chunk. Returns the job ids."""
     with stack.session() as s:
         tenant = tenants.create_tenant(s, f"oom-{uuid.uuid4().hex[:8]}")
         specs = [jobs.JobSpec(task=j.task, prompt=j.prompt, params=j.params, width=j.width, height=j.height)
                  for j in jobs_in]
-        _, rows, chunks = jobs.submit(s, tenant.id, specs, batch=len(specs) > 1, webhook_url=webhook_url,
-                                      metadata={}, chunk_size=stack.settings.chunk_size,
-                                      max_attempts=stack.settings.max_attempts)
-        job_ids, chunk_ids = [r.id for r in rows], [c.id for c in chunks]
-    dispatch.publish_chunks(stack.settings, chunk_ids)
-    with stack.session() as s:
-        jobs.mark_published(s, chunk_ids)
-    return job_ids, chunk_ids
+        _, rows = jobs.submit(s, tenant.id, specs, batch=len(specs) > 1, webhook_url=webhook_url, metadata={},
+                              max_attempts=stack.settings.max_attempts)
+        return [r.id for r in rows]
 
 
 @pytest.fixture(scope="module")
@@ -127,9 +124,9 @@ def test_out_of_memory_splits_a_chunk_without_a_retry_and_fails_only_the_job_tha
     assert max(_forward_rows(probe, short[:4])) > limit
     assert max(_forward_rows(probe, [long])) > limit
     worker = stack.start("gpu", extra_env={"BAGEL_JOBS_FAULT_INJECTION": f"oom_above_rows:{limit}"})
-    split_ids, split_chunks = _submit(stack, short[:4])
-    mixed_ids, mixed_chunks = _submit(stack, [short[4], long])
-    assert len(split_chunks) == len(mixed_chunks) == 1  # same task, size, steps and think: one chunk each
+    split_ids = _submit(stack, short[:4])
+    mixed_ids = _submit(stack, [short[4], long])
+    stack.start("reconciler")  # its first pass sees both batches: the first one fills a chunk (chunk_size 4)
 
     rows = wait_jobs(stack, split_ids, DONE)
     assert [(r.status, r.attempts, r.error_code) for r in rows] == [("succeeded", 1, None)] * 4
@@ -138,6 +135,8 @@ def test_out_of_memory_splits_a_chunk_without_a_retry_and_fails_only_the_job_tha
     assert all(Image.open(io.BytesIO(store.get(r.output_key))).size == (PX, PX) for r in rows)
 
     ok, too_big = wait_jobs(stack, mixed_ids, DONE)
+    # same task, size, steps and think: one chunk each
+    assert len({r.chunk_id for r in rows}) == 1 and {ok.chunk_id} == {too_big.chunk_id} != {rows[0].chunk_id}
     assert (ok.status, ok.attempts, ok.error_code) == ("succeeded", 1, None)
     assert (too_big.status, too_big.attempts, too_big.error_code) == ("failed", 1, "gpu_out_of_memory")
     assert too_big.error_message.startswith(f"generate job ({PX}x{PX} px output, {STEPS} steps, think off) does "
@@ -157,7 +156,8 @@ def test_the_memory_budget_reaches_the_engine_and_a_job_over_it_fails_without_a_
     budget = (need_small + need_big) // 2
     worker = stack.start("gpu", extra_env={"BAGEL_JOBS_GPU_MEMORY_BUDGET_BYTES": str(budget)})
     assert f"GPU memory budget: {budget / 2**20:.1f} MiB (BAGEL_JOBS_GPU_MEMORY_BUDGET_BYTES)" in worker.log()
-    job_ids, _ = _submit(stack, [small, big])
+    stack.start("reconciler")
+    job_ids = _submit(stack, [small, big])
 
     ok, over = wait_jobs(stack, job_ids, DONE)
     assert (ok.status, ok.attempts) == ("succeeded", 1)
@@ -182,7 +182,8 @@ def _broker_idle(stack: Stack) -> bool:
 
 def test_a_device_error_gives_the_chunk_back_and_ends_the_worker(stack: Stack) -> None:
     broken = stack.start("gpu", extra_env={"BAGEL_JOBS_FAULT_INJECTION": "device_error"})
-    job_ids, _ = _submit(stack, [_input(0), _input(1)], webhook_url="http://127.0.0.1:9/hook")
+    stack.start("reconciler")
+    job_ids = _submit(stack, [_input(0), _input(1)], webhook_url="http://127.0.0.1:9/hook")
 
     wait_until(lambda: broken.popen.poll() is not None, 60, 0.05, "the broken worker to exit")
     assert broken.popen.returncode == DEVICE_ERROR_EXIT_CODE != 0
@@ -194,9 +195,10 @@ def test_a_device_error_gives_the_chunk_back_and_ends_the_worker(stack: Stack) -
     rows = job_rows(stack, job_ids)
     assert [(r.status, r.attempts, r.error_code, r.lease_owner) for r in rows] == \
         [("queued", 1, "gpu_device_error", None)] * 2
+    assert [r.not_before for r in rows] == [None, None]  # given back at once: no backoff for a healthy worker
     assert "device-side assert triggered" in rows[0].error_message
 
-    stack.start("gpu")  # the supervisor's clean process; the chunk was re-published, no reconciler
+    stack.start("gpu")  # the supervisor's clean process; the dispatcher hands the jobs to it
     rows = wait_jobs(stack, job_ids, DONE)
     assert [(r.status, r.attempts) for r in rows] == [("succeeded", 2)] * 2
     with stack.session() as s:

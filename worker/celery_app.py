@@ -1,7 +1,7 @@
 """The Celery application: one factory that turns ``Settings`` into a configured ``Celery``.
 
 Owns: broker choice and the knobs long GPU tasks need (late acks, prefetch 1, no results,
-visibility timeout above the longest chunk), the queue names and task routes, and the
+visibility timeout above the longest chunk), the task routes (names in ``queues.py``), and the
 embedded server-less broker. Leaves the task bodies to ``tasks.py`` and publishing to
 ``dispatch.py``.
 
@@ -23,17 +23,13 @@ from typing import TYPE_CHECKING
 from celery import Celery
 from kombu.transport import sqlalchemy as kombu_sqla
 
+from worker import tasks
+from worker.queues import DELIVER_WEBHOOKS, GPU_QUEUE, RUN_CHUNK, WEBHOOK_QUEUE
+
 if TYPE_CHECKING:
     from worker.settings import Settings
 
 log = logging.getLogger(__name__)
-
-GPU_QUEUE = "gpu"
-WEBHOOK_QUEUE = "webhooks"
-QUEUES = (GPU_QUEUE, WEBHOOK_QUEUE)
-
-RUN_CHUNK = "bagel_jobs.run_chunk"
-DELIVER_WEBHOOKS = "bagel_jobs.deliver_webhooks"
 
 EMBEDDED_POLL_S = 0.02
 SQLA_PREFIXES = ("sqla+", "sqlalchemy+")
@@ -71,8 +67,6 @@ def _visibility_timeout_s(settings: Settings) -> int:
 def make_celery(settings: Settings) -> Celery:
     """Build the Celery app for ``settings``: connects nothing until a message is sent or a
     worker starts. Tasks are registered here, so the app is complete for both sides."""
-    from worker import tasks  # late: tasks import this module for the names above
-
     broker_url = settings.broker_url
     conf: dict[str, object] = {}
     if is_embedded_broker(broker_url):

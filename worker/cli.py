@@ -1,7 +1,7 @@
 """``bagel-jobs``: the command line of the job service (console script → ``main``).
 
 Owns: argument parsing, logging set-up and settings construction for every entry point:
-``config``, ``db upgrade|downgrade``, ``tenant create``, ``key create``, ``api``,
+``config``, ``db upgrade|downgrade``, ``tenant create|limits``, ``key create``, ``api``,
 ``worker --queues gpu|webhooks``, ``reconciler``, ``up`` and ``demo``. Each command is a few
 lines calling the module that owns the work. The API app is looked up by module name when the
 ``api`` command runs, so the worker package has no import-time dependency on ``api``.
@@ -15,22 +15,15 @@ import logging
 import signal
 import sys
 import threading
+import time
 from collections.abc import Sequence
 from typing import Any
 
 from worker.errors import ServiceError, SettingsError
+from worker.logs import configure_logging
 from worker.settings import Settings, load_settings
 
 log = logging.getLogger(__name__)
-
-LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s [%(process)d] %(message)s"
-
-
-def _configure_logging(level: str) -> None:
-    logging.basicConfig(level=level.upper(), format=LOG_FORMAT, stream=sys.stderr, force=True)
-    # One line per HTTP request is noise at INFO (the demo polls); keep their warnings.
-    for name in ("httpx", "httpcore", "alembic.runtime.plugins"):
-        logging.getLogger(name).setLevel(max(logging.WARNING, logging.getLogger().level))
 
 
 def _out(text: str) -> None:
@@ -72,6 +65,29 @@ def cmd_tenant(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def _limit_arg(kind: type) -> Any:
+    """argparse type of a limit option: a number of ``kind``, or the word ``none`` (unlimited)."""
+    def parse(text: str) -> int | float | None:
+        if text.strip().lower() == "none":
+            return None
+        try:
+            return kind(text)
+        except ValueError:
+            noun = "an integer" if kind is int else "a number"
+            raise argparse.ArgumentTypeError(f"{text!r} is not {noun} or 'none'") from None
+    return parse
+
+
+def cmd_tenant_limits(settings: Settings, args: argparse.Namespace) -> int:
+    from worker import tenants
+
+    changes = {name: getattr(args, name) for name in ("weight", *tenants.LIMIT_FIELDS) if hasattr(args, name)}
+    with _session(settings) as session:
+        out = tenants.set_limits(session, args.name, changes) if changes else tenants.get_limits(session, args.name)
+    _out(json.dumps(out, indent=2))
+    return 0
+
+
 def cmd_key(settings: Settings, args: argparse.Namespace) -> int:
     from worker import tenants
 
@@ -98,47 +114,81 @@ def cmd_api(settings: Settings, args: argparse.Namespace) -> int:
 def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
     from celery import signals
 
-    from worker.celery_app import GPU_QUEUE, QUEUES, make_celery
+    from worker.celery_app import make_celery
+    from worker.queues import GPU_QUEUE, QUEUES
     from worker.tasks import WorkerRuntime
 
     queues = [q.strip() for q in args.queues.split(",") if q.strip()]
     unknown = sorted(set(queues) - set(QUEUES))
     if unknown:
         raise SettingsError(f"--queues: {unknown} not among {list(QUEUES)}")
-    holder = None
+    rt = WorkerRuntime(settings)
+    registration = http = None
     if GPU_QUEUE in queues:
         from worker.gpu import EngineHolder
+        from worker.models import WorkerState
+        from worker.registry import Registration
+        from worker.worker_http import start_worker_http
 
-        holder = EngineHolder(settings)
-        holder.load()  # before consuming: a bad checkpoint stops the worker here, not per task
+        if settings.worker_http_port is not None:
+            http = start_worker_http(settings, rt.stats)
+        registration = Registration(settings, rt.session, rt.worker_id, rt.stats)
+        registration.start()
+        rt.registration = registration
+        rt.engine_holder = EngineHolder(settings)
+        started = time.monotonic()
+        rt.engine_holder.load()  # before consuming: a bad checkpoint stops the worker here, not per task
+        rt.stats.engine_loaded(time.monotonic() - started)
+        registration.set_state(WorkerState.ready)
     app = make_celery(settings)
-    rt = WorkerRuntime(settings, holder)
     app.bagel_runtime = rt
 
     def on_shutdown(**_: Any) -> None:
-        # Celery's warm shutdown waits for the running chunk; the flag makes that chunk stop at
-        # its next denoising step and release its jobs for another worker.
+        # Celery's warm shutdown waits for the running chunk. drain=finish: it runs to the end;
+        # drain=release: it stops at its next denoising step and releases its jobs. Either way
+        # the dispatcher stops counting this worker at once.
         rt.shutting_down.set()
+        rt.stats.set_draining()
+        if registration is not None:
+            from worker.models import WorkerState
+
+            try:
+                registration.set_state(WorkerState.draining)
+            except Exception:  # noqa: BLE001 - its heartbeat stops soon and it ages out anyway
+                log.warning("worker %s: could not mark itself draining", rt.worker_id, exc_info=True)
 
     signals.worker_shutting_down.connect(on_shutdown, weak=False)
     name = args.name or "-".join(queues)
     worker = app.Worker(queues=queues, pool="solo", concurrency=1, hostname=f"{name}@%h",
                         loglevel=args.log_level.upper(), without_heartbeat=True, without_mingle=True,
                         without_gossip=True, optimization="fair")
-    log.info("worker %s consuming %s", rt.worker_id, queues)
-    worker.start()
+    log.info("worker %s consuming %s (drain=%s)", rt.worker_id, queues, settings.drain)
+    try:
+        worker.start()
+    finally:
+        if registration is not None:
+            registration.stop()
+        if http is not None:
+            http.shutdown()
     return int(worker.exitcode or 0)
 
 
 def cmd_reconciler(settings: Settings, args: argparse.Namespace) -> int:
+    """The reconciler loop and, beside it, the dispatcher (which dispatches only while it
+    holds the cluster-wide lease, so any number of these processes is safe)."""
     from worker.reconciler import run_forever
+    from worker.scheduler import Dispatcher
     from worker.tasks import WorkerRuntime
 
     rt = WorkerRuntime(settings)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
+    dispatcher = threading.Thread(target=Dispatcher(settings, rt.session, rt.worker_id).run_forever, args=(stop,),
+                                  name="dispatcher", daemon=True)
+    dispatcher.start()
     run_forever(settings, rt.session, rt.store, stop)
+    dispatcher.join(timeout=30)
     return 0
 
 
@@ -173,6 +223,17 @@ def build_parser() -> argparse.ArgumentParser:
     tc = tsub.add_parser("create", help="create a tenant; prints its id, an API key and the webhook secret once")
     tc.add_argument("name")
     tc.set_defaults(func=cmd_tenant)
+    tl = tsub.add_parser("limits", help="show or change a tenant's limits (the word none: unlimited); "
+                         "prints them as JSON")
+    tl.add_argument("name", help="tenant id or name")
+    for flag, kind, what in (("--requests-per-minute", int, "submissions (jobs or batches) per minute"),
+                             ("--max-waiting-jobs", int, "queued jobs at a time"),
+                             ("--max-running-chunks", int, "chunks on GPUs at a time"),
+                             ("--monthly-gpu-seconds", float, "GPU-seconds per UTC calendar month")):
+        tl.add_argument(flag, type=_limit_arg(kind), default=argparse.SUPPRESS, metavar="N|none", help=what)
+    tl.add_argument("--weight", type=_limit_arg(float), default=argparse.SUPPRESS, metavar="W",
+                    help="fair-share weight (default 1.0)")
+    tl.set_defaults(func=cmd_tenant_limits)
 
     p = sub.add_parser("key", help="manage API keys")
     ksub = p.add_subparsers(dest="action", required=True)
@@ -211,9 +272,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    _configure_logging(args.log_level)
+    configure_logging(args.log_level)  # text until the settings say otherwise
     try:
         settings = load_settings()
+        configure_logging(args.log_level, settings.log_format)
         return int(args.func(settings, args) or 0)
     except SettingsError as exc:
         log.error("%s", exc)

@@ -16,7 +16,8 @@ from kombu.exceptions import KombuError
 from kombu.exceptions import OperationalError as KombuOperationalError
 from sqlalchemy.exc import SQLAlchemyError
 
-from worker.celery_app import DELIVER_WEBHOOKS, GPU_QUEUE, RUN_CHUNK, WEBHOOK_QUEUE, make_celery
+from worker.celery_app import make_celery
+from worker.queues import DELIVER_WEBHOOKS, GPU_QUEUE, RUN_CHUNK, WEBHOOK_QUEUE
 from worker.errors import BrokerUnavailable
 
 if TYPE_CHECKING:

@@ -1,8 +1,8 @@
 """Errors of the job service. Each has a stable ``code`` that goes on the job row and into the
 API's JSON error body, and an optional ``field`` naming the offending input.
 
-Owns: the error taxonomy (permanent input errors, not-found/auth/conflict, transient
-infrastructure errors, GPU errors). Leaves the mapping to HTTP status codes to ``api/errors.py`` and the
+Owns: the error taxonomy (permanent input errors, not-found/auth/conflict, tenant limits,
+transient infrastructure errors, GPU errors). Leaves the mapping to HTTP status codes to ``api/errors.py`` and the
 retry policy to the worker tasks. Messages name the field, the value and the limit.
 """
 
@@ -115,6 +115,38 @@ class SettingsError(ServiceError):
     """Raised at start-up when a setting is invalid; the message names the variable."""
 
     code = "invalid_settings"
+
+
+# Tenant limits (``worker.limits``): a submission refused before anything is stored.
+
+class LimitExceeded(ServiceError):
+    """Raised when a submission would break one of the tenant's limits; ``retry_after_s`` says
+    when trying again may succeed (None: not before the limit or the usage changes)."""
+
+    code = "limit_exceeded"
+
+    def __init__(self, message: str, *, retry_after_s: int | None = None, field: str | None = None) -> None:
+        super().__init__(message, field=field)
+        self.retry_after_s = retry_after_s
+
+
+class RateLimited(LimitExceeded):
+    """Raised when the tenant already made ``requests_per_minute`` submissions in the last 60 s."""
+
+    code = "rate_limited"
+
+
+class TooManyWaiting(LimitExceeded):
+    """Raised when the tenant's queued jobs plus the new ones would exceed ``max_waiting_jobs``."""
+
+    code = "too_many_waiting"
+
+
+class GpuBudgetExhausted(LimitExceeded):
+    """Raised when the GPU-seconds of the tenant's jobs finished this UTC calendar month reach
+    ``monthly_gpu_seconds``; the message says when the month resets."""
+
+    code = "gpu_budget_exhausted"
 
 
 # Transient: infrastructure hiccups, retried with capped backoff.

@@ -7,13 +7,25 @@ thread, cancel requests polled between steps), uploads outputs to deterministic 
 through ``worker.jobs`` (which writes the webhook outbox rows in the same transaction).
 
 Failure policy: a permanent error (bad input, a job that does not fit in GPU memory on its own)
-fails the job at once; a transient one (storage down, engine crash) puts it back to ``queued``
-until ``max_attempts`` and republishes the chunk after a capped exponential backoff. A device
-error (``DeviceFailure``: the CUDA context is gone) puts the whole chunk back to ``queued`` at
-once, counting the attempt so a job that kills every GPU it touches ends ``failed`` after
-``max_attempts`` instead of restarting workers forever, republishes it without delay for a
-healthy worker, and re-raises for the task to end the process. On worker shutdown (SIGTERM) the
-engine stops at the next step boundary and the unfinished jobs are released for another worker.
+fails the job at once; a transient one (storage down, engine crash) puts it back to waiting
+until ``max_attempts``, not dispatched again before a capped exponential backoff
+(``Job.not_before``). A device error (``DeviceFailure``: the CUDA context is gone) puts the whole
+chunk back to waiting at once, counting the attempt so a job that kills every GPU it touches
+ends ``failed`` after ``max_attempts`` instead of restarting workers forever, and re-raises for
+the task to end the process. With ``drain=release`` a worker told to stop (SIGTERM) stops the
+engine at the next step boundary and releases the unfinished jobs for another worker; with
+``drain=finish`` (the default) it finishes the chunk first. A job whose deadline passes while it
+runs stops at the next step and ends ``expired``. The dispatcher (``scheduler.py``) hands
+waiting jobs out again; nothing here publishes.
+
+Accounting: a chunk's GPU time is how long it held the worker (and its GPU): from the claim
+to the last job recorded. A job's share is the input read and engine call divided by the jobs
+it ran (they are alike: one chunk key) plus its own upload; its phases are the engine's
+(encode, prefill, think, denoise, decode) with its queue wait, the chunk's input read and its
+upload around them. The job kind's moving average (``job_costs``), the unit of ETAs and of the
+backlog metric, takes per chunk its time per job — measured from the end of the worker's
+previous chunk when the worker was busy, so the hops between chunks count — except a worker's
+first chunk, which pays one-time warm-up costs.
 Leaves engine details to ``gpu.py``, ending the process to ``tasks.py`` and every state change
 to ``jobs.py``.
 """
@@ -24,13 +36,15 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
+from datetime import datetime
 from typing import TYPE_CHECKING
 
 from sqlalchemy import select
 
 from worker import dispatch, jobs
 from worker.errors import BrokerUnavailable, DeviceFailure, ObjectNotFound
-from worker.models import File, Job
+from worker.logs import log_context
+from worker.models import File, Job, utcnow
 from worker.params import engine_prompt
 from worker.storage import output_key
 
@@ -42,6 +56,7 @@ log = logging.getLogger(__name__)
 
 MAX_BACKOFF_S = 300.0
 CANCEL_POLL_S = 0.2
+BACK_TO_BACK_S = 1.0  # a chunk claimed this soon after the worker's previous one ended: it was busy
 PROGRESS_MIN_INTERVAL_S = 0.25
 
 
@@ -51,6 +66,7 @@ class ClaimedJob:
 
     id: str
     tenant_id: str
+    batch_id: str | None
     task: str
     prompt: str
     input_file_ids: list[str]
@@ -59,6 +75,10 @@ class ClaimedJob:
     width: int
     height: int
     attempts: int
+    cost_key: str
+    queued_at: datetime
+    started_at: datetime
+    deadline_at: datetime | None
 
 
 def backoff_s(base_s: float, attempt: int) -> float:
@@ -71,9 +91,10 @@ class _ChunkMonitor:
     thread renewing the chunk's lease every lease_s/3: long phases without denoising steps
     (prefill, think text, VAE decode) must not let the lease lapse."""
 
-    def __init__(self, rt: WorkerRuntime, job_ids: list[str]) -> None:
+    def __init__(self, rt: WorkerRuntime, job_ids: list[str], deadlines: dict[str, datetime]) -> None:
         self.rt = rt
         self.job_ids = job_ids
+        self.deadlines = deadlines  # job id → deadline, for the jobs that have one
         self.every = rt.settings.progress_every_steps
         self.last_cancel_poll = 0.0
         self.canceled: set[str] = set()
@@ -102,6 +123,8 @@ class _ChunkMonitor:
                 log.warning("lease renewal for %d job(s) failed", len(self.job_ids), exc_info=True)
 
     def progress(self, index: int, step: int, total: int) -> None:
+        if index == 0:  # one denoising step of the chunk's loop
+            self.rt.stats.steps(1)
         if step % self.every and step != total:
             return
         self.pending[index] = (step, total)
@@ -121,7 +144,10 @@ class _ChunkMonitor:
                 jobs.record_progress(session, ids, self.rt.worker_id, step, total)
 
     def should_cancel(self, index: int) -> bool:
-        if self.rt.shutting_down.is_set():
+        if self.rt.shutting_down.is_set() and self.rt.settings.drain == "release":
+            return True
+        deadline = self.deadlines.get(self.job_ids[index])
+        if deadline is not None and utcnow() >= deadline:
             return True
         now = time.monotonic()
         if now - self.last_cancel_poll >= CANCEL_POLL_S:
@@ -134,10 +160,11 @@ class _ChunkMonitor:
 def _claim(rt: WorkerRuntime, chunk_id: str) -> list[ClaimedJob]:
     with rt.session() as session:
         rows: list[Job] = jobs.claim_chunk(session, chunk_id, rt.worker_id, rt.settings.lease_s)
-        return [ClaimedJob(id=j.id, tenant_id=j.tenant_id, task=j.task, prompt=j.prompt,
+        return [ClaimedJob(id=j.id, tenant_id=j.tenant_id, batch_id=j.batch_id, task=j.task, prompt=j.prompt,
                            input_file_ids=list(j.input_file_ids or []), params=dict(j.params or {}),
                            think=bool(j.think), width=int(j.width or 1024), height=int(j.height or 1024),
-                           attempts=int(j.attempts)) for j in rows]
+                           attempts=int(j.attempts), cost_key=j.cost_key, queued_at=j.queued_at,
+                           started_at=j.started_at, deadline_at=j.deadline_at) for j in rows]
 
 
 def _read_inputs(rt: WorkerRuntime, claimed: list[ClaimedJob]) -> tuple[dict[str, bytes], dict[str, str]]:
@@ -165,15 +192,31 @@ def _read_inputs(rt: WorkerRuntime, claimed: list[ClaimedJob]) -> tuple[dict[str
 
 def run_chunk(rt: WorkerRuntime, chunk_id: str) -> None:
     """Execute chunk ``chunk_id`` (a repeat or a chunk with nothing queued does nothing)."""
-    settings = rt.settings
     claimed = _claim(rt, chunk_id)
     if not claimed:
         log.info("chunk %s: nothing to claim (done, canceled or held by another worker)", chunk_id)
         return
     log.info("chunk %s: claimed %d job(s) as %s", chunk_id, len(claimed), rt.worker_id)
-    started = time.perf_counter()
+    gpu_seconds = 0.0
     try:
+        gpu_seconds = _run_claimed(rt, chunk_id, claimed)
+    finally:
+        try:
+            with rt.session() as session:
+                jobs.finish_chunk(session, chunk_id, gpu_seconds)
+        except Exception:  # noqa: BLE001 - the dispatcher closes a chunk left with no active job
+            log.warning("chunk %s: could not record its end; the dispatcher will", chunk_id, exc_info=True)
+
+
+def _run_claimed(rt: WorkerRuntime, chunk_id: str, claimed: list[ClaimedJob]) -> float:
+    """Run the claimed jobs and record every outcome; returns the seconds the chunk held the worker."""
+    started = time.perf_counter()
+    phases: dict[str, float] = {}
+    engine_s = 0.0
+    try:
+        read_started = time.perf_counter()
         files, missing = _read_inputs(rt, claimed)
+        phases["input"] = time.perf_counter() - read_started
         holder = rt.holder()
         from worker.gpu import JobInput
 
@@ -181,9 +224,12 @@ def run_chunk(rt: WorkerRuntime, chunk_id: str) -> None:
         inputs = [JobInput(job_id=job.id, task=job.task, prompt=engine_prompt(job.task, job.prompt),
                            images=[files[fid] for fid in job.input_file_ids], think=job.think,
                            width=job.width, height=job.height, params=job.params) for job in runnable]
-        with _ChunkMonitor(rt, [job.id for job in runnable]) as monitor:
+        deadlines = {job.id: job.deadline_at for job in runnable if job.deadline_at is not None}
+        with _ChunkMonitor(rt, [job.id for job in runnable], deadlines) as monitor:
+            engine_started = time.perf_counter()
             outputs = (holder.run(inputs, progress=monitor.progress, should_cancel=monitor.should_cancel)
                        if inputs else [])
+            engine_s = time.perf_counter() - engine_started
             monitor.flush()
     except DeviceFailure as exc:
         log.error("chunk %s: device error, giving its %d job(s) back and ending this worker: %s", chunk_id,
@@ -198,16 +244,18 @@ def run_chunk(rt: WorkerRuntime, chunk_id: str) -> None:
         code = getattr(exc, "code", "engine_error")
         log.warning("chunk %s: transient failure %s: %s", chunk_id, code, exc, exc_info=True)
         _retry(rt, chunk_id, claimed, code, f"{type(exc).__name__}: {exc}")
-        return
+        return time.perf_counter() - started
 
     for job_id, message in missing.items():
         with rt.session() as session:
             jobs.fail_job(session, job_id, rt.worker_id, "unknown_file", message)
+    share = (phases["input"] + engine_s) / max(len(runnable), 1)
     retry: list[ClaimedJob] = []
     release: list[str] = []
     finished = 0
     for job, out in zip(runnable, outputs, strict=True):
-        outcome = _record(rt, job, out)
+        with log_context(job_id=job.id, batch_id=job.batch_id, tenant_id=job.tenant_id):
+            outcome = _record(rt, job, out, share, engine_s / max(len(runnable), 1), phases)
         if outcome == "retry":
             retry.append(job)
         elif outcome == "release":
@@ -220,14 +268,28 @@ def run_chunk(rt: WorkerRuntime, chunk_id: str) -> None:
         with rt.session() as session:
             jobs.release_jobs(session, release, rt.worker_id)
         log.warning("chunk %s: worker shutting down, released %d job(s)", chunk_id, len(release))
-        _publish(rt, chunk_id, None)
+    ended = time.perf_counter()
+    held_s = ended - started
+    # The cost sample: the chunk's time on the worker, or, when the worker went straight from its
+    # last chunk to this one (busy), the whole cycle since the last one ended — claims and broker
+    # hops between chunks included, which is what a backlog really costs. A worker's first chunk
+    # warms it up and is no sample.
+    busy = rt.last_chunk_end is not None and started - rt.last_chunk_end < BACK_TO_BACK_S
+    cycle_s = ended - rt.last_chunk_end if busy else held_s
+    first_run, rt.last_chunk_end = rt.last_chunk_end is None, ended
+    if runnable and engine_s > 0 and not release and not first_run:
+        with rt.session() as session:
+            jobs.record_cost(session, runnable[0].cost_key, cycle_s / len(runnable))
     _nudge(rt)
-    log.info("chunk %s: %d job(s) finished in %.2f s", chunk_id, finished + len(missing),
-             time.perf_counter() - started)
+    log.info("chunk %s: %d job(s) finished in %.2f s (%.3f GPU-seconds each)", chunk_id,
+             finished + len(missing), held_s, held_s / max(len(runnable), 1))
+    return held_s
 
 
-def _record(rt: WorkerRuntime, job: ClaimedJob, out: JobOutput) -> str:
-    """Store and record one job's outcome; returns 'done', 'retry' or 'release'."""
+def _record(rt: WorkerRuntime, job: ClaimedJob, out: JobOutput, share_s: float, engine_share_s: float,
+            chunk_phases: dict[str, float]) -> str:
+    """Store and record one job's outcome (``share_s``: its part of the chunk's input read and
+    engine call; ``engine_share_s``: of the engine call alone); returns 'done', 'retry' or 'release'."""
     wid = rt.worker_id
     if out.error_code is not None:
         with rt.session() as session:
@@ -239,7 +301,11 @@ def _record(rt: WorkerRuntime, job: ClaimedJob, out: JobOutput) -> str:
             if jobs.mark_canceled(session, job.id, wid):
                 log.info("job %s canceled between steps", job.id)
                 return "done"
+            if jobs.mark_expired(session, job.id, wid):
+                log.info("job %s stopped at its deadline", job.id)
+                return "done"
         return "release" if rt.shutting_down.is_set() else "done"
+    upload_started = time.perf_counter()
     try:
         if out.png is not None:
             key = output_key(job.tenant_id, job.id, "png")
@@ -250,11 +316,17 @@ def _record(rt: WorkerRuntime, job: ClaimedJob, out: JobOutput) -> str:
     except Exception as exc:  # noqa: BLE001 - storage trouble of any kind is transient
         log.warning("job %s: upload failed (%s: %s)", job.id, type(exc).__name__, exc)
         return "retry"
+    phases = {"queue": max((job.started_at - job.queued_at).total_seconds(), 0.0), **chunk_phases,
+              **{name[len("phase_"):-len("_seconds")]: float(v) for name, v in out.stats.items()
+                 if name.startswith("phase_") and name.endswith("_seconds")},
+              "upload": time.perf_counter() - upload_started}
     with rt.session() as session:
         ok = jobs.complete_job(session, job.id, wid, output_key=key, output_text=out.text,
-                               think_text=out.think_text, model_seconds=out.model_seconds)
+                               think_text=out.think_text, model_seconds=engine_share_s,
+                               gpu_seconds=share_s + phases["upload"],
+                               phase_seconds={name: round(v, 4) for name, v in phases.items()})
     if ok:
-        log.info("job %s succeeded in %.2f s of model time", job.id, out.model_seconds)
+        log.info("job %s succeeded in %.3f s of model time (its share of the chunk)", job.id, engine_share_s)
     else:
         log.warning("job %s: lease lost before completion, result %s left for the new owner", job.id, key)
     return "done"
@@ -263,30 +335,18 @@ def _record(rt: WorkerRuntime, job: ClaimedJob, out: JobOutput) -> str:
 def _retry(rt: WorkerRuntime, chunk_id: str, claimed: list[ClaimedJob], code: str, message: str, *,
            backoff: bool = True) -> None:
     requeued = 0
-    attempts = 1
     for job in claimed:
+        delay = backoff_s(rt.settings.retry_backoff_s, job.attempts) if backoff else 0.0
         with rt.session() as session:
-            status = jobs.retry_or_fail(session, job.id, rt.worker_id, code, message)
+            status = jobs.retry_or_fail(session, job.id, rt.worker_id, code, message, delay_s=delay)
         if status == "queued":
             requeued += 1
-            attempts = max(attempts, job.attempts)
         else:
             log.error("job %s failed after %d attempt(s): %s", job.id, job.attempts, message)
     if requeued:
-        delay = backoff_s(rt.settings.retry_backoff_s, attempts) if backoff else 0.0
-        log.warning("chunk %s: %d job(s) back to queued, retry in %.1f s", chunk_id, requeued, delay)
-        _publish(rt, chunk_id, delay or None)
+        log.warning("chunk %s: %d job(s) back to waiting (%s)%s", chunk_id, requeued, code,
+                    " after a backoff" if backoff else "")
     _nudge(rt)
-
-
-def _publish(rt: WorkerRuntime, chunk_id: str, delay_s: float | None) -> None:
-    try:
-        dispatch.publish_chunks(rt.settings, [chunk_id], countdown_s=delay_s)
-    except BrokerUnavailable as exc:
-        log.warning("chunk %s: %s; the reconciler will publish it", chunk_id, exc)
-        return
-    with rt.session() as session:
-        jobs.mark_published(session, [chunk_id])
 
 
 def _nudge(rt: WorkerRuntime) -> None:

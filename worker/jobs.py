@@ -1,23 +1,22 @@
-"""The job system's state machine: the only code that changes jobs, batches, chunks, files and
-webhook deliveries.
+"""The job system's state machine: the only code that changes jobs, batches, chunks and files.
 
-Owns: submission (jobs grouped into chunks), the lease protocol (claim, renew, progress,
-complete, fail, retry, cancel, release), the webhook outbox rows written in the same transaction
-as the state change they announce, batch completion (exactly once), the reconciler's queries,
-and tenant-scoped reads. Leaves publishing to ``worker.dispatch``, execution to the tasks and
-HTTP to ``api/``.
+Owns: submission (jobs waiting, no chunk), the dispatcher's writes (forming chunks, expiring
+waiting jobs past their deadline, closing idle chunks), the lease protocol (claim, renew,
+progress, complete, fail, retry with ``not_before``, cancel, expire, release), GPU-seconds
+accounting (per job, per chunk, the job kinds' moving averages), the reconciler's queries and
+tenant-scoped reads. The outbox rows announcing a change are written in the same transaction
+through ``outbox.py``. Leaves the choice of chunks to ``scheduler.py``, publishing to
+``dispatch.py``, execution to the tasks and HTTP to ``api/``.
 
 Every state change is one conditional UPDATE (``WHERE status = … AND lease_owner = …``), so a
 repeat, a late worker or a concurrent reconciler changes nothing and learns so from the row
 count. Functions commit their own transaction unless they take ``commit=False``.
-
-Batch completion takes the batch row lock (``SELECT … FOR NO KEY UPDATE``) *after* the job
-update and before any outbox insert, then counts active jobs, so two workers finishing a batch's last two jobs concurrently cannot
-both miss the completion (PostgreSQL, READ COMMITTED); SQLite serializes writers anyway.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import uuid
 from collections.abc import Iterable, Sequence
@@ -26,27 +25,28 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import func, or_, select, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from worker import outbox, queries
 from worker.models import (
     ACTIVE_STATUSES,
     Batch,
     Chunk,
-    DeliveryStatus,
     File,
     Job,
+    JobCost,
     JobStatus,
-    WebhookAttempt,
-    WebhookDelivery,
+    Priority,
     utcnow,
 )
 
 log = logging.getLogger(__name__)
 
-EVENT_JOB_SUCCEEDED = "job.succeeded"
-EVENT_JOB_FAILED = "job.failed"
-EVENT_BATCH_COMPLETED = "batch.completed"
 LEASE_EXPIRED = "lease_expired"
+DEADLINE_EXPIRED = "deadline_expired"
+COST_EMA_ALPHA = 0.2  # weight of a new measurement in a job kind's moving average
+DEFAULT_JOB_GPU_SECONDS = 10.0  # the price of a job of a kind never measured yet
 
 _NO_SYNC = {"synchronize_session": False}
 
@@ -65,9 +65,22 @@ class JobSpec:
     metadata: dict[str, Any] = field(default_factory=dict)
 
     @property
-    def chunk_key(self) -> tuple[Any, ...]:
-        """Jobs with equal keys can share a forward pass (same task, inputs, size, think)."""
-        return (self.task, tuple(self.input_file_ids), self.width, self.height, self.think)
+    def chunk_key(self) -> str:
+        """Jobs with equal keys can share a forward pass: same task, output size, steps, think,
+        and the same input pictures (a try-on's product) — a hash, compared by the dispatcher."""
+        raw = json.dumps([self.task, list(self.input_file_ids), self.width, self.height,
+                          self.params.get("num_timesteps"), self.think], separators=(",", ":"))
+        return hashlib.sha256(raw.encode()).hexdigest()[:32]
+
+    @property
+    def cost_key(self) -> str:
+        """What a job's GPU time depends on: task, output size, steps, think (the ETA's unit)."""
+        return cost_key(self.task, self.width, self.height, self.params.get("num_timesteps"), self.think)
+
+
+def cost_key(task: str, width: int | None, height: int | None, steps: Any, think: bool) -> str:
+    size = f"{width}x{height}" if width and height else "input"
+    return f"{task}/{size}/{steps if task != 'understand' else 0}/{'think' if think else 'plain'}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -75,56 +88,41 @@ class JobSpec:
 
 
 def submit(session: Session, tenant_id: str, specs: Sequence[JobSpec], *, batch: bool,
-           webhook_url: str | None, metadata: dict[str, Any] | None, chunk_size: int,
-           max_attempts: int = 3, commit: bool = True) -> tuple[Batch | None, list[Job], list[Chunk]]:
-    """Insert a batch (when ``batch``), its jobs (``queued``) and their chunks in one transaction.
-
-    Jobs are grouped by ``JobSpec.chunk_key`` in order of first appearance, then cut into chunks
-    of at most ``chunk_size``. A single job (``batch=False``) takes ``metadata`` as its own."""
+           webhook_url: str | None, metadata: dict[str, Any] | None, max_attempts: int = 3,
+           priority: Priority = Priority.batch, deadline_at: datetime | None = None,
+           commit: bool = True) -> tuple[Batch | None, list[Job]]:
+    """Insert a batch (when ``batch``) and its jobs, waiting (``queued``, no chunk), in one
+    transaction; the dispatcher (``worker.scheduler``) forms chunks and publishes them. A single
+    job (``batch=False``) takes ``metadata`` as its own."""
     assert specs, "submit needs at least one job spec"
     assert batch or len(specs) == 1, "a non-batch submission holds exactly one job"
     now = utcnow()
     batch_row: Batch | None = None
     if batch:
-        batch_row = Batch(id=_uuid(), tenant_id=tenant_id, job_count=len(specs),
-                          webhook_url=webhook_url, meta=metadata or {}, created_at=now)
+        batch_row = Batch(id=_uuid(), tenant_id=tenant_id, job_count=len(specs), webhook_url=webhook_url,
+                          meta=metadata or {}, created_at=now, priority=priority, deadline_at=deadline_at)
         session.add(batch_row)
-
-    groups: dict[tuple[Any, ...], list[int]] = {}
-    for position, spec in enumerate(specs):
-        groups.setdefault(spec.chunk_key, []).append(position)
-
-    chunk_of: dict[int, Chunk] = {}
-    chunks: list[Chunk] = []
-    for positions in groups.values():
-        for start in range(0, len(positions), chunk_size):
-            chunk = Chunk(id=_uuid(), tenant_id=tenant_id, batch_id=batch_row.id if batch_row else None,
-                          created_at=now, publish_count=0)
-            chunks.append(chunk)
-            for position in positions[start:start + chunk_size]:
-                chunk_of[position] = chunk
-    session.add_all(chunks)
-
-    jobs: list[Job] = []
+    rows: list[Job] = []
     for position, spec in enumerate(specs):
         job_meta = spec.metadata if batch else (spec.metadata or metadata or {})
-        jobs.append(Job(
-            id=_uuid(), tenant_id=tenant_id, batch_id=batch_row.id if batch_row else None,
-            chunk_id=chunk_of[position].id, position=position, task=spec.task, prompt=spec.prompt,
-            input_file_ids=list(spec.input_file_ids), params=dict(spec.params), think=spec.think,
-            width=spec.width, height=spec.height, status=JobStatus.queued, attempts=0,
-            max_attempts=max_attempts, cancel_requested=False, progress_step=0,
+        rows.append(Job(
+            id=_uuid(), tenant_id=tenant_id, batch_id=batch_row.id if batch_row else None, chunk_id=None,
+            position=position, task=spec.task, prompt=spec.prompt, input_file_ids=list(spec.input_file_ids),
+            params=dict(spec.params), think=spec.think, width=spec.width, height=spec.height,
+            status=JobStatus.queued, attempts=0, max_attempts=max_attempts, cancel_requested=False,
+            progress_step=0, priority=priority, chunk_key=spec.chunk_key, cost_key=spec.cost_key,
+            deadline_at=deadline_at, phase_seconds={},
             # N timesteps are N-1 Euler steps: the total the engine reports while denoising.
             progress_total=max(int(spec.params.get("num_timesteps", 0)) - 1, 0) if spec.task != "understand" else 0,
             queued_at=now, meta=job_meta, webhook_url=webhook_url, created_at=now, updated_at=now,
         ))
-    session.add_all(jobs)
+    session.add_all(rows)
     session.flush()
     if commit:
         session.commit()
-    log.info("submitted %d job(s) in %d chunk(s) for tenant %s%s", len(jobs), len(chunks), tenant_id,
+    log.info("submitted %d job(s) for tenant %s%s", len(rows), tenant_id,
              f" as batch {batch_row.id}" if batch_row else "")
-    return batch_row, jobs, chunks
+    return batch_row, rows
 
 
 def add_file(session: Session, tenant_id: str, *, sha256: str, storage_key: str, content_type: str,
@@ -148,9 +146,28 @@ def add_file(session: Session, tenant_id: str, *, sha256: str, storage_key: str,
 # Worker side: the lease protocol
 
 
+def form_chunk(session: Session, job_ids: Sequence[str], now: datetime) -> str | None:
+    """The dispatcher's chunk: a new chunk row taking the given waiting jobs (those still
+    waiting and without a chunk; others are left alone). None when none was taken. No commit."""
+    chunk = Chunk(id=_uuid(), created_at=now, publish_count=0, job_count=0, cost_key="")
+    session.add(chunk)
+    session.flush()
+    taken = session.execute(
+        update(Job).where(Job.id.in_(list(job_ids)), Job.status == JobStatus.queued, Job.chunk_id.is_(None))
+        .values(chunk_id=chunk.id, updated_at=now).returning(Job.cost_key).execution_options(**_NO_SYNC)
+    ).scalars().all()
+    if not taken:
+        session.delete(chunk)
+        return None
+    chunk.job_count = len(taken)
+    chunk.cost_key = taken[0]
+    return chunk.id
+
+
 def claim_chunk(session: Session, chunk_id: str, worker_id: str, lease_s: float) -> list[Job]:
     """Take the chunk's queued, not-cancel-requested jobs: ``running``, attempts + 1, leased to
-    ``worker_id`` for ``lease_s``. Returns only the jobs this call claimed (by position)."""
+    ``worker_id`` for ``lease_s``; the chunk records its claim (a chunk with nothing left to
+    claim is finished). Returns only the jobs this call claimed (by position)."""
     now = utcnow()
     claimed = session.execute(
         update(Job)
@@ -161,12 +178,41 @@ def claim_chunk(session: Session, chunk_id: str, worker_id: str, lease_s: float)
         .returning(Job.id)
         .execution_options(**_NO_SYNC)
     ).scalars().all()
+    values = {"claimed_at": now, "claimed_by": worker_id} if claimed else {"finished_at": now}
+    session.execute(update(Chunk).where(Chunk.id == chunk_id, Chunk.finished_at.is_(None)).values(**values)
+                    .execution_options(**_NO_SYNC))
     session.commit()
     if not claimed:
         return []
-    jobs = _load_jobs(session, claimed)
+    jobs = queries.load_jobs(session, claimed)
     log.info("worker %s claimed %d job(s) of chunk %s", worker_id, len(jobs), chunk_id)
     return jobs
+
+
+def finish_chunk(session: Session, chunk_id: str, gpu_seconds: float) -> None:
+    """The worker is done with the chunk: record its GPU time and free its window slot (the
+    dispatcher may have closed it already, once its last job was recorded)."""
+    session.execute(update(Chunk).where(Chunk.id == chunk_id)
+                    .values(finished_at=func.coalesce(Chunk.finished_at, utcnow()), gpu_seconds=gpu_seconds)
+                    .execution_options(**_NO_SYNC))
+    session.commit()
+
+
+def record_cost(session: Session, cost_key: str, seconds_per_job: float) -> None:
+    """Fold one measurement into the job kind's moving average of GPU-seconds per job."""
+    now = utcnow()
+    row = session.get(JobCost, cost_key, with_for_update=True)
+    if row is None:
+        session.add(JobCost(cost_key=cost_key, avg_gpu_seconds=seconds_per_job, samples=1, updated_at=now))
+    else:  # the plain mean of the first samples (a cold start weighs 1/n), then the moving average
+        alpha = max(COST_EMA_ALPHA, 1.0 / (row.samples + 1))
+        row.avg_gpu_seconds = (1 - alpha) * row.avg_gpu_seconds + alpha * seconds_per_job
+        row.samples += 1
+        row.updated_at = now
+    try:
+        session.commit()
+    except IntegrityError:  # two workers measured the first sample at once: one is enough
+        session.rollback()
 
 
 def renew_lease(session: Session, job_ids: Iterable[str], worker_id: str, lease_s: float) -> None:
@@ -204,12 +250,17 @@ def cancel_requested_ids(session: Session, job_ids: Iterable[str]) -> set[str]:
 
 def complete_job(session: Session, job_id: str, worker_id: str, *, output_key: str | None = None,
                  output_text: str | None = None, think_text: str | None = None,
-                 model_seconds: float) -> bool:
+                 model_seconds: float, gpu_seconds: float | None = None,
+                 phase_seconds: dict[str, float] | None = None) -> bool:
     """``running`` → ``succeeded`` if ``worker_id`` still holds the lease; in the same transaction
-    the ``job.succeeded`` outbox row and, when this finishes the batch, ``batch.completed``."""
+    the ``job.succeeded`` outbox row and, when this finishes the batch, ``batch.completed``.
+    ``gpu_seconds`` (its share of the chunk, added to what earlier attempts used) and
+    ``phase_seconds`` are the job's accounting."""
     now = utcnow()
     done = _transition(session, job_id, worker_id, JobStatus.succeeded, now, output_key=output_key,
                        output_text=output_text, think_text=think_text, model_seconds=model_seconds,
+                       gpu_seconds=func.coalesce(Job.gpu_seconds, 0.0) + (gpu_seconds or 0.0),
+                       phase_seconds=phase_seconds or {},
                        error_code=None, error_message=None, progress_step=Job.progress_total)
     if done:
         log.info("job %s succeeded in %.2f s of model time", job_id, model_seconds)
@@ -225,10 +276,12 @@ def fail_job(session: Session, job_id: str, worker_id: str, code: str, message: 
     return done
 
 
-def retry_or_fail(session: Session, job_id: str, worker_id: str, code: str, message: str) -> str:
-    """After a transient error: back to ``queued`` (lease cleared) while attempts remain, else
-    ``failed``; a job whose cancellation was requested becomes ``canceled``. Returns the job's
-    status afterwards (unchanged when the worker no longer holds the lease)."""
+def retry_or_fail(session: Session, job_id: str, worker_id: str, code: str, message: str,
+                  delay_s: float = 0.0) -> str:
+    """After a transient error: back to waiting (lease and chunk cleared, dispatched again no
+    earlier than ``delay_s`` from now) while attempts remain, else ``failed``; a job whose
+    cancellation was requested becomes ``canceled``. Returns the job's status afterwards
+    (unchanged when the worker no longer holds the lease)."""
     if mark_canceled(session, job_id, worker_id):
         return JobStatus.canceled.value
     now = utcnow()
@@ -236,7 +289,8 @@ def retry_or_fail(session: Session, job_id: str, worker_id: str, code: str, mess
         update(Job)
         .where(Job.id == job_id, Job.status == JobStatus.running, Job.lease_owner == worker_id,
                Job.attempts < Job.max_attempts)
-        .values(status=JobStatus.queued, lease_owner=None, lease_until=None, error_code=code,
+        .values(status=JobStatus.queued, lease_owner=None, lease_until=None, chunk_id=None,
+                not_before=now + timedelta(seconds=delay_s) if delay_s > 0 else None, error_code=code,
                 error_message=message, updated_at=now)
         .execution_options(**_NO_SYNC)
     ).rowcount
@@ -255,10 +309,46 @@ def mark_canceled(session: Session, job_id: str, worker_id: str) -> bool:
                        extra_where=(Job.cancel_requested.is_(True),))
 
 
+def mark_expired(session: Session, job_id: str, worker_id: str) -> bool:
+    """``running`` past its deadline → ``expired`` (stopped at a step), if ``worker_id`` holds
+    the lease; the ``job.expired`` outbox row in the same transaction."""
+    now = utcnow()
+    return _transition(session, job_id, worker_id, JobStatus.expired, now,
+                       extra_where=(Job.deadline_at.is_not(None), Job.deadline_at <= now),
+                       error_code=DEADLINE_EXPIRED, error_message="the deadline passed while it ran")
+
+
+def expire_waiting(session: Session, now: datetime) -> int:
+    """Waiting jobs (no chunk yet) whose deadline passed → ``expired`` without using a GPU, each
+    with its ``job.expired`` outbox row. Returns how many."""
+    ids = session.scalars(select(Job.id).where(Job.status == JobStatus.queued, Job.chunk_id.is_(None),
+                                               Job.deadline_at.is_not(None), Job.deadline_at <= now)).all()
+    expired = 0
+    for job_id in ids:
+        expired += _transition(session, job_id, None, JobStatus.expired, now, from_status=JobStatus.queued,
+                               extra_where=(Job.chunk_id.is_(None),), commit=False,
+                               error_code=DEADLINE_EXPIRED, error_message="the deadline passed before it started")
+    session.commit()
+    if expired:
+        log.info("%d waiting job(s) expired at their deadline", expired)
+    return expired
+
+
+def close_idle_chunks(session: Session, now: datetime) -> int:
+    """Unfinished chunks none of whose jobs is still queued or running in them (finished,
+    canceled, expired or returned to waiting by a retry, a release or an expired lease) →
+    finished, freeing their window slots. Returns how many."""
+    active = select(Job.id).where(Job.chunk_id == Chunk.id, Job.status.in_(list(ACTIVE_STATUSES))).exists()
+    closed = session.execute(update(Chunk).where(Chunk.finished_at.is_(None), ~active)
+                             .values(finished_at=now).execution_options(**_NO_SYNC)).rowcount
+    session.commit()
+    return int(closed or 0)
+
+
 def release_jobs(session: Session, job_ids: Iterable[str], worker_id: str) -> int:
-    """Graceful shutdown: the worker's running jobs go back to ``queued`` (this attempt is not
-    counted, lease cleared) and their chunks are marked unpublished so the reconciler sends
-    them again at once; jobs whose cancellation was requested become ``canceled`` instead.
+    """Graceful shutdown: the worker's running jobs go back to waiting (this attempt is not
+    counted, lease and chunk cleared) for the dispatcher to hand to another worker; jobs whose
+    cancellation was requested become ``canceled`` instead.
     Returns the number of jobs put back."""
     ids = list(job_ids)
     if not ids:
@@ -271,11 +361,10 @@ def release_jobs(session: Session, job_ids: Iterable[str], worker_id: str) -> in
         update(Job)
         .where(Job.id.in_(ids), Job.status == JobStatus.running, Job.lease_owner == worker_id)
         .values(status=JobStatus.queued, attempts=Job.attempts - 1, lease_owner=None,
-                lease_until=None, progress_step=0, updated_at=now)
-        .returning(Job.chunk_id)
+                lease_until=None, progress_step=0, chunk_id=None, updated_at=now)
+        .returning(Job.id)
         .execution_options(**_NO_SYNC)
     ).scalars().all()
-    _unpublish(session, set(released))
     session.commit()
     if released:
         log.warning("worker %s released %d job(s) back to the queue", worker_id, len(released))
@@ -290,7 +379,7 @@ def cancel_job(session: Session, tenant_id: str, job_id: str) -> Job | None:
     """Cancel one job: ``queued`` → ``canceled`` at once, ``running`` → cancel requested (the
     worker stops between denoising steps). Finished jobs are left as they are. Returns the job
     (``None`` when it is not the tenant's)."""
-    job = get_job(session, tenant_id, job_id)
+    job = queries.get_job(session, tenant_id, job_id)
     if job is None:
         return None
     now = utcnow()
@@ -302,7 +391,7 @@ def cancel_job(session: Session, tenant_id: str, job_id: str) -> Job | None:
     ).rowcount
     if canceled:
         if job.batch_id:
-            _complete_batch_if_done(session, job.batch_id, now)
+            outbox.complete_batch_if_done(session, job.batch_id, now)
     else:
         session.execute(
             update(Job)
@@ -311,12 +400,12 @@ def cancel_job(session: Session, tenant_id: str, job_id: str) -> Job | None:
             .execution_options(**_NO_SYNC)
         )
     session.commit()
-    return _load_jobs(session, [job_id])[0]
+    return queries.load_jobs(session, [job_id])[0]
 
 
 def cancel_batch(session: Session, tenant_id: str, batch_id: str) -> Batch | None:
     """Cancel every unfinished job of a batch (queued at once, running cooperatively)."""
-    batch = get_batch(session, tenant_id, batch_id)
+    batch = queries.get_batch(session, tenant_id, batch_id)
     if batch is None:
         return None
     now = utcnow()
@@ -334,10 +423,10 @@ def cancel_batch(session: Session, tenant_id: str, batch_id: str) -> Batch | Non
     )
     session.execute(update(Batch).where(Batch.id == batch_id).values(cancel_requested=True)
                     .execution_options(**_NO_SYNC))
-    _complete_batch_if_done(session, batch_id, now)
+    outbox.complete_batch_if_done(session, batch_id, now)
     session.commit()
     log.info("batch %s: cancel requested", batch_id)
-    return get_batch(session, tenant_id, batch_id)
+    return queries.get_batch(session, tenant_id, batch_id)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -345,17 +434,16 @@ def cancel_batch(session: Session, tenant_id: str, batch_id: str) -> Batch | Non
 
 
 def requeue_expired(session: Session, now: datetime) -> int:
-    """Running jobs whose lease ended before ``now``: back to ``queued`` (their chunks marked
-    unpublished), or ``failed`` with ``lease_expired`` when no attempt is left, or ``canceled``
+    """Running jobs whose lease ended before ``now``: back to waiting (chunk cleared, for the
+    dispatcher), or ``failed`` with ``lease_expired`` when no attempt is left, or ``canceled``
     when cancellation was requested. Returns the number of jobs changed."""
     expired = session.execute(
-        select(Job.id, Job.chunk_id, Job.lease_owner, Job.attempts, Job.max_attempts, Job.cancel_requested)
+        select(Job.id, Job.lease_owner, Job.attempts, Job.max_attempts, Job.cancel_requested)
         .where(Job.status == JobStatus.running, Job.lease_until < now)
     ).all()
     changed = 0
-    requeued_chunks: set[str] = set()
     still_expired = (Job.status == JobStatus.running, Job.lease_until < now)
-    for job_id, chunk_id, owner, attempts, max_attempts, cancel in expired:
+    for job_id, owner, attempts, max_attempts, cancel in expired:
         message = (f"lease of worker {owner!r} expired during attempt {attempts} of {max_attempts}")
         if cancel:
             changed += _transition(session, job_id, None, JobStatus.canceled, now,
@@ -364,33 +452,17 @@ def requeue_expired(session: Session, now: datetime) -> int:
             rows = session.execute(
                 update(Job).where(Job.id == job_id, *still_expired)
                 .values(status=JobStatus.queued, lease_owner=None, lease_until=None, progress_step=0,
-                        error_code=LEASE_EXPIRED, error_message=message, updated_at=now)
+                        chunk_id=None, error_code=LEASE_EXPIRED, error_message=message, updated_at=now)
                 .execution_options(**_NO_SYNC)
             ).rowcount
             if rows:
-                requeued_chunks.add(chunk_id)
                 changed += 1
                 log.warning("job %s: %s, queued again", job_id, message)
         else:
             changed += _transition(session, job_id, None, JobStatus.failed, now, extra_where=still_expired,
                                    commit=False, error_code=LEASE_EXPIRED, error_message=message)
-    _unpublish(session, requeued_chunks)
     session.commit()
     return changed
-
-
-def chunks_to_publish(session: Session, now: datetime, republish_after_s: float) -> list[str]:
-    """Chunks holding queued jobs that were never published or last published more than
-    ``republish_after_s`` before ``now`` (their message may be lost, e.g. Redis was flushed)."""
-    threshold = now - timedelta(seconds=republish_after_s)
-    ids = session.scalars(
-        select(Chunk.id).distinct()
-        .join(Job, Job.chunk_id == Chunk.id)
-        .where(Job.status == JobStatus.queued,
-               or_(Chunk.published_at.is_(None), Chunk.published_at < threshold))
-    ).all()
-    session.commit()
-    return list(ids)
 
 
 def mark_published(session: Session, chunk_ids: Iterable[str]) -> None:
@@ -429,166 +501,11 @@ def mark_result_expired(session: Session, job_id: str) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------
-# Webhook side
-
-
-def due_deliveries(session: Session, now: datetime, limit: int, *, claim_s: float = 60.0) -> list[WebhookDelivery]:
-    """Pending deliveries due at ``now``, oldest first. Each returned row is claimed for
-    ``claim_s`` (its ``next_attempt_at`` moved forward by a conditional update), so concurrent
-    webhook workers do not send the same row twice; ``record_attempt`` sets the real next time."""
-    candidates = session.scalars(
-        select(WebhookDelivery.id)
-        .where(WebhookDelivery.status == DeliveryStatus.pending, WebhookDelivery.next_attempt_at <= now)
-        .order_by(WebhookDelivery.next_attempt_at).limit(limit)
-    ).all()
-    claimed: list[str] = []
-    for delivery_id in candidates:
-        rows = session.execute(
-            update(WebhookDelivery)
-            .where(WebhookDelivery.id == delivery_id, WebhookDelivery.status == DeliveryStatus.pending,
-                   WebhookDelivery.next_attempt_at <= now)
-            .values(next_attempt_at=now + timedelta(seconds=claim_s))
-            .execution_options(**_NO_SYNC)
-        ).rowcount
-        if rows:
-            claimed.append(delivery_id)
-    session.commit()
-    if not claimed:
-        return []
-    rows_by_id = {d.id: d for d in session.scalars(
-        select(WebhookDelivery).where(WebhookDelivery.id.in_(claimed))
-        .execution_options(populate_existing=True)).all()}
-    session.commit()
-    return [rows_by_id[i] for i in claimed]
-
-
-def record_attempt(session: Session, delivery_id: str, *, status_code: int | None, error: str | None,
-                   duration_ms: float, delivered: bool, next_attempt_at: datetime | None) -> None:
-    """Store one delivery attempt and the delivery's new state: ``delivered``; ``pending`` until
-    ``next_attempt_at``; or ``failed`` when not delivered and no next attempt is planned."""
-    delivery = session.get(WebhookDelivery, delivery_id, populate_existing=True)
-    if delivery is None or delivery.status != DeliveryStatus.pending:
-        session.commit()
-        return
-    now = utcnow()
-    if delivered:
-        status = DeliveryStatus.delivered
-    elif next_attempt_at is None:
-        status = DeliveryStatus.failed
-    else:
-        status = DeliveryStatus.pending
-    rows = session.execute(
-        update(WebhookDelivery)
-        .where(WebhookDelivery.id == delivery_id, WebhookDelivery.status == DeliveryStatus.pending,
-               WebhookDelivery.attempts == delivery.attempts)
-        .values(attempts=WebhookDelivery.attempts + 1, last_status_code=status_code, last_error=error,
-                status=status, next_attempt_at=None if status != DeliveryStatus.pending else next_attempt_at,
-                delivered_at=now if delivered else None)
-        .execution_options(**_NO_SYNC)
-    ).rowcount
-    if rows:
-        session.add(WebhookAttempt(delivery_id=delivery_id, attempt_no=delivery.attempts + 1,
-                                   status_code=status_code, error=error, duration_ms=duration_ms,
-                                   created_at=now))
-    session.commit()
-
-
-# ---------------------------------------------------------------------------------------------
-# Reading (tenant-scoped: another tenant's id reads as None)
-
-
-def get_job(session: Session, tenant_id: str, job_id: str) -> Job | None:
-    return session.scalar(select(Job).where(Job.id == job_id, Job.tenant_id == tenant_id)
-                          .execution_options(populate_existing=True))
-
-
-def get_batch(session: Session, tenant_id: str, batch_id: str) -> Batch | None:
-    return session.scalar(select(Batch).where(Batch.id == batch_id, Batch.tenant_id == tenant_id)
-                          .execution_options(populate_existing=True))
-
-
-def get_file(session: Session, tenant_id: str, file_id: str) -> File | None:
-    return session.scalar(select(File).where(File.id == file_id, File.tenant_id == tenant_id))
-
-
-def files_by_sha256(session: Session, tenant_id: str, sha256: str) -> File | None:
-    """The tenant's file with this content, if uploaded before."""
-    return session.scalar(select(File).where(File.tenant_id == tenant_id, File.sha256 == sha256))
-
-
-def files_by_ids(session: Session, tenant_id: str, file_ids: Iterable[str]) -> dict[str, File]:
-    """The tenant's files among ``file_ids`` (ids of other tenants are simply absent)."""
-    ids = list(set(file_ids))
-    if not ids:
-        return {}
-    rows = session.scalars(select(File).where(File.id.in_(ids), File.tenant_id == tenant_id)).all()
-    return {f.id: f for f in rows}
-
-
-def batch_counts(session: Session, batch_id: str) -> dict[str, int]:
-    """Number of the batch's jobs in each status (every status present, zeros included)."""
-    counts = {s.value: 0 for s in JobStatus}
-    for status, n in session.execute(
-            select(Job.status, func.count()).where(Job.batch_id == batch_id).group_by(Job.status)).all():
-        counts[JobStatus(status).value] = n
-    return counts
-
-
-def batch_progress(session: Session, batch_id: str) -> float:
-    """Fraction of the batch's work done: finished jobs count 1, running ones step/total."""
-    rows = session.execute(select(Job.status, Job.progress_step, Job.progress_total)
-                           .where(Job.batch_id == batch_id)).all()
-    if not rows:
-        return 1.0
-    done = 0.0
-    for status, step, total in rows:
-        if JobStatus(status).is_terminal:
-            done += 1.0
-        elif status == JobStatus.running and total:
-            done += min(step / total, 1.0)
-    return done / len(rows)
-
-
-def list_batch_jobs(session: Session, tenant_id: str, batch_id: str, *, page: int = 1,
-                    page_size: int = 50) -> list[Job] | None:
-    """One page (1-based) of the batch's jobs in submission order; ``None`` when not the tenant's."""
-    if get_batch(session, tenant_id, batch_id) is None:
-        return None
-    return list(session.scalars(
-        select(Job).where(Job.batch_id == batch_id).order_by(Job.position)
-        .offset((page - 1) * page_size).limit(page_size)
-        .execution_options(populate_existing=True)
-    ).all())
-
-
-def load_jobs(session: Session, job_ids: Iterable[str]) -> list[Job]:
-    """Fresh rows for ``job_ids`` (any tenant; worker side), in batch position order."""
-    return _load_jobs(session, list(job_ids))
-
-
-def chunk_jobs(session: Session, chunk_id: str) -> list[Job]:
-    """Every job of a chunk, fresh, in position order (worker side)."""
-    return list(session.scalars(select(Job).where(Job.chunk_id == chunk_id).order_by(Job.position)
-                                .execution_options(populate_existing=True)).all())
-
-
-# ---------------------------------------------------------------------------------------------
 # Internals
 
 
 def _uuid() -> str:
     return str(uuid.uuid4())
-
-
-def _delivery_id() -> str:
-    return f"msg_{uuid.uuid4().hex}"
-
-
-def _load_jobs(session: Session, ids: Sequence[str]) -> list[Job]:
-    rows = session.scalars(select(Job).where(Job.id.in_(list(ids))).order_by(Job.position)
-                           .execution_options(populate_existing=True)).all()
-    session.commit()
-    return list(rows)
 
 
 def _status_of(session: Session, job_id: str) -> str:
@@ -597,17 +514,12 @@ def _status_of(session: Session, job_id: str) -> str:
     return JobStatus(status).value if status is not None else "missing"
 
 
-def _unpublish(session: Session, chunk_ids: set[str]) -> None:
-    if chunk_ids:
-        session.execute(update(Chunk).where(Chunk.id.in_(list(chunk_ids))).values(published_at=None)
-                        .execution_options(**_NO_SYNC))
-
-
 def _transition(session: Session, job_id: str, worker_id: str | None, status: JobStatus, now: datetime,
-                *, extra_where: tuple[Any, ...] = (), commit: bool = True, **values: Any) -> bool:
-    """running → a terminal ``status`` (conditional on the lease owner when ``worker_id`` is
-    given), then the outbox row and the batch completion in the same transaction."""
-    where = [Job.id == job_id, Job.status == JobStatus.running, *extra_where]
+                *, extra_where: tuple[Any, ...] = (), commit: bool = True,
+                from_status: JobStatus = JobStatus.running, **values: Any) -> bool:
+    """``from_status`` (running) → a terminal ``status`` (conditional on the lease owner when
+    ``worker_id`` is given), then the outbox row and the batch completion in the same transaction."""
+    where = [Job.id == job_id, Job.status == from_status, *extra_where]
     if worker_id is not None:
         where.append(Job.lease_owner == worker_id)
     rows = session.execute(
@@ -622,77 +534,16 @@ def _transition(session: Session, job_id: str, worker_id: str | None, status: Jo
     job = session.get(Job, job_id, populate_existing=True)
     assert job is not None
     if job.batch_id:
-        _lock_batch(session, job.batch_id)  # before the outbox insert's foreign-key share lock
-    event = {JobStatus.succeeded: EVENT_JOB_SUCCEEDED, JobStatus.failed: EVENT_JOB_FAILED}.get(status)
+        outbox.lock_batch(session, job.batch_id)  # before the outbox insert's foreign-key share lock
+    event = {JobStatus.succeeded: outbox.EVENT_JOB_SUCCEEDED, JobStatus.failed: outbox.EVENT_JOB_FAILED,
+             JobStatus.expired: outbox.EVENT_JOB_EXPIRED}.get(status)
     if event and job.webhook_url:
-        _add_delivery(session, job.tenant_id, event, job.webhook_url, _job_payload(job), now,
+        outbox.add_delivery(session, job.tenant_id, event, job.webhook_url, outbox.job_payload(job), now,
                       job_id=job.id, batch_id=job.batch_id)
     if job.batch_id:
-        _complete_batch_if_done(session, job.batch_id, now)
+        outbox.complete_batch_if_done(session, job.batch_id, now)
     if commit:
         session.commit()
     return True
 
 
-def _lock_batch(session: Session, batch_id: str) -> Batch | None:
-    # FOR NO KEY UPDATE: serializes completions of one batch without conflicting with the
-    # KEY SHARE locks that inserting outbox rows (foreign key to the batch) takes.
-    return session.scalar(select(Batch).where(Batch.id == batch_id).with_for_update(key_share=True)
-                          .execution_options(populate_existing=True))
-
-
-def _complete_batch_if_done(session: Session, batch_id: str, now: datetime) -> None:
-    batch = _lock_batch(session, batch_id)
-    if batch is None or batch.completed_at is not None:
-        return
-    active = session.scalar(select(func.count()).select_from(Job)
-                            .where(Job.batch_id == batch_id, Job.status.in_(list(ACTIVE_STATUSES))))
-    if active:
-        return
-    rows = session.execute(update(Batch).where(Batch.id == batch_id, Batch.completed_at.is_(None))
-                           .values(completed_at=now).execution_options(**_NO_SYNC)).rowcount
-    if not rows:
-        return
-    log.info("batch %s completed", batch_id)
-    if batch.webhook_url:
-        jobs = session.scalars(select(Job).where(Job.batch_id == batch_id).order_by(Job.position)
-                               .execution_options(populate_existing=True)).all()
-        _add_delivery(session, batch.tenant_id, EVENT_BATCH_COMPLETED, batch.webhook_url,
-                      _batch_payload(batch, jobs, now), now, batch_id=batch_id)
-
-
-def _add_delivery(session: Session, tenant_id: str, event: str, url: str, data: dict[str, Any],
-                  now: datetime, *, job_id: str | None = None, batch_id: str | None = None) -> None:
-    payload = {"type": event, "timestamp": now.isoformat(), "data": data}
-    session.add(WebhookDelivery(id=_delivery_id(), tenant_id=tenant_id, event=event, job_id=job_id,
-                                batch_id=batch_id, url=url, payload=payload,
-                                status=DeliveryStatus.pending, attempts=0, next_attempt_at=now,
-                                created_at=now))
-
-
-def _job_payload(job: Job) -> dict[str, Any]:
-    return {
-        "job_id": job.id,
-        "batch_id": job.batch_id,
-        "position": job.position,
-        "task": job.task,
-        "status": JobStatus(job.status).value,
-        "output_key": job.output_key,
-        "output_text": job.output_text,
-        "think_text": job.think_text,
-        "error": {"code": job.error_code, "message": job.error_message} if job.error_code else None,
-        "model_seconds": job.model_seconds,
-        "metadata": job.meta,
-    }
-
-
-def _batch_payload(batch: Batch, jobs: Sequence[Job], now: datetime) -> dict[str, Any]:
-    counts = {s.value: 0 for s in JobStatus}
-    manifest = []
-    for job in jobs:
-        status = JobStatus(job.status).value
-        counts[status] += 1
-        manifest.append({"job_id": job.id, "position": job.position, "status": status,
-                         "output_key": job.output_key, "error_code": job.error_code})
-    return {"batch_id": batch.id, "completed_at": now.isoformat(), "counts": counts,
-            "metadata": batch.meta, "jobs": manifest}

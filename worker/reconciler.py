@@ -1,13 +1,11 @@
 """The reconciler: periodic repair that makes the database, not the broker, the source of truth.
 
 Owns: one ``reconcile_once`` pass and the ``run_forever`` loop around it. A pass
-1. returns ``running`` jobs whose lease expired (worker killed, machine gone) to ``queued``
-   (or ``failed``/``lease_expired`` when their attempts are used up);
-2. re-publishes chunks that have queued jobs but no recent message (Redis flushed, a publish
-   lost, a worker released them); a chunk published n times waits republish_after_s·2^(n−1)
-   before the next copy, so a long backlog does not snowball into duplicates;
-3. deletes result objects older than ``result_retention_s`` and marks those jobs;
-4. nudges the webhook worker when outbox rows are due (retries after backoff).
+1. returns ``running`` jobs whose lease expired (worker killed, machine gone) to waiting (or
+   ``failed``/``lease_expired`` when their attempts are used up), for the dispatcher
+   (``scheduler.py``, which also repairs lost broker messages) to hand out again;
+2. deletes result objects older than ``result_retention_s`` and marks those jobs;
+3. nudges the webhook worker when outbox rows are due (retries after backoff).
 Each step is isolated: one failing (e.g. the broker is down) does not stop the others. Leaves
 every state change to ``worker.jobs``.
 """
@@ -18,15 +16,14 @@ import logging
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import timedelta
 from typing import TYPE_CHECKING
 
 from sqlalchemy import select
 
 from worker import dispatch, jobs
-from worker.celery_app import WEBHOOK_QUEUE
+from worker.queues import WEBHOOK_QUEUE
 from worker.errors import BrokerUnavailable
-from worker.models import Chunk, DeliveryStatus, WebhookDelivery, utcnow
+from worker.models import DeliveryStatus, WebhookDelivery, utcnow
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session
@@ -36,34 +33,14 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-MAX_BACKOFF_DOUBLINGS = 6
-
-
 @dataclass
 class PassReport:
     """What one pass did (logged, and asserted on by tests)."""
 
     requeued: int = 0
-    republished: int = 0
     expired: int = 0
     nudged: bool = False
     errors: int = 0
-
-
-def _stale_chunks(s: Session, settings: Settings) -> list[str]:
-    now = utcnow()
-    candidates = jobs.chunks_to_publish(s, now, settings.republish_after_s)
-    if not candidates:
-        return []
-    rows = s.execute(select(Chunk.id, Chunk.published_at, Chunk.publish_count)
-                     .where(Chunk.id.in_(candidates))).all()
-    stale = []
-    for chunk_id, published_at, count in rows:
-        doublings = min(max(int(count or 0) - 1, 0), MAX_BACKOFF_DOUBLINGS)
-        wait = timedelta(seconds=settings.republish_after_s * 2 ** doublings)
-        if published_at is None or now - published_at >= wait:
-            stale.append(chunk_id)
-    return stale
 
 
 def reconcile_once(settings: Settings, session: Callable[[], Session], store: ResultStore) -> PassReport:
@@ -77,22 +54,6 @@ def reconcile_once(settings: Settings, session: Callable[[], Session], store: Re
     except Exception:  # noqa: BLE001 - the loop must survive a database outage
         report.errors += 1
         log.exception("reconciler: requeueing expired leases failed")
-
-    try:
-        with session() as s:
-            stale = _stale_chunks(s, settings)
-        if stale:
-            dispatch.publish_chunks(settings, stale)
-            with session() as s:
-                jobs.mark_published(s, stale)
-            report.republished = len(stale)
-            log.warning("reconciler: re-published %d chunk(s) with queued jobs and no live message", len(stale))
-    except BrokerUnavailable as exc:
-        report.errors += 1
-        log.warning("reconciler: %s", exc)
-    except Exception:  # noqa: BLE001
-        report.errors += 1
-        log.exception("reconciler: re-publishing failed")
 
     try:
         report.expired = _expire_results(settings, session, store)
@@ -135,11 +96,10 @@ def _expire_results(settings: Settings, session: Callable[[], Session], store: R
 def run_forever(settings: Settings, session: Callable[[], Session], store: ResultStore,
                 stop: threading.Event) -> None:
     """Run a pass every ``reconcile_interval_s`` until ``stop`` is set."""
-    log.info("reconciler started: every %.1f s, republish after %.1f s", settings.reconcile_interval_s,
-             settings.republish_after_s)
+    log.info("reconciler started: every %.1f s", settings.reconcile_interval_s)
     while not stop.is_set():
         report = reconcile_once(settings, session, store)
-        if report.requeued or report.republished or report.expired or report.errors:
+        if report.requeued or report.expired or report.errors:
             log.info("reconciler pass: %s", report)
         stop.wait(settings.reconcile_interval_s)
     log.info("reconciler stopped")

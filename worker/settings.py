@@ -14,10 +14,10 @@ SQLite broker and a tiny demo checkpoint.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 from urllib.parse import urlsplit, urlunsplit
 
-from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from worker.errors import SettingsError
@@ -97,12 +97,47 @@ class Settings(BaseSettings):
 
     # Reconciler.
     reconcile_interval_s: float = Field(30.0, gt=0)
-    republish_after_s: float = Field(120.0, ge=0)
     result_retention_s: int = Field(7 * 24 * 3600, ge=1)
+
+    # Dispatcher (runs in the reconciler process; one at a time cluster-wide, by a lease row).
+    dispatch_interval_s: float = Field(0.25, gt=0, description="seconds between dispatch passes")
+    dispatch_lease_s: float = Field(15.0, gt=0, description="the dispatcher lease; another takes over after it")
+    window_per_worker: int = Field(2, ge=1, le=16, description="chunks published per live GPU worker "
+                                   "(running + waiting in the broker)")
+    fair_share_window_s: int = Field(3600, ge=60, description="recent GPU-seconds that count for fair share")
+    worker_heartbeat_s: float = Field(5.0, gt=0, description="GPU workers refresh their registry row this often")
+    worker_dead_after_s: float = Field(30.0, gt=0, description="a worker silent this long is not counted live")
+    lost_message_after_s: float = Field(10.0, gt=0, description="a published chunk missing from the broker "
+                                        "this long is published again")
+
+    # GPU worker process.
+    drain: Literal["finish", "release"] = Field(
+        "finish", description="on SIGTERM: finish the current chunk then exit (finish), or stop at the next "
+        "step and give its jobs back (release)")
+    worker_http_port: int | None = Field(None, ge=1, le=65535, description="GPU worker's /metrics, /livez, "
+                                         "/readyz port; None → not served")
+
+    # Logs.
+    log_format: Literal["text", "json"] = Field("text", description="json: one JSON object per line with "
+                                                "job, batch, chunk and tenant ids")
 
     # API process.
     api_host: str = "127.0.0.1"
     api_port: int = Field(8000, ge=1, le=65535)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _empty_means_unset(cls, value: Any, info: ValidationInfo) -> Any:
+        """An empty or blank string for an optional (``X | None``) setting means unset.
+
+        A ConfigMap or compose file writes ``VAR: ""`` to leave a setting at its default; passed
+        on as ``""``, an empty ``S3_ENDPOINT_URL`` would reach boto3 (``ValueError: Invalid
+        endpoint``) instead of meaning AWS. Required and non-optional fields keep their ``""``.
+        """
+        is_blank = isinstance(value, str) and not value.strip()
+        if is_blank and _allows_none(cls.model_fields[info.field_name].annotation):
+            return None
+        return value
 
     @field_validator("fault_injection")
     @classmethod
@@ -142,6 +177,11 @@ class Settings(BaseSettings):
             else:
                 out[name] = value
         return out
+
+
+def _allows_none(annotation: Any) -> bool:
+    """Whether a field's annotation admits None (``X | None``, ``Optional[X]``)."""
+    return annotation is None or type(None) in get_args(annotation)
 
 
 def mask_url(url: str) -> str:

@@ -23,17 +23,21 @@ import logging
 import os
 import socket
 import threading
+import time
 import uuid
 from typing import TYPE_CHECKING, Any
 
-from worker.celery_app import DELIVER_WEBHOOKS, RUN_CHUNK
+from worker.queues import DELIVER_WEBHOOKS, RUN_CHUNK
 from worker.errors import DeviceFailure
+from worker.logs import log_context
+from worker.worker_http import WorkerStats
 
 if TYPE_CHECKING:
     from celery import Celery
     from sqlalchemy.orm import Session
 
     from worker.gpu import EngineHolder
+    from worker.registry import Registration
     from worker.settings import Settings
     from worker.storage import ResultStore
 
@@ -54,6 +58,9 @@ class WorkerRuntime:
         self.worker_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         self.shutting_down = threading.Event()
         self.exit_code: int | None = None  # set when this process must end (a device error)
+        self.registration: Registration | None = None  # a GPU worker's registry row (registry.py)
+        self.stats = WorkerStats()  # what its /livez, /readyz and /metrics report (worker_http.py)
+        self.last_chunk_end: float | None = None  # perf_counter() when its last chunk ended (execution.py)
         self._lock = threading.Lock()
         self._session_factory: Any = None
         self._store: ResultStore | None = None
@@ -109,10 +116,25 @@ def register(app: Celery) -> None:
         if rt.exit_code is not None:
             raise Reject(f"chunk {chunk_id}: worker {rt.worker_id} is exiting after a device error",
                          requeue=True)
+        if rt.registration is not None:
+            rt.registration.set_chunk(chunk_id)
+        rt.stats.chunk_started(chunk_id)
+        steps_before, started = rt.stats.total_steps, time.monotonic()
+        outcome = "done"
         try:
-            execute(rt, chunk_id)
+            with log_context(chunk_id=chunk_id, worker_id=rt.worker_id):
+                execute(rt, chunk_id)
         except DeviceFailure:
+            outcome = "device_error"
             end_worker(rt, DEVICE_ERROR_EXIT_CODE)
+        except BaseException:
+            outcome = "error"
+            raise
+        finally:
+            elapsed = max(time.monotonic() - started, 1e-9)
+            rt.stats.chunk_finished(outcome, (rt.stats.total_steps - steps_before) / elapsed)
+            if rt.registration is not None:
+                rt.registration.set_chunk(None)
 
     @app.task(name=DELIVER_WEBHOOKS, bind=True, ignore_result=True)
     def deliver_webhooks(self: Any) -> None:

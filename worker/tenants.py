@@ -1,8 +1,10 @@
 """Tenants, their API keys and their webhook signing secrets.
 
 Owns: creating tenants (each with a Standard Webhooks secret ``whsec_<base64>``), issuing API
-keys (shown once, stored as a SHA-256 hash), looking a presented key up, revoking keys and
-rotating secrets. Leaves HTTP auth to ``api/deps.py`` and signing to ``worker.signing``.
+keys (shown once, stored as a SHA-256 hash), looking a presented key up, revoking keys,
+rotating secrets, and storing the tenant's scheduling weight and limits. Leaves HTTP auth to
+``api/deps.py``, signing to ``worker.signing``, enforcing the submit limits to
+``worker.limits`` and the weight and running-chunk limit to the dispatcher.
 
 Keys are 32 random bytes, so a fast hash is enough: there is nothing to brute-force, and the
 lookup is by the hash's unique index, not by comparing strings in Python.
@@ -13,7 +15,10 @@ from __future__ import annotations
 import base64
 import hashlib
 import logging
+import math
 import secrets
+from collections.abc import Mapping
+from typing import Any
 
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
@@ -26,6 +31,14 @@ log = logging.getLogger(__name__)
 KEY_PREFIX = "bj_"
 SECRET_PREFIX = "whsec_"
 MAX_NAME_CHARS = 200
+# The limits ``set_limits`` changes: name → (type, the largest value). None stores "unlimited".
+LIMIT_FIELDS: dict[str, tuple[type, float]] = {
+    "requests_per_minute": (int, 1_000_000),
+    "max_waiting_jobs": (int, 10_000_000),
+    "max_running_chunks": (int, 100_000),
+    "monthly_gpu_seconds": (float, 1e12),
+}
+MAX_WEIGHT = 1000.0
 
 
 def hash_key(plaintext: str) -> str:
@@ -104,3 +117,47 @@ def rotate_webhook_secret(session: Session, tenant_id: str) -> str:
     if not rows:
         raise NotFound(f"tenant: no tenant with id {tenant_id!r}", field="tenant_id")
     return secret
+
+
+def get_limits(session: Session, name_or_id: str) -> dict[str, Any]:
+    """The tenant's scheduling weight and limits (None: unlimited), as a JSON-ready dict."""
+    tenant = find_tenant(session, name_or_id)
+    session.commit()
+    return _limits_of(tenant)
+
+
+def set_limits(session: Session, name_or_id: str, changes: Mapping[str, Any]) -> dict[str, Any]:
+    """Change some of the tenant's limits (``LIMIT_FIELDS``; None clears one) and ``weight``;
+    fields not in ``changes`` keep their values. Returns the limits after the change."""
+    values = {name: _checked_limit(name, value) for name, value in changes.items()}
+    tenant = find_tenant(session, name_or_id)
+    if values:
+        session.execute(update(Tenant).where(Tenant.id == tenant.id).values(**values))
+        session.refresh(tenant)
+        log.info("tenant %s limits changed: %s", tenant.id, ", ".join(f"{k}={v}" for k, v in values.items()))
+    session.commit()
+    return _limits_of(tenant)
+
+
+def _checked_limit(name: str, value: Any) -> int | float | None:
+    if name == "weight":
+        if value is None or isinstance(value, bool) or not isinstance(value, int | float) \
+                or not math.isfinite(value) or not 0 < value <= MAX_WEIGHT:
+            raise InvalidParameter(f"weight: {value!r} must be a number > 0 and <= {MAX_WEIGHT:g}", field="weight")
+        return float(value)
+    if name not in LIMIT_FIELDS:
+        raise InvalidParameter(f"{name}: not a tenant limit (one of weight, {', '.join(LIMIT_FIELDS)})", field=name)
+    if value is None:
+        return None
+    kind, high = LIMIT_FIELDS[name]
+    ok_type = isinstance(value, int) if kind is int else isinstance(value, int | float) and math.isfinite(value)
+    if isinstance(value, bool) or not ok_type or not 0 <= value <= high:
+        noun = "an integer" if kind is int else "a number"
+        raise InvalidParameter(f"{name}: {value!r} must be {noun} in 0..{high:,.0f}, or none for unlimited",
+                               field=name)
+    return kind(value)
+
+
+def _limits_of(tenant: Tenant) -> dict[str, Any]:
+    return {"tenant_id": tenant.id, "name": tenant.name, "weight": tenant.weight,
+            **{name: getattr(tenant, name) for name in LIMIT_FIELDS}}

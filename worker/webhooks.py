@@ -27,7 +27,7 @@ from urllib.parse import urlsplit
 import httpx
 from sqlalchemy import select
 
-from worker import jobs, signing
+from worker import outbox, signing
 from worker.errors import InvalidWebhookUrl
 from worker.models import Tenant, utcnow
 from worker.params import check_webhook_url
@@ -107,7 +107,7 @@ def deliver_due(settings: Settings, session: Callable[[], Session], store: Resul
                 limit: int = BATCH_LIMIT, client: httpx.Client | None = None) -> int:
     """Deliver every outbox row due now (oldest first); returns how many were delivered."""
     with session() as s:
-        rows = jobs.due_deliveries(s, utcnow(), limit)
+        rows = outbox.due_deliveries(s, utcnow(), limit)
         due = [_Due(r.id, r.tenant_id, r.event, r.url, dict(r.payload), int(r.attempts), r.created_at)
                for r in rows]
         tenant_ids = {d.tenant_id for d in due}
@@ -155,7 +155,7 @@ def _deliver_one(settings: Settings, session: Callable[[], Session], store: Resu
         if candidate <= d.created_at + timedelta(seconds=settings.webhook_retry_window_s):
             next_at = candidate
     with session() as s:
-        jobs.record_attempt(s, d.id, status_code=status_code, error=error, duration_ms=duration_ms,
+        outbox.record_attempt(s, d.id, status_code=status_code, error=error, duration_ms=duration_ms,
                             delivered=ok, next_attempt_at=next_at)
     if ok:
         log.info("webhook %s %s attempt %d: %d in %.0f ms", d.id, d.event, attempt, status_code, duration_ms)

@@ -1,19 +1,22 @@
-"""``/v1/batches``: submit many jobs at once (try-on form or per-item tasks), read a batch's
-counts and progress, page through its jobs, cancel it."""
+"""``/v1/batches``: submit many jobs at once (try-on form or per-item tasks; with a priority and a
+deadline, within the tenant's limits), list the tenant's batches, read a batch's counts and
+progress, page through its jobs, cancel it."""
 
 from __future__ import annotations
 
-from typing import Annotated
+from datetime import datetime
+from typing import Annotated, Literal
 
 from fastapi import APIRouter, Header, Query
 from fastapi.responses import JSONResponse
 
 from api import idempotency, submission
 from api.deps import SessionDep, SettingsDep, StoreDep, TenantDep
-from api.schemas import BatchIn, BatchOut, JobPage
+from api.schemas import BatchIn, BatchList, BatchOut, JobPage
 from api.views import batch_out, job_out
-from worker import jobs
+from worker import jobs, limits, queries
 from worker.errors import NotFound
+from worker.models import utcnow
 
 router = APIRouter(prefix="/v1/batches", tags=["batches"])
 ROUTE = "POST /v1/batches"
@@ -26,41 +29,58 @@ def _not_found(batch_id: str) -> NotFound:
 
 @router.post("", status_code=202, response_model=BatchOut)
 def create_batch(body: BatchIn, tenant: TenantDep, session: SessionDep, settings: SettingsDep,
-                 idempotency_key: Annotated[str | None, Header()] = None) -> JSONResponse:
+                 idempotency_key: Annotated[str | None, Header()] = None,
+                 cancel_after: Annotated[str | None, Header(description="deadline: 90s, 5m, 1h or seconds")] = None,
+                 ) -> JSONResponse:
     key = idempotency.check_key(idempotency_key)
-    digest = idempotency.fingerprint(body.model_dump(mode="json"))
+    digest = idempotency.fingerprint(submission.fingerprint_payload(body, cancel_after))
     if (previous := idempotency.replay(session, tenant.id, key, ROUTE, digest)) is not None:
         return previous
+    now = utcnow()
+    deadline_at = submission.deadline_at(body.deadline_s, cancel_after, now)
     specs = submission.batch_specs(session, settings, tenant.id, body)
     webhook_url = submission.check_webhook(settings, body.webhook_url)
     metadata = submission.check_metadata(body.metadata)
-    batch, rows, chunks = jobs.submit(session, tenant.id, specs, batch=True, webhook_url=webhook_url,
-                                      metadata=metadata, chunk_size=settings.chunk_size,
-                                      max_attempts=settings.max_attempts, commit=False)
+    limits.check_submission(session, tenant.id, new_jobs=len(specs), now=now)
+    batch, rows = jobs.submit(session, tenant.id, specs, batch=True, webhook_url=webhook_url,
+                              metadata=metadata, max_attempts=settings.max_attempts, priority=body.priority,
+                              deadline_at=deadline_at, commit=False)
     assert batch is not None
     out = batch_out(session, batch, [j.id for j in rows]).model_dump(mode="json")
     if (winner := idempotency.commit_with_record(session, tenant.id, key, ROUTE, digest, 202, out)) is not None:
         return winner
-    submission.publish(settings, session, [c.id for c in chunks])
     return JSONResponse(out, status_code=202)
 
 
+@router.get("", response_model=BatchList)
+def list_batches(tenant: TenantDep, session: SessionDep, status: Literal["active", "completed"] | None = None,
+                 created_after: datetime | None = None, created_before: datetime | None = None,
+                 limit: Annotated[int, Query(ge=1, le=MAX_PAGE_SIZE)] = 50,
+                 cursor: Annotated[str | None, Query(max_length=200)] = None) -> BatchList:
+    """The tenant's batches, newest first; ``created_after``/``created_before`` are exclusive."""
+    page = queries.list_batches(session, tenant.id, limit=limit, cursor=cursor,
+                                is_completed=None if status is None else status == "completed",
+                                created_after=created_after, created_before=created_before)
+    return BatchList(data=[batch_out(session, b) for b in page.rows], next_cursor=page.next_cursor)
+
+
 @router.get("/{batch_id}", response_model=BatchOut)
-def get_batch(batch_id: str, tenant: TenantDep, session: SessionDep) -> BatchOut:
-    batch = jobs.get_batch(session, tenant.id, batch_id)
+def get_batch(batch_id: str, tenant: TenantDep, session: SessionDep, settings: SettingsDep) -> BatchOut:
+    """The batch with its counts, progress, GPU-seconds and, while active, queue position and ETA."""
+    batch = queries.get_batch(session, tenant.id, batch_id)
     if batch is None:
         raise _not_found(batch_id)
-    return batch_out(session, batch)
+    return batch_out(session, batch, settings=settings)
 
 
 @router.get("/{batch_id}/jobs", response_model=JobPage)
 def list_batch_jobs(batch_id: str, tenant: TenantDep, session: SessionDep, settings: SettingsDep, store: StoreDep,
                     page: Annotated[int, Query(ge=1)] = 1,
                     page_size: Annotated[int, Query(ge=1, le=MAX_PAGE_SIZE)] = 50) -> JobPage:
-    rows = jobs.list_batch_jobs(session, tenant.id, batch_id, page=page, page_size=page_size)
+    rows = queries.list_batch_jobs(session, tenant.id, batch_id, page=page, page_size=page_size)
     if rows is None:
         raise _not_found(batch_id)
-    batch = jobs.get_batch(session, tenant.id, batch_id)
+    batch = queries.get_batch(session, tenant.id, batch_id)
     assert batch is not None
     has_more = page * page_size < batch.job_count
     return JobPage(items=[job_out(j, store, settings) for j in rows], page=page, page_size=page_size,

@@ -16,7 +16,7 @@ from sqlalchemy.exc import IntegrityError
 from api import idempotency
 from api.deps import SessionDep, SettingsDep, StoreDep, TenantDep
 from api.schemas import FileOut
-from worker import jobs
+from worker import jobs, queries
 from worker.errors import NotFound, PayloadTooLarge
 from worker.images import inspect_image
 from worker.storage import input_key
@@ -58,7 +58,7 @@ def upload_file(request: Request, tenant: TenantDep, session: SessionDep, settin
     info = inspect_image(data, max_bytes=settings.max_upload_bytes, max_pixels=settings.max_image_pixels,
                          max_side_px=settings.max_image_side_px)
     storage_key = input_key(tenant.id, info.sha256)
-    existing = jobs.files_by_sha256(session, tenant.id, info.sha256)
+    existing = queries.files_by_sha256(session, tenant.id, info.sha256)
     if existing is None or not store.exists(storage_key):
         store.put(storage_key, data, info.content_type)
     try:
@@ -68,7 +68,7 @@ def upload_file(request: Request, tenant: TenantDep, session: SessionDep, settin
                             filename=filename, commit=False)
     except IntegrityError:  # the same content uploaded concurrently: use the winner's row
         session.rollback()
-        row = jobs.files_by_sha256(session, tenant.id, info.sha256)
+        row = queries.files_by_sha256(session, tenant.id, info.sha256)
         assert row is not None
     body = FileOut.model_validate(row, from_attributes=True).model_dump(mode="json")
     if (winner := idempotency.commit_with_record(session, tenant.id, key, ROUTE, digest, 201, body)) is not None:
@@ -78,7 +78,7 @@ def upload_file(request: Request, tenant: TenantDep, session: SessionDep, settin
 
 @router.get("/{file_id}", response_model=FileOut)
 def get_file(file_id: str, tenant: TenantDep, session: SessionDep) -> FileOut:
-    row = jobs.get_file(session, tenant.id, file_id)
+    row = queries.get_file(session, tenant.id, file_id)
     if row is None:
         raise NotFound(f"file_id: file {file_id!r} not found", field="file_id")
     return FileOut.model_validate(row, from_attributes=True)

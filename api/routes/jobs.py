@@ -1,21 +1,25 @@
-"""``/v1/jobs``: submit one job, read it, cancel it."""
+"""``/v1/jobs``: submit one job (with its priority and deadline, within the tenant's limits), list
+the tenant's jobs, read one, cancel it."""
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Annotated
 
-from fastapi import APIRouter, Header
+from fastapi import APIRouter, Header, Query
 from fastapi.responses import JSONResponse
 
 from api import idempotency, submission
 from api.deps import SessionDep, SettingsDep, StoreDep, TenantDep
-from api.schemas import JobIn, JobOut
+from api.schemas import JobIn, JobList, JobOut, Task
 from api.views import job_out
-from worker import jobs
+from worker import jobs, limits, queries
 from worker.errors import NotFound
+from worker.models import JobStatus, utcnow
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 ROUTE = "POST /v1/jobs"
+MAX_LIST_LIMIT = 200
 
 
 def _not_found(job_id: str) -> NotFound:
@@ -24,29 +28,47 @@ def _not_found(job_id: str) -> NotFound:
 
 @router.post("", status_code=202, response_model=JobOut)
 def create_job(body: JobIn, tenant: TenantDep, session: SessionDep, settings: SettingsDep, store: StoreDep,
-               idempotency_key: Annotated[str | None, Header()] = None) -> JSONResponse:
+               idempotency_key: Annotated[str | None, Header()] = None,
+               cancel_after: Annotated[str | None, Header(description="deadline: 90s, 5m, 1h or seconds")] = None,
+               ) -> JSONResponse:
     key = idempotency.check_key(idempotency_key)
-    digest = idempotency.fingerprint(body.model_dump(mode="json"))
+    digest = idempotency.fingerprint(submission.fingerprint_payload(body, cancel_after))
     if (previous := idempotency.replay(session, tenant.id, key, ROUTE, digest)) is not None:
         return previous
+    now = utcnow()
+    deadline_at = submission.deadline_at(body.deadline_s, cancel_after, now)
     spec = submission.job_spec(session, settings, tenant.id, body)
     webhook_url = submission.check_webhook(settings, body.webhook_url)
-    _, rows, chunks = jobs.submit(session, tenant.id, [spec], batch=False, webhook_url=webhook_url,
-                                  metadata=spec.metadata, chunk_size=settings.chunk_size,
-                                  max_attempts=settings.max_attempts, commit=False)
+    limits.check_submission(session, tenant.id, new_jobs=1, now=now)
+    _, rows = jobs.submit(session, tenant.id, [spec], batch=False, webhook_url=webhook_url,
+                          metadata=spec.metadata, max_attempts=settings.max_attempts, priority=body.priority,
+                          deadline_at=deadline_at, commit=False)
     out = job_out(rows[0], store, settings).model_dump(mode="json")
     if (winner := idempotency.commit_with_record(session, tenant.id, key, ROUTE, digest, 202, out)) is not None:
         return winner
-    submission.publish(settings, session, [c.id for c in chunks])
     return JSONResponse(out, status_code=202)
+
+
+@router.get("", response_model=JobList)
+def list_jobs(tenant: TenantDep, session: SessionDep, settings: SettingsDep, store: StoreDep,
+              status: JobStatus | None = None, task: Task | None = None,
+              batch_id: Annotated[str | None, Query(min_length=1, max_length=64)] = None,
+              created_after: datetime | None = None, created_before: datetime | None = None,
+              limit: Annotated[int, Query(ge=1, le=MAX_LIST_LIMIT)] = 50,
+              cursor: Annotated[str | None, Query(max_length=200)] = None) -> JobList:
+    """The tenant's jobs, newest first; ``created_after``/``created_before`` are exclusive."""
+    page = queries.list_jobs(session, tenant.id, limit=limit, cursor=cursor, status=status, task=task,
+                             batch_id=batch_id, created_after=created_after, created_before=created_before)
+    return JobList(data=[job_out(j, store, settings) for j in page.rows], next_cursor=page.next_cursor)
 
 
 @router.get("/{job_id}", response_model=JobOut)
 def get_job(job_id: str, tenant: TenantDep, session: SessionDep, settings: SettingsDep, store: StoreDep) -> JobOut:
-    job = jobs.get_job(session, tenant.id, job_id)
+    """The job with its result and, while queued or running, its queue position and ETA."""
+    job = queries.get_job(session, tenant.id, job_id)
     if job is None:
         raise _not_found(job_id)
-    return job_out(job, store, settings)
+    return job_out(job, store, settings, session)
 
 
 @router.post("/{job_id}/cancel", response_model=JobOut)
