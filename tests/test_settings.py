@@ -1,15 +1,17 @@
-"""Settings: embedded defaults, env variables, start-up validation naming the variable, masking;
-and the per-task parameter rules (worker.params)."""
+"""Settings: embedded defaults, env variables, start-up validation naming the variable, masking, empty
+values of optional settings meaning unset; and the per-task parameter rules (worker.params)."""
 
 from __future__ import annotations
 
 import json
+import typing
 
 import pytest
 
 from worker import params
 from worker.errors import InvalidParameter, InvalidWebhookUrl, SettingsError
 from worker.settings import Settings, load_settings, mask_url
+from worker.storage import S3Store, make_store
 
 
 @pytest.fixture(autouse=True)
@@ -174,3 +176,51 @@ def test_webhook_private_targets_allowed_when_configured():
     assert params.check_webhook_url("https://93.184.216.34/hook", allow_private=False)
     with pytest.raises(InvalidWebhookUrl, match="credentials"):
         params.check_webhook_url("http://u:p@127.0.0.1/", allow_private=True)
+
+
+# --- empty values mean unset ------------------------------------------------------------------
+
+
+def _optional_fields() -> list[str]:
+    return sorted(name for name, field in Settings.model_fields.items()
+                  if type(None) in typing.get_args(field.annotation))
+
+
+def test_an_empty_optional_variable_means_unset(monkeypatch):
+    optional = _optional_fields()
+    assert {"s3_endpoint_url", "s3_bucket", "s3_access_key_id", "s3_secret_access_key", "url_signing_key",
+            "model_path", "gpu_memory_budget_bytes", "worker_http_port", "fault_injection"} <= set(optional)
+    for i, name in enumerate(optional):
+        monkeypatch.setenv(f"BAGEL_JOBS_{name.upper()}", "" if i % 2 else "  ")
+    s = load_settings()
+    assert {name: getattr(s, name) for name in optional} == dict.fromkeys(optional)
+    passed = load_settings(s3_endpoint_url="", worker_http_port=" ")
+    assert passed.s3_endpoint_url is None and passed.worker_http_port is None
+    # A field that is not optional keeps its empty string: an empty key prefix is a real value.
+    monkeypatch.setenv("BAGEL_JOBS_S3_PREFIX", "")
+    assert load_settings().s3_prefix == ""
+
+
+def test_an_empty_s3_bucket_is_still_refused_for_the_s3_backend(monkeypatch):
+    monkeypatch.setenv("BAGEL_JOBS_STORAGE_BACKEND", "s3")
+    monkeypatch.setenv("BAGEL_JOBS_S3_BUCKET", " ")
+    with pytest.raises(SettingsError, match=r"BAGEL_JOBS_S3_BUCKET: required when BAGEL_JOBS_STORAGE_BACKEND=s3"):
+        load_settings()
+
+
+def test_an_empty_s3_endpoint_builds_an_aws_store(monkeypatch, tmp_path):
+    for name in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_PROFILE"):  # botocore reads these too
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
+    monkeypatch.setenv("BAGEL_JOBS_STORAGE_BACKEND", "s3")
+    monkeypatch.setenv("BAGEL_JOBS_S3_ENDPOINT_URL", "")  # what deploy/k8s/config.yaml writes
+    monkeypatch.setenv("BAGEL_JOBS_S3_BUCKET", "bagel-results")
+    monkeypatch.setenv("BAGEL_JOBS_S3_REGION", "eu-west-1")
+    monkeypatch.setenv("BAGEL_JOBS_S3_ACCESS_KEY_ID", "AKIDEMPTYENDPOINT")
+    monkeypatch.setenv("BAGEL_JOBS_S3_SECRET_ACCESS_KEY", "not-a-real-secret")
+    settings = load_settings()
+    assert settings.s3_endpoint_url is None
+    store = make_store(settings)  # builds the boto3 client; no request is sent
+    assert isinstance(store, S3Store)
+    url = store.url("results/t1/j1.png", 60)  # presigning is local too
+    assert url.startswith("https://") and ".amazonaws.com/" in url and "results/t1/j1.png" in url
