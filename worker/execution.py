@@ -157,10 +157,10 @@ class _ChunkMonitor:
         return self.job_ids[index] in self.canceled
 
 
-def _claim(rt: WorkerRuntime, chunk_id: str) -> list[ClaimedJob]:
+def _claim(rt: WorkerRuntime) -> tuple[str | None, list[ClaimedJob]]:
     with rt.session() as session:
-        rows: list[Job] = jobs.claim_chunk(session, chunk_id, rt.worker_id, rt.settings.lease_s)
-        return [ClaimedJob(id=j.id, tenant_id=j.tenant_id, batch_id=j.batch_id, task=j.task, prompt=j.prompt,
+        chunk_id, rows = jobs.claim_next(session, rt.worker_id, rt.settings.lease_s)
+        return chunk_id, [ClaimedJob(id=j.id, tenant_id=j.tenant_id, batch_id=j.batch_id, task=j.task, prompt=j.prompt,
                            input_file_ids=list(j.input_file_ids or []), params=dict(j.params or {}),
                            think=bool(j.think), width=int(j.width or 1024), height=int(j.height or 1024),
                            attempts=int(j.attempts), cost_key=j.cost_key, queued_at=j.queued_at,
@@ -190,13 +190,19 @@ def _read_inputs(rt: WorkerRuntime, claimed: list[ClaimedJob]) -> tuple[dict[str
     return data, missing
 
 
-def run_chunk(rt: WorkerRuntime, chunk_id: str) -> None:
-    """Execute chunk ``chunk_id`` (a repeat or a chunk with nothing queued does nothing)."""
-    claimed = _claim(rt, chunk_id)
-    if not claimed:
-        log.info("chunk %s: nothing to claim (done, canceled or held by another worker)", chunk_id)
+def run_chunk(rt: WorkerRuntime, message_chunk_id: str) -> None:
+    """Take a turn: run the first published chunk in the dispatch order (``jobs.claim_next``),
+    usually the message's own ``message_chunk_id``; a turn with nothing to claim does nothing."""
+    chunk_id, claimed = _claim(rt)
+    if chunk_id is None:
+        log.info("message for chunk %s: nothing to claim (done, canceled or taken by another turn)",
+                 message_chunk_id)
         return
-    log.info("chunk %s: claimed %d job(s) as %s", chunk_id, len(claimed), rt.worker_id)
+    log.info("chunk %s: claimed %d job(s) as %s (message for %s)", chunk_id, len(claimed), rt.worker_id,
+             message_chunk_id)
+    rt.stats.chunk_started(chunk_id)
+    if rt.registration is not None:
+        rt.registration.set_chunk(chunk_id)
     gpu_seconds = 0.0
     try:
         gpu_seconds = _run_claimed(rt, chunk_id, claimed)

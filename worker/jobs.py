@@ -146,10 +146,13 @@ def add_file(session: Session, tenant_id: str, *, sha256: str, storage_key: str,
 # Worker side: the lease protocol
 
 
-def form_chunk(session: Session, job_ids: Sequence[str], now: datetime) -> str | None:
+def form_chunk(session: Session, job_ids: Sequence[str], now: datetime, *, share: float = 0.0,
+               priority_rank: int = 1) -> str | None:
     """The dispatcher's chunk: a new chunk row taking the given waiting jobs (those still
-    waiting and without a chunk; others are left alone). None when none was taken. No commit."""
-    chunk = Chunk(id=_uuid(), created_at=now, publish_count=0, job_count=0, cost_key="")
+    waiting and without a chunk; others are left alone), ranked by ``priority_rank`` then
+    ``share`` (``claim_next``). None when none was taken. No commit."""
+    chunk = Chunk(id=_uuid(), created_at=now, publish_count=0, job_count=0, cost_key="", share=share,
+                  priority_rank=priority_rank)
     session.add(chunk)
     session.flush()
     taken = session.execute(
@@ -169,6 +172,11 @@ def claim_chunk(session: Session, chunk_id: str, worker_id: str, lease_s: float)
     ``worker_id`` for ``lease_s``; the chunk records its claim (a chunk with nothing left to
     claim is finished). Returns only the jobs this call claimed (by position)."""
     now = utcnow()
+    taken = session.execute(update(Chunk).where(Chunk.id == chunk_id, Chunk.claimed_at.is_(None))
+                            .values(claimed_at=now, claimed_by=worker_id).execution_options(**_NO_SYNC)).rowcount
+    if not taken:  # another worker's turn took it first (or a repeated message)
+        session.commit()
+        return []
     claimed = session.execute(
         update(Job)
         .where(Job.chunk_id == chunk_id, Job.status == JobStatus.queued, Job.cancel_requested.is_(False))
@@ -178,15 +186,36 @@ def claim_chunk(session: Session, chunk_id: str, worker_id: str, lease_s: float)
         .returning(Job.id)
         .execution_options(**_NO_SYNC)
     ).scalars().all()
-    values = {"claimed_at": now, "claimed_by": worker_id} if claimed else {"finished_at": now}
-    session.execute(update(Chunk).where(Chunk.id == chunk_id, Chunk.finished_at.is_(None)).values(**values)
-                    .execution_options(**_NO_SYNC))
+    if not claimed:  # nothing left in it (canceled, expired): done
+        session.execute(update(Chunk).where(Chunk.id == chunk_id, Chunk.finished_at.is_(None))
+                        .values(finished_at=now).execution_options(**_NO_SYNC))
     session.commit()
     if not claimed:
         return []
     jobs = queries.load_jobs(session, claimed)
     log.info("worker %s claimed %d job(s) of chunk %s", worker_id, len(jobs), chunk_id)
     return jobs
+
+
+def claim_next(session: Session, worker_id: str, lease_s: float, *, tries: int = 8) -> tuple[str | None, list[Job]]:
+    """A ``run_chunk`` message is a turn, not a particular chunk: take the published, unclaimed
+    chunk that comes first — interactive before batch, then the lowest ``share`` (its tenant's
+    fair-share key when formed), then age — and claim its jobs (``claim_chunk``). Formation
+    already follows fair share (``scheduler.py``); this order only lets a chunk formed for a
+    tenant with a smaller share, or for interactive work, overtake the few chunks waiting in the
+    broker. Returns the chunk id (None: nothing to run) and the jobs claimed."""
+    for _ in range(tries):
+        candidate = session.scalar(
+            select(Chunk.id).where(Chunk.claimed_at.is_(None), Chunk.finished_at.is_(None),
+                                   Chunk.published_at.is_not(None))
+            .order_by(Chunk.priority_rank, Chunk.share, Chunk.created_at).limit(1))
+        session.commit()
+        if candidate is None:
+            return None, []
+        claimed = claim_chunk(session, candidate, worker_id, lease_s)
+        if claimed:
+            return candidate, claimed
+    return None, []
 
 
 def finish_chunk(session: Session, chunk_id: str, gpu_seconds: float) -> None:

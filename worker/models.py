@@ -195,6 +195,10 @@ class Chunk(Base):
     claimed_by: Mapped[str | None] = mapped_column(String(200), nullable=True)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
     gpu_seconds: Mapped[float | None] = mapped_column(Float, nullable=True)
+    # Its place in the claim order, fixed when formed: the head job's priority, then the head
+    # tenant's fair-share key (recent GPU-seconds per weight); a worker's turn claims the first.
+    share: Mapped[float] = mapped_column(Float, default=0.0, server_default="0")
+    priority_rank: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
 
 
 class Job(Base):

@@ -24,7 +24,11 @@ tenants with a job ready and below ``max_running_chunks``; its first job by prio
 (``interactive`` before ``batch``) then age heads the chunk, and the chunk is filled with
 compatible jobs, the head tenant's first, then the other tenants' in fair-share order. Every
 job taken adds its estimated cost (``job_costs``, else ``DEFAULT_JOB_GPU_SECONDS``) to its
-tenant's use, so one pass spreads over tenants the way the GPU time will.
+tenant's use, so one pass spreads over tenants the way the GPU time will. The chunk keeps its
+head's priority and share (``Chunk.priority_rank``, ``share``): a message is a turn, and the
+worker taking it claims the first published chunk by priority then share (``jobs.claim_next``),
+so a chunk formed for a small tenant, or for interactive work, overtakes the chunks already
+waiting in the broker.
 
 Leaves publishing to ``dispatch.py``, the claim and every job transition to ``jobs.py``.
 """
@@ -296,6 +300,7 @@ def _form_chunks(s: Session, settings: Settings, slots: int, now: datetime) -> l
 
         order = sorted(eligible, key=share)
         head = waiting[order[0]][0]
+        head_share, head_rank = share(order[0])
         members: list[_Waiting] = []
         for tenant in order:
             for w in waiting[tenant]:
@@ -309,7 +314,7 @@ def _form_chunks(s: Session, settings: Settings, slots: int, now: datetime) -> l
             running[tenant] = running.get(tenant, 0) + 1
         for w in members:
             use[w.tenant_id] = use.get(w.tenant_id, 0.0) + w.cost
-        chunk_id = jobs.form_chunk(s, [w.id for w in members], now)
+        chunk_id = jobs.form_chunk(s, [w.id for w in members], now, share=head_share, priority_rank=head_rank)
         if chunk_id is not None:
             formed.append((chunk_id, len(members)))
     s.commit()

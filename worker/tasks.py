@@ -116,9 +116,6 @@ def register(app: Celery) -> None:
         if rt.exit_code is not None:
             raise Reject(f"chunk {chunk_id}: worker {rt.worker_id} is exiting after a device error",
                          requeue=True)
-        if rt.registration is not None:
-            rt.registration.set_chunk(chunk_id)
-        rt.stats.chunk_started(chunk_id)
         steps_before, started = rt.stats.total_steps, time.monotonic()
         outcome = "done"
         try:

@@ -5,7 +5,8 @@ weights, GPU-seconds accounting, worker registry, the dispatcher's lease and the
   ``chunk_key``/``cost_key``, ``not_before`` (a retry's backoff), ``deadline_at``,
   ``gpu_seconds``, ``phase_seconds``; status gains ``expired``.
 - chunks: no longer one tenant's or one batch's; ``job_count``, ``cost_key``, claim and finish
-  times, the claiming worker and the chunk's GPU-seconds.
+  times, the claiming worker, the chunk's GPU-seconds and its place in the dispatch order
+  (``share``, ``priority_rank``).
 - batches: ``priority``, ``deadline_at``. tenants: ``weight`` and the four limits.
 - new tables: ``workers``, ``leases``, ``job_costs``.
 
@@ -83,6 +84,8 @@ def upgrade() -> None:
         batch_op.add_column(sa.Column("claimed_by", sa.String(length=200), nullable=True))
         batch_op.add_column(sa.Column("finished_at", TZ, nullable=True))
         batch_op.add_column(sa.Column("gpu_seconds", sa.Float(), nullable=True))
+        batch_op.add_column(sa.Column("share", sa.Float(), nullable=False, server_default="0"))
+        batch_op.add_column(sa.Column("priority_rank", sa.Integer(), nullable=False, server_default="1"))
         batch_op.drop_index(op.f("ix_chunks_batch_id"))
         batch_op.drop_constraint(op.f("fk_chunks_tenant_id_tenants"), type_="foreignkey")
         batch_op.drop_constraint(op.f("fk_chunks_batch_id_batches"), type_="foreignkey")
@@ -145,7 +148,8 @@ def downgrade() -> None:
                                     ondelete="CASCADE")
         batch_op.drop_index("ix_chunks_finished_at_claimed_at")
         batch_op.create_index(op.f("ix_chunks_batch_id"), ["batch_id"], unique=False)
-        for column in ("gpu_seconds", "finished_at", "claimed_by", "claimed_at", "cost_key", "job_count"):
+        for column in ("priority_rank", "share", "gpu_seconds", "finished_at", "claimed_by", "claimed_at",
+                       "cost_key", "job_count"):
             batch_op.drop_column(column)
     with op.batch_alter_table("batches") as batch_op:
         batch_op.drop_constraint(op.f("ck_batches_priority"), type_="check")
