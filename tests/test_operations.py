@@ -118,8 +118,14 @@ def test_each_job_records_its_share_of_the_chunks_gpu_time_and_its_phases(stack:
     sub = submit_jobs(stack, 4, steps=3, px=32)  # one chunk of 4 (chunk_size 4)
     rows = wait_jobs(stack, sub.job_ids, {"succeeded"}, timeout_s=120)
     assert len({r.chunk_id for r in rows}) == 1
+
+    def finished_chunk() -> Chunk | None:  # the worker records the chunk's time after its last job
+        with stack.session() as s:
+            chunk = s.get(Chunk, rows[0].chunk_id)
+            return chunk if chunk.gpu_seconds is not None else None
+
+    chunk = wait_until(finished_chunk, 30, 0.05, "the chunk's GPU time to be recorded")
     with stack.session() as s:
-        chunk = s.get(Chunk, rows[0].chunk_id)
         cost = s.get(JobCost, rows[0].cost_key)
     shares = [r.gpu_seconds for r in rows]
     assert all(0 < g <= chunk.gpu_seconds for g in shares)
