@@ -67,7 +67,11 @@ def test_the_dispatcher_killed_and_restarted_loses_nothing(stack: Stack) -> None
 
 def test_two_dispatchers_never_both_publish(stack: Stack) -> None:
     stack.start("gpu")
-    one, two = stack.start("reconciler"), stack.start("reconciler")
+    # Long enough that a busy CI machine neither stalls a pass past the lease nor keeps a worker
+    # between taking a message and claiming its chunk for so long that it looks lost; a stall
+    # past the lease is covered by test_scheduler (the fenced publish).
+    calm = {"BAGEL_JOBS_DISPATCH_LEASE_S": "30", "BAGEL_JOBS_LOST_MESSAGE_AFTER_S": "60"}
+    one, two = stack.start("reconciler", extra_env=calm), stack.start("reconciler", extra_env=calm)
     sub = submit_jobs(stack, 40, steps=2, px=32)
     rows = wait_jobs(stack, sub.job_ids, {"succeeded"}, timeout_s=300)
     assert all(r.attempts == 1 for r in rows)

@@ -191,3 +191,42 @@ def test_one_dispatcher_holds_the_lease(db_session, settings, factory):
         assert not take_lease(s, "d2", 5.0)
         assert take_lease(s, "d2", 5.0, now=utcnow() + timedelta(seconds=settings.dispatch_lease_s + 1))
     assert not first.dispatch_once().leader
+
+
+def test_a_dispatcher_that_stalled_past_its_lease_publishes_nothing(db_session, settings, factory, monkeypatch):
+    a = tenant(db_session, "a")
+    submit(db_session, a, 8)
+    live_workers(db_session, 1)
+    first, second = Dispatcher(settings, factory, "d1"), Dispatcher(settings, factory, "d2")
+    stalled = first._publish
+
+    def stall_then_publish(chunk_ids: list[str]) -> int:
+        # d1 formed its chunks, then stopped answering for longer than its lease: d2 took over
+        # and published them; d1 wakes up and would publish the same chunks a second time.
+        with factory() as s:
+            assert take_lease(s, "d2", 5.0, now=utcnow() + timedelta(seconds=settings.dispatch_lease_s + 1))
+        assert second.dispatch_once().published == 2
+        return stalled(chunk_ids)
+
+    monkeypatch.setattr(first, "_publish", stall_then_publish)
+    report = first.dispatch_once()
+    assert report.leader and report.formed == 2 and report.published == 0
+    counts = db_session.scalars(select(Chunk.publish_count)).all()
+    assert sorted(counts) == [1, 1]  # each chunk sent once, by d2
+    assert dispatch.queue_length(settings, GPU_QUEUE) == 2
+
+
+def test_chunks_the_broker_refused_stay_unpublished_until_it_is_back(db_session, settings, factory):
+    a = tenant(db_session, "a")
+    submit(db_session, a, 8)
+    live_workers(db_session, 1)
+    down = settings.model_copy(update={"broker_url": "redis://127.0.0.1:9/0"})  # nothing listens on port 9
+    report = Dispatcher(down, factory, "d1").dispatch_once()
+    assert report.formed == 2 and report.published == 0
+    rows = db_session.execute(select(Chunk.published_at, Chunk.publish_count)).all()
+    assert rows == [(None, 0), (None, 0)]  # not counted as sent, so not taken for lost messages
+    db_session.commit()
+    report = Dispatcher(settings, factory, "d1").dispatch_once()
+    assert report.formed == 0 and report.published == 2
+    assert sorted(db_session.scalars(select(Chunk.publish_count)).all()) == [1, 1]
+    assert dispatch.queue_length(settings, GPU_QUEUE) == 2

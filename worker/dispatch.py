@@ -2,8 +2,8 @@
 
 Owns: turning chunk ids into ``bagel_jobs.run_chunk`` messages on the ``gpu`` queue and nudging
 the webhook worker, and mapping every broker failure to ``BrokerUnavailable``. Leaves the
-bookkeeping (``jobs.mark_published``) to the caller, which runs it after a successful publish;
-a publish that never happened is repaired by the reconciler from the database.
+bookkeeping (``jobs.mark_published`` before, ``unmark_published`` on a refusal) to the
+caller; a message recorded but never sent is found lost and sent again by the dispatcher.
 """
 
 from __future__ import annotations

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import func, or_, select, update
+from sqlalchemy import case, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -494,13 +494,33 @@ def requeue_expired(session: Session, now: datetime) -> int:
     return changed
 
 
-def mark_published(session: Session, chunk_ids: Iterable[str]) -> None:
-    """Record that a message for each chunk was just sent."""
+def mark_published(session: Session, chunk_ids: Iterable[str], *, commit: bool = True) -> list[str]:
+    """Record that a message is about to be sent for each chunk still waiting for a worker
+    (unclaimed, unfinished); returns those ids — the ones to send. The caller sends them after
+    the commit and gives back the ones the broker refused (``unmark_published``); a crash in
+    between leaves a published chunk without a message, which the dispatcher finds lost."""
+    ids = list(chunk_ids)
+    if not ids:
+        return []
+    marked = session.scalars(
+        update(Chunk).where(Chunk.id.in_(ids), Chunk.claimed_at.is_(None), Chunk.finished_at.is_(None))
+        .values(published_at=utcnow(), publish_count=Chunk.publish_count + 1)
+        .returning(Chunk.id).execution_options(**_NO_SYNC)).all()
+    if commit:
+        session.commit()
+    sent = set(marked)
+    return [cid for cid in ids if cid in sent]
+
+
+def unmark_published(session: Session, chunk_ids: Iterable[str]) -> None:
+    """The broker refused the messages ``mark_published`` recorded: count them unsent, and a
+    chunk never sent before is unpublished again (sent on a later pass)."""
     ids = list(chunk_ids)
     if not ids:
         return
-    session.execute(update(Chunk).where(Chunk.id.in_(ids))
-                    .values(published_at=utcnow(), publish_count=Chunk.publish_count + 1)
+    session.execute(update(Chunk).where(Chunk.id.in_(ids), Chunk.publish_count > 0)
+                    .values(publish_count=Chunk.publish_count - 1,
+                            published_at=case((Chunk.publish_count == 1, None), else_=Chunk.published_at))
                     .execution_options(**_NO_SYNC))
     session.commit()
 

@@ -14,8 +14,9 @@ expired and renewed by its holder; the same code on PostgreSQL and SQLite — an
    one waiting each) minus the chunks already out, each formed from compatible waiting jobs
    (equal ``chunk_key``: task, output size, steps, think, input pictures) of any batch and any
    tenant, up to ``chunk_size``;
-4. publishes the new chunks (ids only) and records them; a broker outage leaves them formed
-   and unpublished, published on a later pass.
+4. records the new chunks published — in the transaction that renews its lease, so a holder
+   that stalled past its lease publishes nothing — then sends their messages (ids only); a
+   broker outage gives them back unpublished, for a later pass.
 
 The choice (step 3): the next chunk goes to the tenant with the least recent GPU use per unit
 of weight — GPU-seconds of its jobs finished within ``fair_share_window_s`` plus the estimated
@@ -110,6 +111,16 @@ def take_lease(session: Session, owner: str, lease_s: float, now: datetime | Non
     return bool(taken)
 
 
+def renew_lease(session: Session, owner: str, lease_s: float) -> bool:
+    """Extend ``owner``'s unexpired lease, without committing: the caller commits it with the
+    writes it fences. Returns False (nothing changed) when ``owner`` no longer holds it."""
+    now = utcnow()
+    return bool(session.execute(
+        update(Lease).where(Lease.name == LEASE_NAME, Lease.owner == owner, Lease.until >= now)
+        .values(until=now + timedelta(seconds=lease_s)).execution_options(synchronize_session=False)
+    ).rowcount)
+
+
 def release_lease(session: Session, owner: str) -> None:
     """Give the lease up (a clean stop), so another dispatcher need not wait for it to expire."""
     session.execute(update(Lease).where(Lease.name == LEASE_NAME, Lease.owner == owner)
@@ -171,15 +182,29 @@ class Dispatcher:
             report.chunk_jobs = [n for _, n in formed]
             to_publish += [cid for cid, _ in formed]
         if to_publish:
-            try:
-                dispatch.publish_chunks(settings, to_publish)
-            except BrokerUnavailable as exc:
-                log.warning("dispatcher: %s; %d chunk(s) stay formed for the next pass", exc, len(to_publish))
-                return report
-            with session() as s:
-                jobs.mark_published(s, to_publish)
-            report.published = len(to_publish)
+            report.published = self._publish(to_publish)
         return report
+
+    def _publish(self, chunk_ids: list[str]) -> int:
+        """Record the chunks published, fenced by the lease, then send their messages: the lease
+        is renewed in the same transaction that marks them, so a dispatcher that stalled past its
+        lease (another took over and may publish the same chunks) marks and sends nothing."""
+        with self.session() as s:
+            if not renew_lease(s, self.owner, self.settings.dispatch_lease_s):
+                s.rollback()
+                log.warning("dispatcher %s: lease lost during the pass; publishing nothing", self.owner)
+                return 0
+            marked = jobs.mark_published(s, chunk_ids)  # commits the renewal with the marks
+        if not marked:
+            return 0
+        try:
+            dispatch.publish_chunks(self.settings, marked)
+        except BrokerUnavailable as exc:
+            log.warning("dispatcher: %s; %d chunk(s) stay formed for the next pass", exc, len(marked))
+            with self.session() as s:
+                jobs.unmark_published(s, marked)
+            return 0
+        return len(marked)
 
     def _lost_messages(self, unclaimed: list[tuple[str, datetime]], now: datetime) -> list[str]:
         """Published, unclaimed chunks whose messages the broker no longer holds (see above)."""
