@@ -5,7 +5,7 @@ tenants isolated."""
 
 from __future__ import annotations
 
-from worker import jobs, queries
+from worker import chunks, jobs, queries
 from worker.models import Worker, WorkerState, utcnow
 from worker.scheduler import Dispatcher
 
@@ -144,9 +144,9 @@ def test_cancel_batch_and_tenant_isolation(api_stack):
     assert api_stack.client.post(f"/v1/batches/{batch['id']}/cancel", headers=other).status_code == 404
     assert api_stack.client.get(f"/v1/jobs/{batch['job_ids'][0]}", headers=other).status_code == 404
     with api_stack.session() as s:  # the think item: chunked by the dispatcher, claimed by a worker
-        chunk_id = jobs.form_chunk(s, [batch["job_ids"][1]], utcnow())
+        chunk_id = chunks.form_chunk(s, [batch["job_ids"][1]], utcnow())
         s.commit()
-        jobs.claim_chunk(s, chunk_id, "worker-1", lease_s=60)
+        chunks.claim_chunk(s, chunk_id, "worker-1", lease_s=60)
     r = api_stack.client.post(f"/v1/batches/{batch['id']}/cancel", headers=api_stack.auth())
     assert r.status_code == 200
     body = r.json()

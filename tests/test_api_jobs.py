@@ -11,7 +11,7 @@ import httpx
 import pytest
 from sqlalchemy import select
 
-from worker import jobs, queries
+from worker import chunks, jobs, queries
 from worker.models import Chunk, utcnow
 from worker.storage import output_key
 
@@ -23,9 +23,9 @@ def submit(stack, body, key=None, **kw):
 def claim(stack, job_id: str, worker_id: str = "worker-1") -> None:
     """What the dispatcher and a GPU worker do for a waiting job: a chunk taking it, claimed."""
     with stack.session() as s:
-        chunk_id = jobs.form_chunk(s, [job_id], utcnow())
+        chunk_id = chunks.form_chunk(s, [job_id], utcnow())
         s.commit()
-        assert [j.id for j in jobs.claim_chunk(s, chunk_id, worker_id, lease_s=60)] == [job_id]
+        assert [j.id for j in chunks.claim_chunk(s, chunk_id, worker_id, lease_s=60)] == [job_id]
 
 
 def fetch(stack, url: str) -> httpx.Response:

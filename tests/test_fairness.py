@@ -6,7 +6,7 @@ tenant who submits after it, nor a tenant's own interactive work; nothing is los
 chunks that ran while the small tenant waited. The small tenant's jobs must all finish within 3
 chunk-times of their submission (the issue's bound; typically met): the window holds about one running and one waiting chunk per
 worker, so its chunk is formed when a slot frees, then claimed at the next turn ahead of the
-waiting chunks (``jobs.claim_next``), then runs — 4 chunk-times at worst, asserted here (see
+waiting chunks (``chunks.claim_next``), then runs — 4 chunk-times at worst, asserted here (see
 the assertion)."""
 
 from __future__ import annotations

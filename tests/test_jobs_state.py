@@ -3,7 +3,7 @@ no chunk), chunk formation by the dispatcher, leases, outbox, batch completion, 
 to waiting, not handed out before their backoff), reconciler queries, idle chunks closed,
 cancellation, webhook delivery bookkeeping.
 
-Most tests form their chunks with ``jobs.form_chunk`` (what the dispatcher does for the jobs it
+Most tests form their chunks with ``chunks.form_chunk`` (what the dispatcher does for the jobs it
 picks); the ones about the dispatcher's choices run ``Dispatcher.dispatch_once`` against a live
 ``workers`` row and a private embedded broker."""
 
@@ -16,7 +16,7 @@ import pytest
 from sqlalchemy import select, text, update
 from sqlalchemy.orm import Session
 
-from worker import dispatch, jobs, outbox, queries, tenants
+from worker import chunks, dispatch, jobs, outbox, queries, tenants
 from worker.db import session_factory
 from worker.jobs import JobSpec
 from worker.models import (
@@ -65,7 +65,7 @@ def submit_batch(session: Session, tenant_id: str, specs: list[JobSpec], max_att
 
 def chunk_of(session: Session, job_ids: list[str]) -> str:
     """What the dispatcher does for the jobs it picks: a new chunk taking them, committed."""
-    chunk_id = jobs.form_chunk(session, job_ids, utcnow())
+    chunk_id = chunks.form_chunk(session, job_ids, utcnow())
     session.commit()
     assert chunk_id is not None
     return chunk_id
@@ -131,14 +131,14 @@ def test_submit_leaves_jobs_waiting_and_the_dispatcher_groups_them_by_shared_inp
 def test_claim_is_exclusive_and_repeat_claims_take_nothing(db_session, tenant_id):
     _, rows = submit_batch(db_session, tenant_id, [spec() for _ in range(3)])
     chunk_id = chunk_of(db_session, [j.id for j in rows])
-    claimed = jobs.claim_chunk(db_session, chunk_id, "w1", lease_s=60)
+    claimed = chunks.claim_chunk(db_session, chunk_id, "w1", lease_s=60)
     assert [j.id for j in claimed] == [j.id for j in rows]
     assert all(j.status == JobStatus.running and j.attempts == 1 and j.lease_owner == "w1" for j in claimed)
     assert all(j.lease_until > utcnow() + timedelta(seconds=50) for j in claimed)
     chunk = db_session.get(Chunk, chunk_id, populate_existing=True)
     assert chunk.claimed_by == "w1" and chunk.claimed_at is not None and chunk.finished_at is None
-    assert jobs.claim_chunk(db_session, chunk_id, "w2", lease_s=60) == []
-    assert jobs.claim_chunk(db_session, chunk_id, "w1", lease_s=60) == []
+    assert chunks.claim_chunk(db_session, chunk_id, "w2", lease_s=60) == []
+    assert chunks.claim_chunk(db_session, chunk_id, "w1", lease_s=60) == []
     again = queries.load_jobs(db_session, [j.id for j in rows])
     assert all(j.attempts == 1 and j.lease_owner == "w1" for j in again)
 
@@ -153,7 +153,7 @@ def test_concurrent_claims_split_nothing_and_lose_nothing(db_session, db_url, te
     def claim(worker: str) -> None:
         with factory() as s:
             barrier.wait()
-            results[worker] = [j.id for j in jobs.claim_chunk(s, chunk_id, worker, lease_s=60)]
+            results[worker] = [j.id for j in chunks.claim_chunk(s, chunk_id, worker, lease_s=60)]
 
     threads = [threading.Thread(target=claim, args=(f"w{i}",)) for i in range(4)]
     for t in threads:
@@ -169,7 +169,7 @@ def test_complete_needs_the_lease_and_writes_the_outbox_row_once(db_session, ten
     _, rows = jobs.submit(db_session, tenant_id, [spec()], batch=False, webhook_url=HOOK, metadata={"k": "v"})
     job_id = rows[0].id
     assert not jobs.complete_job(db_session, job_id, "w1", output_key="k.png", model_seconds=1.0)  # not claimed
-    jobs.claim_chunk(db_session, chunk_of(db_session, [job_id]), "w1", lease_s=60)
+    chunks.claim_chunk(db_session, chunk_of(db_session, [job_id]), "w1", lease_s=60)
     assert not jobs.complete_job(db_session, job_id, "intruder", output_key="k.png", model_seconds=1.0)
     assert deliveries(db_session) == []
     assert jobs.complete_job(db_session, job_id, "w1", output_key="results/t/j.png", think_text="hmm",
@@ -192,7 +192,7 @@ def test_complete_needs_the_lease_and_writes_the_outbox_row_once(db_session, ten
 def test_outbox_row_and_status_change_commit_together(db_session, db_kind, tenant_id):
     """When the outbox insert fails, the job is not marked succeeded either (one transaction)."""
     _, rows = jobs.submit(db_session, tenant_id, [spec()], batch=False, webhook_url=HOOK, metadata={})
-    jobs.claim_chunk(db_session, chunk_of(db_session, [rows[0].id]), "w1", lease_s=60)
+    chunks.claim_chunk(db_session, chunk_of(db_session, [rows[0].id]), "w1", lease_s=60)
     if db_kind == "postgres":
         ddl = ["CREATE FUNCTION refuse_outbox() RETURNS trigger AS $$ BEGIN RAISE EXCEPTION 'outbox down'; "
                "END $$ LANGUAGE plpgsql",
@@ -222,7 +222,7 @@ def test_outbox_row_and_status_change_commit_together(db_session, db_kind, tenan
 
 def test_batch_completed_event_is_written_exactly_once_with_a_manifest(db_session, tenant_id):
     batch, rows = submit_batch(db_session, tenant_id, [spec(files=("a",)), spec(files=("a",)), spec(files=("b",))])
-    jobs.claim_chunk(db_session, chunk_of(db_session, [rows[0].id, rows[1].id]), "w1", lease_s=60)
+    chunks.claim_chunk(db_session, chunk_of(db_session, [rows[0].id, rows[1].id]), "w1", lease_s=60)
     assert jobs.complete_job(db_session, rows[0].id, "w1", output_key="r0.png", model_seconds=1)
     assert jobs.fail_job(db_session, rows[1].id, "w1", "invalid_input", "prompt: too long")
     assert deliveries(db_session, "batch.completed") == []
@@ -246,7 +246,7 @@ def test_concurrent_completion_of_the_last_jobs_completes_the_batch_once(db_sess
     for round_ in range(5):
         _, rows = submit_batch(db_session, tenant_id, [spec(files=(f"r{round_}",)) for _ in range(4)])
         for i in range(2):  # two chunks of two jobs, on two workers
-            jobs.claim_chunk(db_session, chunk_of(db_session, [j.id for j in rows[2 * i:2 * i + 2]]), f"w{i}",
+            chunks.claim_chunk(db_session, chunk_of(db_session, [j.id for j in rows[2 * i:2 * i + 2]]), f"w{i}",
                              lease_s=60)
         owners = {j.id: j.lease_owner for j in queries.load_jobs(db_session, [j.id for j in rows])}
         barrier = threading.Barrier(len(rows))
@@ -273,7 +273,7 @@ def test_retry_or_fail_requeues_until_attempts_run_out(db_session, tenant_id):
     _, rows = submit_batch(db_session, tenant_id, [spec()], max_attempts=2)
     job_id = rows[0].id
     first_chunk = chunk_of(db_session, [job_id])
-    jobs.claim_chunk(db_session, first_chunk, "w1", lease_s=60)
+    chunks.claim_chunk(db_session, first_chunk, "w1", lease_s=60)
     assert jobs.retry_or_fail(db_session, job_id, "other", "storage_unavailable", "S3 down") == "running"
     before = utcnow()
     assert jobs.retry_or_fail(db_session, job_id, "w1", "storage_unavailable", "S3 down", delay_s=30) == "queued"
@@ -283,8 +283,8 @@ def test_retry_or_fail_requeues_until_attempts_run_out(db_session, tenant_id):
     assert job.status == JobStatus.queued and job.chunk_id is None and job.lease_until is None
     assert before + timedelta(seconds=29) <= job.not_before <= utcnow() + timedelta(seconds=31)
     assert deliveries(db_session) == []
-    assert jobs.claim_chunk(db_session, first_chunk, "w2", lease_s=60) == []  # the job left that chunk
-    [again] = jobs.claim_chunk(db_session, chunk_of(db_session, [job_id]), "w2", lease_s=60)
+    assert chunks.claim_chunk(db_session, first_chunk, "w2", lease_s=60) == []  # the job left that chunk
+    [again] = chunks.claim_chunk(db_session, chunk_of(db_session, [job_id]), "w2", lease_s=60)
     assert again.attempts == 2
     assert jobs.retry_or_fail(db_session, job_id, "w2", "storage_unavailable", "S3 still down") == "failed"
     job = queries.load_jobs(db_session, [job_id])[0]
@@ -300,7 +300,7 @@ def test_a_retry_is_not_dispatched_before_its_backoff(db_session, tenant_id, dis
     assert run_pass(dispatcher, db_session).formed == 2
     job_id, other_id = (j.id for j in rows)
     first_chunk = queries.load_jobs(db_session, [job_id])[0].chunk_id
-    jobs.claim_chunk(db_session, first_chunk, "w1", lease_s=60)
+    chunks.claim_chunk(db_session, first_chunk, "w1", lease_s=60)
     assert jobs.retry_or_fail(db_session, job_id, "w1", "storage_unavailable", "S3 down", delay_s=30) == "queued"
 
     right_after = run_pass(dispatcher, db_session)  # the backoff has not passed: no chunk for it
@@ -316,7 +316,7 @@ def test_a_retry_is_not_dispatched_before_its_backoff(db_session, tenant_id, dis
     assert later.formed == 1 and later.chunk_jobs == [1]
     job = queries.load_jobs(db_session, [job_id])[0]
     assert job.chunk_id not in (None, first_chunk)
-    [claimed] = jobs.claim_chunk(db_session, job.chunk_id, "w2", lease_s=60)
+    [claimed] = chunks.claim_chunk(db_session, job.chunk_id, "w2", lease_s=60)
     assert claimed.id == job_id and claimed.attempts == 2
 
     # Without a delay (a device error gives the chunk back at once) the job is handed out on the next pass.
@@ -330,8 +330,8 @@ def test_requeue_expired_returns_jobs_then_fails_them_when_attempts_run_out(db_s
     _, rows = submit_batch(db_session, tenant_id, [spec(), spec()], max_attempts=2)
     ids = [j.id for j in rows]
     first_chunk = chunk_of(db_session, ids)
-    jobs.mark_published(db_session, [first_chunk])
-    jobs.claim_chunk(db_session, first_chunk, "dead-worker", lease_s=30)
+    chunks.mark_published(db_session, [first_chunk])
+    chunks.claim_chunk(db_session, first_chunk, "dead-worker", lease_s=30)
     assert jobs.requeue_expired(db_session, utcnow()) == 0  # leases still live
     later = utcnow() + timedelta(seconds=31)
     assert jobs.requeue_expired(db_session, later) == 2
@@ -339,10 +339,10 @@ def test_requeue_expired_returns_jobs_then_fails_them_when_attempts_run_out(db_s
     assert all(j.status == JobStatus.queued and j.lease_owner is None and j.error_code == "lease_expired"
                for j in requeued)
     assert all(j.chunk_id is None for j in requeued)  # waiting again, for the dispatcher
-    assert jobs.close_idle_chunks(db_session, utcnow()) == 1  # the dead worker's chunk frees its slot
+    assert chunks.close_idle_chunks(db_session, utcnow()) == 1  # the dead worker's chunk frees its slot
     # The dead worker wakes up late: it no longer holds the lease.
     assert not jobs.complete_job(db_session, rows[0].id, "dead-worker", output_key="x", model_seconds=1)
-    jobs.claim_chunk(db_session, chunk_of(db_session, ids), "w2", lease_s=30)
+    chunks.claim_chunk(db_session, chunk_of(db_session, ids), "w2", lease_s=30)
     assert jobs.requeue_expired(db_session, utcnow() + timedelta(seconds=31)) == 2
     failed = queries.load_jobs(db_session, ids)
     assert all(j.status == JobStatus.failed and j.error_code == "lease_expired" for j in failed)
@@ -355,21 +355,21 @@ def test_close_idle_chunks_finishes_only_chunks_without_an_active_job(db_session
     _, rows = submit_batch(db_session, tenant_id, [spec(), spec(), spec(files=("b",)), spec(files=("c",))])
     done, returned, canceled = (chunk_of(db_session, [rows[0].id, rows[1].id]), chunk_of(db_session, [rows[2].id]),
                                 chunk_of(db_session, [rows[3].id]))
-    jobs.mark_published(db_session, [done])
-    jobs.mark_published(db_session, [done])
+    chunks.mark_published(db_session, [done])
+    chunks.mark_published(db_session, [done])
     chunk = db_session.get(Chunk, done, populate_existing=True)
     assert chunk.publish_count == 2 and chunk.published_at is not None and chunk.job_count == 2
-    assert jobs.close_idle_chunks(db_session, utcnow()) == 0  # every chunk holds a waiting job
-    jobs.claim_chunk(db_session, done, "w1", lease_s=60)
-    jobs.claim_chunk(db_session, returned, "w2", lease_s=60)
-    assert jobs.close_idle_chunks(db_session, utcnow()) == 0  # running jobs are active too
+    assert chunks.close_idle_chunks(db_session, utcnow()) == 0  # every chunk holds a waiting job
+    chunks.claim_chunk(db_session, done, "w1", lease_s=60)
+    chunks.claim_chunk(db_session, returned, "w2", lease_s=60)
+    assert chunks.close_idle_chunks(db_session, utcnow()) == 0  # running jobs are active too
     assert jobs.complete_job(db_session, rows[0].id, "w1", output_key="o.png", model_seconds=1)
-    assert jobs.close_idle_chunks(db_session, utcnow()) == 0  # one job of the chunk still runs
+    assert chunks.close_idle_chunks(db_session, utcnow()) == 0  # one job of the chunk still runs
     assert jobs.fail_job(db_session, rows[1].id, "w1", "invalid_input", "bad")
     assert jobs.release_jobs(db_session, [rows[2].id], "w2") == 1  # back to waiting, out of the chunk
     jobs.cancel_job(db_session, tenant_id, rows[3].id)
-    assert jobs.close_idle_chunks(db_session, utcnow()) == 3
-    assert jobs.close_idle_chunks(db_session, utcnow()) == 0
+    assert chunks.close_idle_chunks(db_session, utcnow()) == 3
+    assert chunks.close_idle_chunks(db_session, utcnow()) == 0
     finished = db_session.scalars(select(Chunk).execution_options(populate_existing=True)).all()
     assert len(finished) == 3 and all(c.finished_at is not None for c in finished)
     waiting = queries.load_jobs(db_session, [rows[2].id])[0]
@@ -378,15 +378,15 @@ def test_close_idle_chunks_finishes_only_chunks_without_an_active_job(db_session
 
 def test_cancel_queued_is_immediate_and_running_is_cooperative(db_session, tenant_id):
     batch, rows = submit_batch(db_session, tenant_id, [spec(files=("a",)), spec(files=("b",))])
-    chunks = [chunk_of(db_session, [j.id]) for j in rows]
-    jobs.claim_chunk(db_session, chunks[0], "w1", lease_s=60)
+    own = [chunk_of(db_session, [j.id]) for j in rows]
+    chunks.claim_chunk(db_session, own[0], "w1", lease_s=60)
     assert jobs.cancel_requested_ids(db_session, [j.id for j in rows]) == set()
     updated = jobs.cancel_batch(db_session, tenant_id, batch.id)
     assert updated.cancel_requested and updated.completed_at is None
     running, queued = queries.load_jobs(db_session, [j.id for j in rows])
     assert queued.status == JobStatus.canceled and queued.finished_at is not None
     assert running.status == JobStatus.running and running.cancel_requested
-    assert jobs.claim_chunk(db_session, chunks[1], "w2", lease_s=60) == []
+    assert chunks.claim_chunk(db_session, own[1], "w2", lease_s=60) == []
     assert jobs.cancel_requested_ids(db_session, [j.id for j in rows]) == {running.id, queued.id}
     assert not jobs.mark_canceled(db_session, running.id, "w2")
     assert jobs.mark_canceled(db_session, running.id, "w1")
@@ -401,7 +401,7 @@ def test_cancel_queued_is_immediate_and_running_is_cooperative(db_session, tenan
 
 def test_cancel_requested_during_a_retry_ends_canceled(db_session, tenant_id):
     _, rows = jobs.submit(db_session, tenant_id, [spec()], batch=False, webhook_url=None, metadata={})
-    jobs.claim_chunk(db_session, chunk_of(db_session, [rows[0].id]), "w1", lease_s=60)
+    chunks.claim_chunk(db_session, chunk_of(db_session, [rows[0].id]), "w1", lease_s=60)
     assert jobs.cancel_job(db_session, tenant_id, rows[0].id).cancel_requested
     assert jobs.retry_or_fail(db_session, rows[0].id, "w1", "transient", "blip") == "canceled"
 
@@ -410,8 +410,8 @@ def test_release_jobs_puts_work_back_without_spending_an_attempt(db_session, ten
     _, rows = submit_batch(db_session, tenant_id, [spec(), spec()])
     ids = [j.id for j in rows]
     first_chunk = chunk_of(db_session, ids)
-    jobs.mark_published(db_session, [first_chunk])
-    jobs.claim_chunk(db_session, first_chunk, "w1", lease_s=60)
+    chunks.mark_published(db_session, [first_chunk])
+    chunks.claim_chunk(db_session, first_chunk, "w1", lease_s=60)
     jobs.cancel_job(db_session, tenant_id, rows[1].id)
     assert jobs.release_jobs(db_session, ids, "w2") == 0
     assert jobs.release_jobs(db_session, ids, "w1") == 1
@@ -419,17 +419,17 @@ def test_release_jobs_puts_work_back_without_spending_an_attempt(db_session, ten
     assert released.status == JobStatus.queued and released.attempts == 0 and released.lease_owner is None
     assert released.chunk_id is None and released.not_before is None  # waiting, to be handed out at once
     assert canceled.status == JobStatus.canceled
-    assert jobs.close_idle_chunks(db_session, utcnow()) == 1
+    assert chunks.close_idle_chunks(db_session, utcnow()) == 1
     # A new chunk takes the released job only (a finished job is never taken again).
     second = chunk_of(db_session, ids)
     assert db_session.get(Chunk, second, populate_existing=True).job_count == 1
-    [again] = jobs.claim_chunk(db_session, second, "w2", lease_s=60)
+    [again] = chunks.claim_chunk(db_session, second, "w2", lease_s=60)
     assert again.id == released.id and again.attempts == 1
 
 
 def test_progress_and_lease_renewal_need_the_lease(db_session, tenant_id):
     _, rows = submit_batch(db_session, tenant_id, [spec()])
-    jobs.claim_chunk(db_session, chunk_of(db_session, [rows[0].id]), "w1", lease_s=5)
+    chunks.claim_chunk(db_session, chunk_of(db_session, [rows[0].id]), "w1", lease_s=5)
     before = queries.load_jobs(db_session, [rows[0].id])[0].lease_until
     jobs.record_progress(db_session, [rows[0].id], "w2", 3, 4)
     jobs.renew_lease(db_session, [rows[0].id], "w2", lease_s=600)
@@ -445,7 +445,7 @@ def test_progress_and_lease_renewal_need_the_lease(db_session, tenant_id):
 
 def test_due_deliveries_are_claimed_once_and_attempts_are_recorded(db_session, tenant_id):
     _, rows = submit_batch(db_session, tenant_id, [spec()])
-    jobs.claim_chunk(db_session, chunk_of(db_session, [rows[0].id]), "w1", lease_s=60)
+    chunks.claim_chunk(db_session, chunk_of(db_session, [rows[0].id]), "w1", lease_s=60)
     jobs.complete_job(db_session, rows[0].id, "w1", output_key="o.png", model_seconds=1)
     now = utcnow()
     due = outbox.due_deliveries(db_session, now, limit=10)
@@ -486,7 +486,7 @@ def test_reads_are_tenant_scoped(db_session, tenant_id):
 
 def test_expired_results_are_listed_and_forgotten_once(db_session, tenant_id):
     _, rows = submit_batch(db_session, tenant_id, [spec()], webhook_url=None)
-    jobs.claim_chunk(db_session, chunk_of(db_session, [rows[0].id]), "w1", lease_s=60)
+    chunks.claim_chunk(db_session, chunk_of(db_session, [rows[0].id]), "w1", lease_s=60)
     jobs.complete_job(db_session, rows[0].id, "w1", output_key="o.png", think_text="t", model_seconds=1)
     assert jobs.expired_results(db_session, utcnow(), retention_s=3600) == []
     [old] = jobs.expired_results(db_session, utcnow() + timedelta(hours=2), retention_s=3600)

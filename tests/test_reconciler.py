@@ -14,7 +14,7 @@ from datetime import timedelta
 from sqlalchemy import delete, func, select, update
 
 from tests.fixtures.worker import Stack, flush_broker, job_rows, submit_jobs, wait_jobs, wait_until
-from worker import dispatch, jobs
+from worker import chunks, dispatch, jobs
 from worker.models import Chunk, Job, WebhookDelivery, Worker, WorkerState, utcnow
 from worker.queues import GPU_QUEUE
 from worker.reconciler import reconcile_once
@@ -51,8 +51,8 @@ def test_dispatcher_republishes_only_the_lost_chunks_after_the_broker_is_flushed
 
     def dispatched() -> bool:
         _keep_fake_worker_alive(stack)  # one live worker: a window of two chunks
-        chunks = _chunks(stack)
-        return (len(chunks) == 2 and all(c.published_at is not None for c in chunks)
+        rows = _chunks(stack)
+        return (len(rows) == 2 and all(c.published_at is not None for c in rows)
                 and dispatch.queue_length(stack.settings, GPU_QUEUE) == 2)
 
     wait_until(dispatched, 60, 0.1, "two chunks formed and published")
@@ -89,9 +89,9 @@ def test_pass_requeues_expired_leases_and_fails_exhausted_jobs(stack: Stack) -> 
     sub = submit_jobs(stack, 2, steps=2)
     store = make_store(stack.settings)
     with stack.session() as s:
-        chunk_id = jobs.form_chunk(s, sub.job_ids, utcnow())
+        chunk_id = chunks.form_chunk(s, sub.job_ids, utcnow())
         s.commit()
-        jobs.claim_chunk(s, chunk_id, "dead-worker", 60)
+        chunks.claim_chunk(s, chunk_id, "dead-worker", 60)
         past = utcnow() - timedelta(seconds=1)
         s.execute(update(Job).where(Job.id == sub.job_ids[0]).values(lease_until=past))
         s.execute(update(Job).where(Job.id == sub.job_ids[1]).values(lease_until=past, attempts=3))
@@ -105,7 +105,7 @@ def test_pass_requeues_expired_leases_and_fails_exhausted_jobs(stack: Stack) -> 
     assert "dead-worker" in second.error_message
     assert dispatch.queue_length(stack.settings, GPU_QUEUE) == 0  # the reconciler publishes nothing
     with stack.session() as s:  # the dead worker's chunk has no active job left: the dispatcher closes it
-        assert jobs.close_idle_chunks(s, utcnow()) == 1
+        assert chunks.close_idle_chunks(s, utcnow()) == 1
     again = reconcile_once(stack.settings, stack.session, store)
     assert again.requeued == 0 and again.errors == 0
 
@@ -116,9 +116,9 @@ def test_pass_expires_results_past_retention(stack: Stack) -> None:
     key = f"results/{sub.tenant_id}/{sub.job_ids[0]}.png"
     store.put(key, b"png bytes", "image/png")
     with stack.session() as s:
-        chunk_id = jobs.form_chunk(s, sub.job_ids, utcnow())
+        chunk_id = chunks.form_chunk(s, sub.job_ids, utcnow())
         s.commit()
-        jobs.claim_chunk(s, chunk_id, "w", 60)
+        chunks.claim_chunk(s, chunk_id, "w", 60)
         jobs.complete_job(s, sub.job_ids[0], "w", output_key=key, model_seconds=0.1)
         s.execute(update(Job).values(finished_at=utcnow() - timedelta(seconds=stack.settings.result_retention_s + 5)))
         s.commit()

@@ -12,7 +12,7 @@ import pytest
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
-from worker import dispatch, jobs, tenants
+from worker import chunks, dispatch, jobs, tenants
 from worker.db import session_factory
 from worker.jobs import JobSpec
 from worker.models import Chunk, Job, JobStatus, Priority, Tenant, WebhookDelivery, Worker, WorkerState, utcnow
@@ -153,9 +153,9 @@ def test_a_retry_waits_for_its_not_before(db_session, settings, factory):
     dispatcher = Dispatcher(settings, factory, "d1")
     dispatcher.dispatch_once()
     [chunk_id] = db_session.scalars(select(Chunk.id)).all()
-    jobs.claim_chunk(db_session, chunk_id, "w0", lease_s=60)
+    chunks.claim_chunk(db_session, chunk_id, "w0", lease_s=60)
     assert jobs.retry_or_fail(db_session, job_id, "w0", "storage_unavailable", "down", delay_s=3600) == "queued"
-    jobs.finish_chunk(db_session, chunk_id, 0.5)
+    chunks.finish_chunk(db_session, chunk_id, 0.5)
     job = db_session.get(Job, job_id, populate_existing=True)
     assert job.chunk_id is None and job.not_before > utcnow()
     db_session.commit()  # SQLite: every transaction takes the write lock

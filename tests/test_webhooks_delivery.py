@@ -10,7 +10,7 @@ from sqlalchemy import select
 from svix.webhooks import Webhook as SvixWebhook
 
 from tests.fixtures.worker import Stack, free_port, wait_until
-from worker import dispatch, jobs, tenants
+from worker import chunks, dispatch, jobs, tenants
 from worker.jobs import JobSpec
 from worker.models import DeliveryStatus, WebhookAttempt, WebhookDelivery, utcnow
 from worker.receiver import WebhookReceiver
@@ -25,9 +25,9 @@ def _finished_batch(stack: Stack, url: str, n: int = 2, fail_last: bool = False)
         specs = [JobSpec(task="generate", prompt=f"scene {i}", params={"num_timesteps": 2, "seed": i},
                          width=32, height=32) for i in range(n)]
         batch, rows = jobs.submit(s, tenant.id, specs, batch=True, webhook_url=url, metadata={"k": 1})
-        chunk_id = jobs.form_chunk(s, [j.id for j in rows], utcnow())  # what the dispatcher does
+        chunk_id = chunks.form_chunk(s, [j.id for j in rows], utcnow())  # what the dispatcher does
         s.commit()
-        claimed = jobs.claim_chunk(s, chunk_id, "w1", 60)
+        claimed = chunks.claim_chunk(s, chunk_id, "w1", 60)
         for i, job in enumerate(claimed):
             if fail_last and i == len(claimed) - 1:
                 jobs.fail_job(s, job.id, "w1", "invalid_input", "prompt: bad")

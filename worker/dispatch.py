@@ -2,7 +2,7 @@
 
 Owns: turning chunk ids into ``bagel_jobs.run_chunk`` messages on the ``gpu`` queue and nudging
 the webhook worker, and mapping every broker failure to ``BrokerUnavailable``. Leaves the
-bookkeeping (``jobs.mark_published`` before, ``unmark_published`` on a refusal) to the
+bookkeeping (``chunks.mark_published`` before, ``unmark_published`` on a refusal) to the
 caller; a message recorded but never sent is found lost and sent again by the dispatcher.
 """
 

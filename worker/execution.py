@@ -41,15 +41,15 @@ from typing import TYPE_CHECKING
 
 from sqlalchemy import select
 
-from worker import dispatch, jobs
+from worker import chunks, dispatch, jobs
 from worker.errors import BrokerUnavailable, DeviceFailure, ObjectNotFound
 from worker.logs import log_context
-from worker.models import File, Job, utcnow
+from worker.models import File, utcnow
 from worker.params import engine_prompt
 from worker.storage import output_key
 
 if TYPE_CHECKING:
-    from worker.gpu import JobInput, JobOutput
+    from worker.gpu import JobOutput
     from worker.tasks import WorkerRuntime
 
 log = logging.getLogger(__name__)
@@ -159,7 +159,7 @@ class _ChunkMonitor:
 
 def _claim(rt: WorkerRuntime) -> tuple[str | None, list[ClaimedJob]]:
     with rt.session() as session:
-        chunk_id, rows = jobs.claim_next(session, rt.worker_id, rt.settings.lease_s)
+        chunk_id, rows = chunks.claim_next(session, rt.worker_id, rt.settings.lease_s)
         return chunk_id, [ClaimedJob(id=j.id, tenant_id=j.tenant_id, batch_id=j.batch_id, task=j.task, prompt=j.prompt,
                            input_file_ids=list(j.input_file_ids or []), params=dict(j.params or {}),
                            think=bool(j.think), width=int(j.width or 1024), height=int(j.height or 1024),
@@ -191,7 +191,7 @@ def _read_inputs(rt: WorkerRuntime, claimed: list[ClaimedJob]) -> tuple[dict[str
 
 
 def run_chunk(rt: WorkerRuntime, message_chunk_id: str) -> None:
-    """Take a turn: run the first published chunk in the dispatch order (``jobs.claim_next``),
+    """Take a turn: run the first published chunk in the dispatch order (``chunks.claim_next``),
     usually the message's own ``message_chunk_id``; a turn with nothing to claim does nothing."""
     chunk_id, claimed = _claim(rt)
     if chunk_id is None:
@@ -209,7 +209,7 @@ def run_chunk(rt: WorkerRuntime, message_chunk_id: str) -> None:
     finally:
         try:
             with rt.session() as session:
-                jobs.finish_chunk(session, chunk_id, gpu_seconds)
+                chunks.finish_chunk(session, chunk_id, gpu_seconds)
         except Exception:  # noqa: BLE001 - the dispatcher closes a chunk left with no active job
             log.warning("chunk %s: could not record its end; the dispatcher will", chunk_id, exc_info=True)
 

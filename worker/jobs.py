@@ -1,12 +1,12 @@
-"""The job system's state machine: the only code that changes jobs, batches, chunks and files.
+"""The job system's state machine: the code that changes jobs, batches and files.
 
-Owns: submission (jobs waiting, no chunk), the dispatcher's writes (forming chunks, expiring
-waiting jobs past their deadline, closing idle chunks), the lease protocol (claim, renew,
-progress, complete, fail, retry with ``not_before``, cancel, expire, release), GPU-seconds
-accounting (per job, per chunk, the job kinds' moving averages), the reconciler's queries and
-tenant-scoped reads. The outbox rows announcing a change are written in the same transaction
-through ``outbox.py``. Leaves the choice of chunks to ``scheduler.py``, publishing to
-``dispatch.py``, execution to the tasks and HTTP to ``api/``.
+Owns: submission (jobs waiting, no chunk), expiring waiting jobs past their deadline, the lease
+protocol after a claim (renew, progress, complete, fail, retry with ``not_before``, cancel,
+expire, release), GPU-seconds accounting (per job, the job kinds' moving averages) and the
+reconciler's writes. The outbox rows announcing a change are written in the same transaction
+through ``outbox.py``. Leaves a chunk's life (formed, published, claimed, dissolved, finished)
+to ``chunks.py``, the choice of chunks to ``scheduler.py``, publishing to ``dispatch.py``,
+execution to the tasks and HTTP to ``api/``.
 
 Every state change is one conditional UPDATE (``WHERE status = … AND lease_owner = …``), so a
 repeat, a late worker or a concurrent reconciler changes nothing and learns so from the row
@@ -24,15 +24,13 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import case, func, or_, select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from worker import outbox, queries
 from worker.models import (
-    ACTIVE_STATUSES,
     Batch,
-    Chunk,
     File,
     Job,
     JobCost,
@@ -144,87 +142,6 @@ def add_file(session: Session, tenant_id: str, *, sha256: str, storage_key: str,
 
 # ---------------------------------------------------------------------------------------------
 # Worker side: the lease protocol
-
-
-def form_chunk(session: Session, job_ids: Sequence[str], now: datetime, *, share: float = 0.0,
-               priority_rank: int = 1) -> str | None:
-    """The dispatcher's chunk: a new chunk row taking the given waiting jobs (those still
-    waiting and without a chunk; others are left alone), ranked by ``priority_rank`` then
-    ``share`` (``claim_next``). None when none was taken. No commit."""
-    chunk = Chunk(id=_uuid(), created_at=now, publish_count=0, job_count=0, cost_key="", share=share,
-                  priority_rank=priority_rank)
-    session.add(chunk)
-    session.flush()
-    taken = session.execute(
-        update(Job).where(Job.id.in_(list(job_ids)), Job.status == JobStatus.queued, Job.chunk_id.is_(None))
-        .values(chunk_id=chunk.id, updated_at=now).returning(Job.cost_key).execution_options(**_NO_SYNC)
-    ).scalars().all()
-    if not taken:
-        session.delete(chunk)
-        return None
-    chunk.job_count = len(taken)
-    chunk.cost_key = taken[0]
-    return chunk.id
-
-
-def claim_chunk(session: Session, chunk_id: str, worker_id: str, lease_s: float) -> list[Job]:
-    """Take the chunk's queued, not-cancel-requested jobs: ``running``, attempts + 1, leased to
-    ``worker_id`` for ``lease_s``; the chunk records its claim (a chunk with nothing left to
-    claim is finished). Returns only the jobs this call claimed (by position)."""
-    now = utcnow()
-    taken = session.execute(update(Chunk).where(Chunk.id == chunk_id, Chunk.claimed_at.is_(None))
-                            .values(claimed_at=now, claimed_by=worker_id).execution_options(**_NO_SYNC)).rowcount
-    if not taken:  # another worker's turn took it first (or a repeated message)
-        session.commit()
-        return []
-    claimed = session.execute(
-        update(Job)
-        .where(Job.chunk_id == chunk_id, Job.status == JobStatus.queued, Job.cancel_requested.is_(False))
-        .values(status=JobStatus.running, attempts=Job.attempts + 1, lease_owner=worker_id,
-                lease_until=now + timedelta(seconds=lease_s), started_at=now, updated_at=now,
-                progress_step=0)
-        .returning(Job.id)
-        .execution_options(**_NO_SYNC)
-    ).scalars().all()
-    if not claimed:  # nothing left in it (canceled, expired): done
-        session.execute(update(Chunk).where(Chunk.id == chunk_id, Chunk.finished_at.is_(None))
-                        .values(finished_at=now).execution_options(**_NO_SYNC))
-    session.commit()
-    if not claimed:
-        return []
-    jobs = queries.load_jobs(session, claimed)
-    log.info("worker %s claimed %d job(s) of chunk %s", worker_id, len(jobs), chunk_id)
-    return jobs
-
-
-def claim_next(session: Session, worker_id: str, lease_s: float, *, tries: int = 8) -> tuple[str | None, list[Job]]:
-    """A ``run_chunk`` message is a turn, not a particular chunk: take the published, unclaimed
-    chunk that comes first — interactive before batch, then the lowest ``share`` (its tenant's
-    fair-share key when formed), then age — and claim its jobs (``claim_chunk``). Formation
-    already follows fair share (``scheduler.py``); this order only lets a chunk formed for a
-    tenant with a smaller share, or for interactive work, overtake the few chunks waiting in the
-    broker. Returns the chunk id (None: nothing to run) and the jobs claimed."""
-    for _ in range(tries):
-        candidate = session.scalar(
-            select(Chunk.id).where(Chunk.claimed_at.is_(None), Chunk.finished_at.is_(None),
-                                   Chunk.published_at.is_not(None))
-            .order_by(Chunk.priority_rank, Chunk.share, Chunk.created_at).limit(1))
-        session.commit()
-        if candidate is None:
-            return None, []
-        claimed = claim_chunk(session, candidate, worker_id, lease_s)
-        if claimed:
-            return candidate, claimed
-    return None, []
-
-
-def finish_chunk(session: Session, chunk_id: str, gpu_seconds: float) -> None:
-    """The worker is done with the chunk: record its GPU time and free its window slot (the
-    dispatcher may have closed it already, once its last job was recorded)."""
-    session.execute(update(Chunk).where(Chunk.id == chunk_id)
-                    .values(finished_at=func.coalesce(Chunk.finished_at, utcnow()), gpu_seconds=gpu_seconds)
-                    .execution_options(**_NO_SYNC))
-    session.commit()
 
 
 def record_cost(session: Session, cost_key: str, seconds_per_job: float) -> None:
@@ -363,17 +280,6 @@ def expire_waiting(session: Session, now: datetime) -> int:
     return expired
 
 
-def close_idle_chunks(session: Session, now: datetime) -> int:
-    """Unfinished chunks none of whose jobs is still queued or running in them (finished,
-    canceled, expired or returned to waiting by a retry, a release or an expired lease) →
-    finished, freeing their window slots. Returns how many."""
-    active = select(Job.id).where(Job.chunk_id == Chunk.id, Job.status.in_(list(ACTIVE_STATUSES))).exists()
-    closed = session.execute(update(Chunk).where(Chunk.finished_at.is_(None), ~active)
-                             .values(finished_at=now).execution_options(**_NO_SYNC)).rowcount
-    session.commit()
-    return int(closed or 0)
-
-
 def release_jobs(session: Session, job_ids: Iterable[str], worker_id: str) -> int:
     """Graceful shutdown: the worker's running jobs go back to waiting (this attempt is not
     counted, lease and chunk cleared) for the dispatcher to hand to another worker; jobs whose
@@ -492,37 +398,6 @@ def requeue_expired(session: Session, now: datetime) -> int:
                                    commit=False, error_code=LEASE_EXPIRED, error_message=message)
     session.commit()
     return changed
-
-
-def mark_published(session: Session, chunk_ids: Iterable[str], *, commit: bool = True) -> list[str]:
-    """Record that a message is about to be sent for each chunk still waiting for a worker
-    (unclaimed, unfinished); returns those ids — the ones to send. The caller sends them after
-    the commit and gives back the ones the broker refused (``unmark_published``); a crash in
-    between leaves a published chunk without a message, which the dispatcher finds lost."""
-    ids = list(chunk_ids)
-    if not ids:
-        return []
-    marked = session.scalars(
-        update(Chunk).where(Chunk.id.in_(ids), Chunk.claimed_at.is_(None), Chunk.finished_at.is_(None))
-        .values(published_at=utcnow(), publish_count=Chunk.publish_count + 1)
-        .returning(Chunk.id).execution_options(**_NO_SYNC)).all()
-    if commit:
-        session.commit()
-    sent = set(marked)
-    return [cid for cid in ids if cid in sent]
-
-
-def unmark_published(session: Session, chunk_ids: Iterable[str]) -> None:
-    """The broker refused the messages ``mark_published`` recorded: count them unsent, and a
-    chunk never sent before is unpublished again (sent on a later pass)."""
-    ids = list(chunk_ids)
-    if not ids:
-        return
-    session.execute(update(Chunk).where(Chunk.id.in_(ids), Chunk.publish_count > 0)
-                    .values(publish_count=Chunk.publish_count - 1,
-                            published_at=case((Chunk.publish_count == 1, None), else_=Chunk.published_at))
-                    .execution_options(**_NO_SYNC))
-    session.commit()
 
 
 def expired_results(session: Session, now: datetime, retention_s: float, limit: int = 500) -> list[Job]:

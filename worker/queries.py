@@ -22,7 +22,7 @@ from sqlalchemy import Select, and_, func, or_, select
 from sqlalchemy.orm import Session
 
 from worker.errors import InvalidParameter
-from worker.models import ACTIVE_STATUSES, Batch, File, Job, JobStatus
+from worker.models import Batch, File, Job, JobStatus
 from worker.params import check_text
 
 Row = TypeVar("Row", Job, Batch)

@@ -27,7 +27,7 @@ compatible jobs, the head tenant's first, then the other tenants' in fair-share 
 job taken adds its estimated cost (``job_costs``, else ``DEFAULT_JOB_GPU_SECONDS``) to its
 tenant's use, so one pass spreads over tenants the way the GPU time will. The chunk keeps its
 head's priority and share (``Chunk.priority_rank``, ``share``): a message is a turn, and the
-worker taking it claims the first published chunk by priority then share (``jobs.claim_next``),
+worker taking it claims the first published chunk by priority then share (``chunks.claim_next``),
 so a chunk formed for a small tenant, or for interactive work, overtakes the chunks already
 waiting in the broker.
 
@@ -46,7 +46,7 @@ from typing import TYPE_CHECKING
 from sqlalchemy import func, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
 
-from worker import dispatch, jobs
+from worker import chunks, dispatch, jobs
 from worker.jobs import DEFAULT_JOB_GPU_SECONDS
 from worker.errors import BrokerUnavailable
 from worker.models import Chunk, Job, JobCost, JobStatus, Lease, Priority, Tenant, Worker, WorkerState, utcnow
@@ -164,7 +164,7 @@ class Dispatcher:
         now = utcnow()
         with session() as s:
             report.expired = jobs.expire_waiting(s, now)
-            report.closed = jobs.close_idle_chunks(s, now)
+            report.closed = chunks.close_idle_chunks(s, now)
             report.live_workers = live_workers(s, settings, now)
             unpublished, unclaimed = _outstanding(s)
             report.outstanding = int(s.scalar(select(func.count()).select_from(Chunk)
@@ -194,7 +194,7 @@ class Dispatcher:
                 s.rollback()
                 log.warning("dispatcher %s: lease lost during the pass; publishing nothing", self.owner)
                 return 0
-            marked = jobs.mark_published(s, chunk_ids)  # commits the renewal with the marks
+            marked = chunks.mark_published(s, chunk_ids)  # commits the renewal with the marks
         if not marked:
             return 0
         try:
@@ -202,7 +202,7 @@ class Dispatcher:
         except BrokerUnavailable as exc:
             log.warning("dispatcher: %s; %d chunk(s) stay formed for the next pass", exc, len(marked))
             with self.session() as s:
-                jobs.unmark_published(s, marked)
+                chunks.unmark_published(s, marked)
             return 0
         return len(marked)
 
@@ -339,7 +339,7 @@ def _form_chunks(s: Session, settings: Settings, slots: int, now: datetime) -> l
             running[tenant] = running.get(tenant, 0) + 1
         for w in members:
             use[w.tenant_id] = use.get(w.tenant_id, 0.0) + w.cost
-        chunk_id = jobs.form_chunk(s, [w.id for w in members], now, share=head_share, priority_rank=head_rank)
+        chunk_id = chunks.form_chunk(s, [w.id for w in members], now, share=head_share, priority_rank=head_rank)
         if chunk_id is not None:
             formed.append((chunk_id, len(members)))
     s.commit()
