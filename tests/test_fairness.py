@@ -4,10 +4,10 @@ tenant who submits after it, nor a tenant's own interactive work; nothing is los
 
 "Chunk-time" is measured in the same run: the median claim-to-finish time of the big tenant's
 chunks that ran while the small tenant waited. The small tenant's jobs must all finish within 3
-chunk-times of their submission (the issue's bound; typically met): the window holds about one running and one waiting chunk per
-worker, so its chunk is formed when a slot frees, then claimed at the next turn ahead of the
-waiting chunks (``chunks.claim_next``), then runs — 4 chunk-times at worst, asserted here (see
-the assertion)."""
+chunk-times of their submission (the issue's bound). With the window full of the big tenant's
+chunks, the dispatcher's next pass gives the small tenant's chunk the turn of a waiting one
+(``Dispatcher._preempt``), so it waits only for the next free worker (at most a chunk-time, half
+of one on average with two workers) and then runs: 2 chunk-times at worst, plus the hops."""
 
 from __future__ import annotations
 
@@ -67,9 +67,6 @@ def test_a_small_submission_is_not_stuck_behind_a_big_backlog(stack: Stack, smal
         unfinished_chunks = s.scalar(select(func.count()).select_from(Chunk).where(Chunk.finished_at.is_(None)))
     print(f"\nfairness ({small_priority}): {SMALL} jobs done {latency:.2f} s after submission, "
           f"chunk-time {chunk_s:.2f} s ({latency / chunk_s:.1f} chunk-times); big backlog {BIG} jobs")
-    # The issue asks for 3 chunk-times; measured 1.2–2.6 typically, but a submission right after a
-    # chunk boundary waits up to a chunk for a slot and up to one for a turn, and 3.9 was seen once
-    # (a waiting chunk is not yet preempted for a better one): 4 is what the design guarantees.
-    assert latency <= 4 * chunk_s, (latency, chunk_s)
+    assert latency <= 3 * chunk_s, (latency, chunk_s)
     assert all(a == 1 for a in attempts), "every job ran exactly once"
     assert unfinished_chunks == 0

@@ -97,9 +97,9 @@ def test_fair_share_interleaves_a_small_tenant_ahead_of_a_big_backlog(db_session
     assert dispatcher.dispatch_once().formed == 4  # all big's: nobody else waits
     submit(db_session, small, 8, px=32)  # another output size: chunks of its own
     finish_all_chunks(db_session)
-    chunks = chunk_members(db_session, dispatcher.dispatch_once().chunk_ids)
+    formed = chunk_members(db_session, dispatcher.dispatch_once().chunk_ids)
     # big has 16 jobs' worth of recent use, small none: small's two chunks go first
-    assert [c[0][0] for c in chunks] == [small, small, big, big]
+    assert [c[0][0] for c in formed] == [small, small, big, big]
 
 
 def test_weights_scale_the_share(db_session, settings, factory):
@@ -230,3 +230,79 @@ def test_chunks_the_broker_refused_stay_unpublished_until_it_is_back(db_session,
     assert report.formed == 0 and report.published == 2
     assert sorted(db_session.scalars(select(Chunk.publish_count)).all()) == [1, 1]
     assert dispatch.queue_length(settings, GPU_QUEUE) == 2
+
+
+def waiting_turns(session: Session) -> list[str]:
+    """Published chunks no worker has claimed, in the order workers will take them."""
+    ids = session.scalars(select(Chunk.id).where(Chunk.published_at.is_not(None), Chunk.claimed_at.is_(None),
+                                                 Chunk.finished_at.is_(None))
+                          .order_by(Chunk.priority_rank, Chunk.share, Chunk.created_at)).all()
+    session.commit()
+    return list(ids)
+
+
+def full_window_of(session: Session, settings: Settings, factory, big: str) -> Dispatcher:
+    """One live worker, big has recent use and its two chunks wait in the broker (window full)."""
+    live_workers(session, 1)
+    dispatcher = Dispatcher(settings, factory, "d1")
+    submit(session, big, 8)
+    assert dispatcher.dispatch_once().formed == 2
+    finish_all_chunks(session)  # 80 GPU-seconds of recent use
+    submit(session, big, 16)
+    assert dispatcher.dispatch_once().formed == 2
+    return dispatcher
+
+
+@pytest.mark.parametrize("who", ["small-tenant", "interactive"])
+def test_a_better_chunk_takes_the_turn_of_a_waiting_one_when_the_window_is_full(db_session, settings, factory,
+                                                                                  who):
+    big = tenant(db_session, "big")
+    dispatcher = full_window_of(db_session, settings, factory, big)
+    before = waiting_turns(db_session)
+    messages = dispatch.queue_length(settings, GPU_QUEUE)
+    if who == "interactive":
+        newcomer = submit(db_session, big, 4, priority=Priority.interactive)
+    else:
+        newcomer = submit(db_session, tenant(db_session, "small"), 4)
+    report = dispatcher.dispatch_once()
+    assert report.formed == 0 and report.published == 0 and report.preempted == 1
+    after = waiting_turns(db_session)
+    # the newcomer's chunk comes first; the worst waiting chunk (formed last) gave its place up
+    assert after[1:] == before[:1] and before[1] not in after
+    dissolved = db_session.get(Chunk, before[1], populate_existing=True)
+    assert dissolved.finished_at is not None and dissolved.claimed_at is None
+    assert db_session.scalar(select(func.count()).select_from(Job).where(Job.chunk_id == before[1],
+                                                                         Job.status == JobStatus.queued)) == 0
+    back = db_session.scalars(select(Job).where(Job.status == JobStatus.queued, Job.chunk_id.is_(None))).all()
+    assert len(back) == 12 and all(j.attempts == 0 for j in back)  # 8 never dispatched, 4 given back
+    # no message sent: the dissolved chunk's serves the new one
+    assert dispatch.queue_length(settings, GPU_QUEUE) == messages and len(after) == 2
+    assert db_session.get(Chunk, after[0], populate_existing=True).publish_count == 1
+    db_session.commit()
+    claimed_id, claimed = chunks.claim_next(db_session, "w0", lease_s=60)
+    assert claimed_id == after[0] and sorted(j.id for j in claimed) == sorted(newcomer)
+    # nothing changes hands back: big's waiting jobs do not beat the newcomer's chunk, nor the next pass
+    assert dispatcher.dispatch_once().preempted == 0
+
+
+def test_chunks_of_about_equal_share_do_not_take_each_others_turns(db_session, settings, factory):
+    big, other = tenant(db_session, "big"), tenant(db_session, "other")
+    dispatcher = full_window_of(db_session, settings, factory, big)
+    now = utcnow()
+    [job_id] = submit(db_session, other, 1, px=16)  # other's recent use: just above big's last chunk's share
+    db_session.execute(update(Job).where(Job.id == job_id).values(
+        status=JobStatus.succeeded, gpu_seconds=120.0 - 5.0, finished_at=now))
+    db_session.commit()
+    submit(db_session, other, 4)
+    assert dispatcher.dispatch_once().preempted == 0  # 115 is not a whole job (10 s) below 120
+
+
+def test_a_claimed_chunk_cannot_be_dissolved_nor_a_dissolved_one_claimed(db_session, settings, factory):
+    big = tenant(db_session, "big")
+    full_window_of(db_session, settings, factory, big)
+    first, second = waiting_turns(db_session)
+    assert chunks.claim_chunk(db_session, first, "w0", lease_s=60)
+    assert chunks.dissolve_chunk(db_session, first, utcnow()) == 0
+    assert chunks.dissolve_chunk(db_session, second, utcnow()) == 4
+    db_session.commit()
+    assert chunks.claim_chunk(db_session, second, "w0", lease_s=60) == []

@@ -14,7 +14,11 @@ expired and renewed by its holder; the same code on PostgreSQL and SQLite — an
    one waiting each) minus the chunks already out, each formed from compatible waiting jobs
    (equal ``chunk_key``: task, output size, steps, think, input pictures) of any batch and any
    tenant, up to ``chunk_size``;
-4. records the new chunks published — in the transaction that renews its lease, so a holder
+4. with the window full, lets a chunk that would now be formed ahead of a waiting (published,
+   unclaimed) one take its place (``Dispatcher._preempt``): the waiting chunk is dissolved, its
+   jobs wait again, and the broker's message serves the new chunk — a small tenant's or an
+   interactive submission waits for the next free worker, not for a free slot first;
+5. records the new chunks published — in the transaction that renews its lease, so a holder
    that stalled past its lease publishes nothing — then sends their messages (ids only); a
    broker outage gives them back unpublished, for a later pass.
 
@@ -74,10 +78,30 @@ class DispatchReport:
     formed: int = 0
     published: int = 0
     republished: int = 0
+    preempted: int = 0
     expired: int = 0
     closed: int = 0
     chunk_ids: list[str] = field(default_factory=list)  # formed, in the order they were chosen
     chunk_jobs: list[int] = field(default_factory=list)
+
+
+@dataclass
+class _Plan:
+    """A chunk the dispatcher would form: its jobs, and its head's share and priority rank."""
+
+    job_ids: list[str]
+    share: float
+    rank: int
+
+
+@dataclass
+class _Turn:
+    """A published chunk no worker has claimed yet (its message waits in the broker)."""
+
+    id: str
+    rank: int
+    share: float
+    job_cost: float  # estimated GPU-seconds of one of its jobs
 
 
 @dataclass
@@ -152,6 +176,9 @@ class Dispatcher:
         # seen: a message is lost only when the shortfall lasts ``lost_message_after_s`` (a
         # worker between taking a message and claiming its chunk is a shortfall of an instant).
         self.shortfall_since: dict[str, datetime] = {}
+        # What the waiting jobs and the waiting turns were at the last look for a preemption:
+        # unchanged, no chunk can be formed that would beat a waiting one any better than then.
+        self.preempt_seen: tuple[object, ...] | None = None
 
     def dispatch_once(self) -> DispatchReport:
         """One pass (see the module docstring). Only the lease holder dispatches."""
@@ -181,6 +208,8 @@ class Dispatcher:
             report.chunk_ids = [cid for cid, _ in formed]
             report.chunk_jobs = [n for _, n in formed]
             to_publish += [cid for cid, _ in formed]
+        else:
+            report.preempted = self._preempt(now)
         if to_publish:
             report.published = self._publish(to_publish)
         return report
@@ -205,6 +234,44 @@ class Dispatcher:
                 chunks.unmark_published(s, marked)
             return 0
         return len(marked)
+
+    def _preempt(self, now: datetime) -> int:
+        """With the window full, a chunk that would now be formed ahead of a waiting turn — a
+        better priority, or a share smaller by more than one of its jobs' cost (so that two
+        tenants of about equal use do not take each other's place back and forth) — takes it: the
+        waiting chunk is dissolved (its jobs wait again, no attempt spent) and the new one is
+        recorded published in its place, its message being the one already in the broker. A
+        small tenant's or an interactive submission so waits for the next free worker, never
+        for a slot first. Fenced by the lease like ``_publish``. Returns how many were replaced."""
+        settings = self.settings
+        with self.session() as s:
+            costs = job_costs(s)
+            turns = _waiting_turns(s, costs)
+            seen = (_waiting_signature(s, now), tuple(turn.id for turn in turns))
+            if not turns or seen == self.preempt_seen:
+                s.commit()
+                return 0
+            self.preempt_seen = seen
+            pairs = []
+            for plan, turn in zip(_plan_chunks(s, settings, len(turns), now), turns):
+                if (plan.rank, plan.share + turn.job_cost) >= (turn.rank, turn.share):
+                    break  # plans come best first, turns worst first: no later pair is better
+                pairs.append((plan, turn))
+            if not pairs or not renew_lease(s, self.owner, settings.dispatch_lease_s):
+                s.rollback()
+                return 0
+            replaced = []
+            for plan, turn in pairs:
+                if not chunks.dissolve_chunk(s, turn.id, now):
+                    continue  # a worker claimed it meanwhile
+                chunk_id = chunks.form_chunk(s, plan.job_ids, now, share=plan.share, priority_rank=plan.rank)
+                if chunk_id is not None:
+                    replaced.append(chunk_id)
+            chunks.mark_published(s, replaced, commit=False)
+            s.commit()
+        if replaced:
+            log.info("dispatcher: %d better chunk(s) took the turn of waiting ones", len(replaced))
+        return len(replaced)
 
     def _lost_messages(self, unclaimed: list[tuple[str, datetime]], now: datetime) -> list[str]:
         """Published, unclaimed chunks whose messages the broker no longer holds (see above)."""
@@ -247,7 +314,7 @@ class Dispatcher:
                 if report.leader != leading:
                     leading = report.leader
                     log.info("dispatcher %s %s the lease", self.owner, "holds" if leading else "lost")
-                if report.formed or report.republished or report.expired:
+                if report.formed or report.republished or report.expired or report.preempted:
                     log.info("dispatcher pass: %s", report)
             except Exception:  # noqa: BLE001 - the loop must survive a database or broker outage
                 log.exception("dispatcher pass failed")
@@ -266,6 +333,24 @@ def _outstanding(s: Session) -> tuple[list[str], list[tuple[str, datetime]]]:
         Chunk.finished_at.is_(None), Chunk.claimed_at.is_(None)).order_by(Chunk.created_at)).all()
     s.commit()
     return [cid for cid, at in rows if at is None], [(cid, at) for cid, at in rows if at is not None]
+
+
+def _waiting_turns(s: Session, costs: dict[str, float]) -> list[_Turn]:
+    """Published chunks no worker has claimed, worst first (the reverse of ``claim_next``'s order)."""
+    rows = s.execute(select(Chunk.id, Chunk.priority_rank, Chunk.share, Chunk.cost_key)
+                     .where(Chunk.published_at.is_not(None), Chunk.claimed_at.is_(None),
+                            Chunk.finished_at.is_(None))
+                     .order_by(Chunk.priority_rank.desc(), Chunk.share.desc(), Chunk.created_at.desc())).all()
+    return [_Turn(cid, int(rank), float(share or 0.0), costs.get(key, DEFAULT_JOB_GPU_SECONDS))
+            for cid, rank, share, key in rows]
+
+
+def _waiting_signature(s: Session, now: datetime) -> tuple[object, ...]:
+    """How many jobs are ready to be formed into chunks, and the newest of them."""
+    count, newest = s.execute(select(func.count(), func.max(Job.queued_at)).where(
+        Job.status == JobStatus.queued, Job.chunk_id.is_(None), Job.cancel_requested.is_(False),
+        or_(Job.not_before.is_(None), Job.not_before <= now))).one()
+    return int(count or 0), newest
 
 
 def _tenant_use(s: Session, settings: Settings, costs: dict[str, float], now: datetime
@@ -296,6 +381,20 @@ def _tenant_use(s: Session, settings: Settings, costs: dict[str, float], now: da
 
 def _form_chunks(s: Session, settings: Settings, slots: int, now: datetime) -> list[tuple[str, int]]:
     """Form up to ``slots`` chunks (see the module docstring); returns (chunk id, job count)."""
+    formed: list[tuple[str, int]] = []
+    for plan in _plan_chunks(s, settings, slots, now):
+        chunk_id = chunks.form_chunk(s, plan.job_ids, now, share=plan.share, priority_rank=plan.rank)
+        if chunk_id is not None:
+            formed.append((chunk_id, len(plan.job_ids)))
+    s.commit()
+    if formed:
+        log.info("dispatcher: formed %d chunk(s) of %s job(s)", len(formed), [n for _, n in formed])
+    return formed
+
+
+def _plan_chunks(s: Session, settings: Settings, slots: int, now: datetime) -> list[_Plan]:
+    """The next ``slots`` chunks in fair-share order (see the module docstring), best first;
+    writes nothing."""
     costs = job_costs(s)
     rows = s.execute(
         select(Job.id, Job.tenant_id, Job.priority, Job.chunk_key, Job.cost_key)
@@ -303,7 +402,6 @@ def _form_chunks(s: Session, settings: Settings, slots: int, now: datetime) -> l
                or_(Job.not_before.is_(None), Job.not_before <= now))
         .order_by(Job.queued_at, Job.position).limit(MAX_CANDIDATES)).all()
     if not rows:
-        s.commit()
         return []
     waiting: dict[str, list[_Waiting]] = {}
     for job_id, tenant, priority, key, cost_key in rows:
@@ -313,8 +411,8 @@ def _form_chunks(s: Session, settings: Settings, slots: int, now: datetime) -> l
         queue.sort(key=lambda w: PRIORITY_RANK.get(w.priority, 1))
     tenants = {t.id: t for t in s.scalars(select(Tenant).where(Tenant.id.in_(list(waiting))))}
     use, running = _tenant_use(s, settings, costs, now)
-    formed: list[tuple[str, int]] = []
-    while len(formed) < slots:
+    plans: list[_Plan] = []
+    while len(plans) < slots:
         eligible = [t for t, q in waiting.items() if q and _below_limit(tenants.get(t), running.get(t, 0))]
         if not eligible:
             break
@@ -339,13 +437,8 @@ def _form_chunks(s: Session, settings: Settings, slots: int, now: datetime) -> l
             running[tenant] = running.get(tenant, 0) + 1
         for w in members:
             use[w.tenant_id] = use.get(w.tenant_id, 0.0) + w.cost
-        chunk_id = chunks.form_chunk(s, [w.id for w in members], now, share=head_share, priority_rank=head_rank)
-        if chunk_id is not None:
-            formed.append((chunk_id, len(members)))
-    s.commit()
-    if formed:
-        log.info("dispatcher: formed %d chunk(s) of %s job(s)", len(formed), [n for _, n in formed])
-    return formed
+        plans.append(_Plan([w.id for w in members], head_share, head_rank))
+    return plans
 
 
 def _below_limit(tenant: Tenant | None, running_chunks: int) -> bool:
