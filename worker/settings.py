@@ -89,6 +89,10 @@ class Settings(BaseSettings):
     max_attempts: int = Field(3, ge=1, le=100)
     retry_backoff_s: float = Field(5.0, ge=0)
     progress_every_steps: int = Field(5, ge=1)
+    outage_budget_s: float = Field(3600.0, gt=0, description="how long a job may wait on an unavailable "
+                                   "dependency (storage, database, broker) before it fails with dependency_outage")
+    outage_backoff_max_s: float = Field(60.0, gt=0, description="cap of the backoff (with jitter) between "
+                                        "a job's tries while a dependency is down; no attempt is counted")
 
     # Webhooks.
     webhook_timeout_s: float = Field(10.0, gt=0)
@@ -98,6 +102,10 @@ class Settings(BaseSettings):
     # Reconciler.
     reconcile_interval_s: float = Field(30.0, gt=0)
     result_retention_s: int = Field(7 * 24 * 3600, ge=1)
+    orphan_sweep_interval_s: float = Field(3600.0, gt=0, description="how often the reconciler removes "
+                                           "uploaded objects that no file row refers to")
+    orphan_grace_s: float = Field(3600.0, ge=0, description="an object younger than this may still be "
+                                  "committing and is never swept")
 
     # Dispatcher (runs in the reconciler process; one at a time cluster-wide, by a lease row).
     dispatch_interval_s: float = Field(0.25, gt=0, description="seconds between dispatch passes")
@@ -124,6 +132,11 @@ class Settings(BaseSettings):
     # API process.
     api_host: str = "127.0.0.1"
     api_port: int = Field(8000, ge=1, le=65535)
+    api_workers: int | None = Field(None, ge=1, le=64, description="API worker processes; None → one per "
+                                    "CPU core, at most 8")
+    db_pool_size: int = Field(5, ge=1, le=100, description="database connections kept open per process")
+    db_max_overflow: int = Field(5, ge=0, le=100, description="extra connections a process may open "
+                                 "under load (closed when returned)")
 
     @field_validator("*", mode="before")
     @classmethod
