@@ -4,8 +4,9 @@
 
 Covers: a chunk runs end to end (dispatch → claim → engine → upload → succeeded, progress,
 timings, webhook outbox); every finished chunk keeps its GPU time; a bad input fails at once
-without a retry; a storage outage is retried with backoff and then fails with a clear code; a
-retried job waits out its backoff and succeeds once storage is back; cancellation between
+without a retry; a storage outage spends no attempt — the worker blocks, keeps an output it could
+not upload, and the job succeeds once storage is back, or fails as ``dependency_outage`` past
+the outage budget; cancellation between
 denoising steps; SIGKILL mid-chunk → lease expiry → another worker finishes with one result;
 SIGTERM mid-chunk (``drain=release``) → leases released → another worker finishes.
 """
@@ -14,14 +15,16 @@ from __future__ import annotations
 
 import io
 import signal
+from collections.abc import Callable
 
+import httpx
 import pytest
 from PIL import Image
 from sqlalchemy import func, select
 
-from tests.fixtures.worker import Stack, job_rows, submit_jobs, wait_jobs, wait_until
+from tests.fixtures.worker import Stack, free_port, job_rows, submit_jobs, wait_jobs, wait_until
 from worker import jobs, tenants
-from worker.models import Chunk, WebhookDelivery
+from worker.models import Chunk, WebhookDelivery, Worker
 from worker.receiver import WebhookReceiver
 from worker.storage import make_store, output_key
 
@@ -116,33 +119,81 @@ def test_undecodable_input_fails_with_the_engine_code(stack: Stack) -> None:
     assert row.error_message.startswith("input_file_ids[0]:")
 
 
-def test_storage_outage_is_retried_then_fails_with_a_clear_code(stack: Stack) -> None:
-    stack.start("gpu", extra_env=_bad_storage_env(stack))
-    stack.start("reconciler")
-    sub = submit_jobs(stack, 1, steps=2)
-    [row] = wait_jobs(stack, sub.job_ids, DONE, timeout_s=90)
-    assert (row.status, row.attempts, row.error_code) == ("failed", stack.settings.max_attempts,
-                                                          "storage_unavailable")
-    assert row.output_key is None
+def _worker_state(stack: Stack) -> str | None:
+    with stack.session() as s:
+        states = s.scalars(select(Worker.state)).all()
+    return str(states[0]) if len(states) == 1 else None
 
 
-def test_retried_job_succeeds_once_storage_is_back(stack: Stack) -> None:
-    # The broken worker's backoff keeps the job waiting (out of any chunk) long enough to replace
-    # the worker; the dispatcher hands it to the healthy one once the backoff is over, not before.
-    broken = stack.start("gpu", extra_env={**_bad_storage_env(stack), "BAGEL_JOBS_RETRY_BACKOFF_S": "10"})
+def test_a_storage_outage_past_the_budget_fails_the_job_as_such_without_spending_attempts(stack: Stack) -> None:
+    port = free_port()
+    worker = stack.start("gpu", extra_env={**_bad_storage_env(stack), "BAGEL_JOBS_OUTAGE_BUDGET_S": "8",
+                                           "BAGEL_JOBS_WORKER_HTTP_PORT": str(port)})
     stack.start("reconciler")
     sub = submit_jobs(stack, 1, steps=2)
-    wait_until(lambda: (lambda r: r.attempts == 1 and r.status == "queued")(job_rows(stack, sub.job_ids)[0]),
-               60, what="first attempt to be retried")
-    broken.kill()
-    waiting = job_rows(stack, sub.job_ids)[0]
-    assert waiting.error_code == "storage_unavailable" and waiting.chunk_id is None
-    assert (waiting.not_before - waiting.updated_at).total_seconds() == pytest.approx(10, abs=0.01)  # the backoff
-    stack.start("gpu")
+    wait_until(lambda: _worker_state(stack) == "blocked", 60, what="the worker to block")
+    ready = httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=5)
+    assert ready.status_code == 503 and ready.text.startswith("blocked: storage unreachable")
     [row] = wait_jobs(stack, sub.job_ids, DONE, timeout_s=90)
-    assert row.status == "succeeded" and row.attempts == 2
-    assert row.started_at >= waiting.not_before  # the retry was not dispatched before its backoff
+    assert (row.status, row.attempts, row.error_code) == ("failed", 1, "dependency_outage")
+    assert "outage budget" in row.error_message and row.output_key is None
+    log = worker.log()
+    assert log.count(": claimed 1 job(s) as") == 1 and "output(s) kept until storage answers" in log  # computed once
+
+
+def _take_storage_away(stack: Stack) -> Callable[[], None]:
+    """The local storage folder disappears (a file stands in its place: every read and write
+    fails) until the returned function gives it back."""
+    root = stack.settings.storage_dir
+    away = root.with_name(root.name + ".away")
+    root.rename(away)
+    root.write_text("storage is away")
+
+    def give_back() -> None:
+        root.unlink()
+        away.rename(root)
+
+    return give_back
+
+
+@pytest.mark.parametrize("path", ["input-read", "upload"])
+def test_a_storage_outage_costs_no_attempt_and_computes_nothing_twice(stack: Stack, path: str) -> None:
+    if stack.kind != "sqlite":
+        pytest.skip("a local folder can be taken away and given back; S3 going down is in test_faults.py")
+    worker = stack.start("gpu")
+    stack.start("reconciler")
+    with stack.session() as s:
+        tenant_id = tenants.create_tenant(s, "outage").id
+    if path == "input-read":
+        data = io.BytesIO()
+        Image.new("RGB", (32, 32), (200, 30, 30)).save(data, "PNG")
+        key = f"inputs/{tenant_id}/{'2' * 64}"
+        make_store(stack.settings).put(key, data.getvalue(), "image/png")
+        with stack.session() as s:
+            f = jobs.add_file(s, tenant_id, sha256="2" * 64, storage_key=key, content_type="image/png",
+                              fmt="PNG", width=32, height=32, size_bytes=len(data.getvalue()), filename=None)
+        give_back = _take_storage_away(stack)
+        sub = submit_jobs(stack, 1, task="edit", input_file_ids=(f.id,), tenant_id=tenant_id)
+        # the input cannot be read: the job waits again, its attempt given back, the worker blocks
+        wait_until(lambda: (lambda r: r.status == "queued" and r.deferrals >= 1)(job_rows(stack, sub.job_ids)[0]),
+                   60, what="the job to wait for storage")
+        waiting = job_rows(stack, sub.job_ids)[0]
+        assert (waiting.attempts, waiting.error_code, waiting.chunk_id) == (0, "storage_unavailable", None)
+        assert waiting.not_before > waiting.updated_at and waiting.outage_since is not None
+    else:
+        give_back = _take_storage_away(stack)
+        sub = submit_jobs(stack, 1, steps=2, tenant_id=tenant_id)
+        wait_until(lambda: "output(s) kept until storage answers" in worker.log(), 60,
+                   what="the output to be kept")
+        assert job_rows(stack, sub.job_ids)[0].status == "running"  # its lease kept while it waits
+    wait_until(lambda: _worker_state(stack) == "blocked", 60, what="the worker to block")
+    give_back()
+    [row] = wait_jobs(stack, sub.job_ids, DONE, timeout_s=90)
+    assert (row.status, row.attempts) == ("succeeded", 1), (row.error_code, row.error_message)
     assert make_store(stack.settings).exists(row.output_key)
+    wait_until(lambda: _worker_state(stack) == "ready", 30, what="the worker to take chunks again")
+    claims = worker.log().count(": claimed 1 job(s) as")
+    assert claims == (2 if path == "input-read" else 1)  # an upload waits; only an unread input is run again
 
 
 def test_cancel_stops_a_running_job_between_denoising_steps(stack: Stack) -> None:

@@ -21,7 +21,7 @@ Metrics (every scrape; ``tenant`` is the tenant id):
   exports the same series, so a plain sum would count them once per replica).
 - ``bagel_running_chunks`` — chunks claimed by a worker and not finished.
 - ``bagel_oldest_waiting_seconds`` — age of the oldest queued job (0 when none).
-- ``bagel_gpu_workers{state}`` — registered GPU workers (loading, ready, draining) seen within
+- ``bagel_gpu_workers{state}`` — registered GPU workers (loading, ready, draining, blocked) seen within
   ``worker_dead_after_s``.
 - ``bagel_job_retries`` — sum of ``attempts − 1`` over jobs with more than one attempt.
 - ``bagel_lease_expiries`` — jobs whose error code is ``lease_expired``.

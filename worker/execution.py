@@ -7,9 +7,13 @@ thread, cancel requests polled between steps), uploads outputs to deterministic 
 through ``worker.jobs`` (which writes the webhook outbox rows in the same transaction).
 
 Failure policy: a permanent error (bad input, a job that does not fit in GPU memory on its own)
-fails the job at once; a transient one (storage down, engine crash) puts it back to waiting
-until ``max_attempts``, not dispatched again before a capped exponential backoff
-(``Job.not_before``). A device error (``DeviceFailure``: the CUDA context is gone) puts the whole
+fails the job at once; a transient one of the job's own (an engine crash) puts it back to
+waiting until ``max_attempts``, not dispatched again before a capped exponential backoff
+(``Job.not_before``). A dependency's outage is not the job's fault and spends no attempt
+(``outages.py``): storage unreachable while reading inputs puts the jobs back to waiting after a
+jittered backoff, within ``outage_budget_s``; storage failing after the engine ran keeps the
+outputs and the leases until it answers (``_upload_when_back``); the worker takes no chunk while
+its storage is down; database writes wait for the database to answer again. A device error (``DeviceFailure``: the CUDA context is gone) puts the whole
 chunk back to waiting at once, counting the attempt so a job that kills every GPU it touches
 ends ``failed`` after ``max_attempts`` instead of restarting workers forever, and re-raises for
 the task to end the process. With ``drain=release`` a worker told to stop (SIGTERM) stops the
@@ -42,13 +46,16 @@ from typing import TYPE_CHECKING
 from sqlalchemy import select
 
 from worker import chunks, dispatch, jobs
-from worker.errors import BrokerUnavailable, DeviceFailure, ObjectNotFound
+from worker.errors import BrokerUnavailable, DeviceFailure, ObjectNotFound, StorageUnavailable
 from worker.logs import log_context
 from worker.models import File, utcnow
+from worker.outages import DATABASE_ERRORS, outage_code, outage_delay_s, until_database
 from worker.params import engine_prompt
 from worker.storage import output_key
 
 if TYPE_CHECKING:
+    from sqlalchemy.orm import Session
+
     from worker.gpu import JobOutput
     from worker.tasks import WorkerRuntime
 
@@ -75,6 +82,7 @@ class ClaimedJob:
     width: int
     height: int
     attempts: int
+    deferrals: int
     cost_key: str
     queued_at: datetime
     started_at: datetime
@@ -139,9 +147,12 @@ class _ChunkMonitor:
         self.last_flush = time.monotonic()
         if not groups:
             return
-        with self.rt.session() as session:
-            for (step, total), ids in groups.items():
-                jobs.record_progress(session, ids, self.rt.worker_id, step, total)
+        try:
+            with self.rt.session() as session:
+                for (step, total), ids in groups.items():
+                    jobs.record_progress(session, ids, self.rt.worker_id, step, total)
+        except DATABASE_ERRORS:  # progress is advisory: the engine goes on, the next write catches up
+            log.warning("progress of %d job(s) not recorded (database unavailable)", len(self.job_ids))
 
     def should_cancel(self, index: int) -> bool:
         if self.rt.shutting_down.is_set() and self.rt.settings.drain == "release":
@@ -151,20 +162,24 @@ class _ChunkMonitor:
             return True
         now = time.monotonic()
         if now - self.last_cancel_poll >= CANCEL_POLL_S:
-            with self.rt.session() as session:
-                self.canceled = set(jobs.cancel_requested_ids(session, self.job_ids))
             self.last_cancel_poll = now
+            try:
+                with self.rt.session() as session:
+                    self.canceled = set(jobs.cancel_requested_ids(session, self.job_ids))
+            except DATABASE_ERRORS:  # asked again at the next poll; the engine goes on meanwhile
+                log.warning("cancel requests not read (database unavailable)")
         return self.job_ids[index] in self.canceled
 
 
-def _claim(rt: WorkerRuntime) -> tuple[str | None, list[ClaimedJob]]:
-    with rt.session() as session:
-        chunk_id, rows = chunks.claim_next(session, rt.worker_id, rt.settings.lease_s)
-        return chunk_id, [ClaimedJob(id=j.id, tenant_id=j.tenant_id, batch_id=j.batch_id, task=j.task, prompt=j.prompt,
-                           input_file_ids=list(j.input_file_ids or []), params=dict(j.params or {}),
-                           think=bool(j.think), width=int(j.width or 1024), height=int(j.height or 1024),
-                           attempts=int(j.attempts), cost_key=j.cost_key, queued_at=j.queued_at,
-                           started_at=j.started_at, deadline_at=j.deadline_at) for j in rows]
+def _claim(rt: WorkerRuntime, session: Session) -> tuple[str | None, list[ClaimedJob]]:
+    chunk_id, rows = chunks.claim_next(session, rt.worker_id, rt.settings.lease_s)
+    return chunk_id, [
+        ClaimedJob(id=j.id, tenant_id=j.tenant_id, batch_id=j.batch_id, task=j.task, prompt=j.prompt,
+                   input_file_ids=list(j.input_file_ids or []), params=dict(j.params or {}), think=bool(j.think),
+                   width=int(j.width or 1024), height=int(j.height or 1024), attempts=int(j.attempts),
+                   deferrals=int(j.deferrals or 0), cost_key=j.cost_key, queued_at=j.queued_at,
+                   started_at=j.started_at, deadline_at=j.deadline_at)
+        for j in rows]
 
 
 def _read_inputs(rt: WorkerRuntime, claimed: list[ClaimedJob]) -> tuple[dict[str, bytes], dict[str, str]]:
@@ -192,8 +207,13 @@ def _read_inputs(rt: WorkerRuntime, claimed: list[ClaimedJob]) -> tuple[dict[str
 
 def run_chunk(rt: WorkerRuntime, message_chunk_id: str) -> None:
     """Take a turn: run the first published chunk in the dispatch order (``chunks.claim_next``),
-    usually the message's own ``message_chunk_id``; a turn with nothing to claim does nothing."""
-    chunk_id, claimed = _claim(rt)
+    usually the message's own ``message_chunk_id``; a turn with nothing to claim does nothing.
+    A worker whose storage is unreachable first waits for it (``outages.StorageGate``)."""
+    if not rt.storage_gate.wait_until_up(rt):
+        log.warning("message for chunk %s: not taken, the worker stopped while its storage was unreachable",
+                    message_chunk_id)
+        return
+    chunk_id, claimed = until_database(rt, lambda session: _claim(rt, session), "claiming a chunk")
     if chunk_id is None:
         log.info("message for chunk %s: nothing to claim (done, canceled or taken by another turn)",
                  message_chunk_id)
@@ -246,105 +266,151 @@ def _run_claimed(rt: WorkerRuntime, chunk_id: str, claimed: list[ClaimedJob]) ->
             log.exception("chunk %s: could not put its jobs back; the reconciler will once their leases "
                           "expire", chunk_id)
         raise
-    except Exception as exc:  # noqa: BLE001 - anything not a bad input is retried, then failed
-        code = getattr(exc, "code", "engine_error")
-        log.warning("chunk %s: transient failure %s: %s", chunk_id, code, exc, exc_info=True)
-        _retry(rt, chunk_id, claimed, code, f"{type(exc).__name__}: {exc}")
+    except Exception as exc:  # noqa: BLE001 - a dependency's outage waits; anything else is retried, then failed
+        outage = outage_code(exc)
+        if outage is not None:
+            if outage == StorageUnavailable.code:
+                rt.storage_gate.down(rt, str(exc))
+            _defer(rt, chunk_id, claimed, outage, f"{type(exc).__name__}: {exc}")
+        else:
+            code = getattr(exc, "code", "engine_error")
+            log.warning("chunk %s: transient failure %s: %s", chunk_id, code, exc, exc_info=True)
+            _retry(rt, chunk_id, claimed, code, f"{type(exc).__name__}: {exc}")
         return time.perf_counter() - started
 
     for job_id, message in missing.items():
-        with rt.session() as session:
-            jobs.fail_job(session, job_id, rt.worker_id, "unknown_file", message)
-    share = (phases["input"] + engine_s) / max(len(runnable), 1)
-    retry: list[ClaimedJob] = []
+        until_database(rt, lambda s, job_id=job_id, message=message: jobs.fail_job(
+            s, job_id, rt.worker_id, "unknown_file", message), "recording a failure")
+    shares = _Shares((phases["input"] + engine_s) / max(len(runnable), 1), engine_s / max(len(runnable), 1), phases)
+    kept: list[tuple[ClaimedJob, JobOutput]] = []
     release: list[str] = []
     finished = 0
     for job, out in zip(runnable, outputs, strict=True):
-        with log_context(job_id=job.id, batch_id=job.batch_id, tenant_id=job.tenant_id):
-            outcome = _record(rt, job, out, share, engine_s / max(len(runnable), 1), phases)
-        if outcome == "retry":
-            retry.append(job)
+        outcome = _record(rt, job, out, shares)
+        if outcome == "kept":
+            kept.append((job, out))
         elif outcome == "release":
             release.append(job.id)
         else:
             finished += 1
-    if retry:
-        _retry(rt, chunk_id, retry, "storage_unavailable", "could not upload the result")
+    if kept:
+        finished += _upload_when_back(rt, chunk_id, kept, shares)
     if release:
-        with rt.session() as session:
-            jobs.release_jobs(session, release, rt.worker_id)
+        until_database(rt, lambda s: jobs.release_jobs(s, release, rt.worker_id), "releasing jobs")
         log.warning("chunk %s: worker shutting down, released %d job(s)", chunk_id, len(release))
     ended = time.perf_counter()
     held_s = ended - started
     # The cost sample: the chunk's time on the worker, or, when the worker went straight from its
     # last chunk to this one (busy), the whole cycle since the last one ended — claims and broker
     # hops between chunks included, which is what a backlog really costs. A worker's first chunk
-    # warms it up and is no sample.
+    # warms it up and is no sample, nor is a chunk that waited for storage.
     busy = rt.last_chunk_end is not None and started - rt.last_chunk_end < BACK_TO_BACK_S
     cycle_s = ended - rt.last_chunk_end if busy else held_s
     first_run, rt.last_chunk_end = rt.last_chunk_end is None, ended
-    if runnable and engine_s > 0 and not release and not first_run:
-        with rt.session() as session:
-            jobs.record_cost(session, runnable[0].cost_key, cycle_s / len(runnable))
+    if runnable and engine_s > 0 and not release and not kept and not first_run:
+        try:
+            with rt.session() as session:
+                jobs.record_cost(session, runnable[0].cost_key, cycle_s / len(runnable))
+        except DATABASE_ERRORS:
+            log.warning("chunk %s: cost sample not recorded (database unavailable)", chunk_id)
     _nudge(rt)
     log.info("chunk %s: %d job(s) finished in %.2f s (%.3f GPU-seconds each)", chunk_id,
              finished + len(missing), held_s, held_s / max(len(runnable), 1))
     return held_s
 
 
-def _record(rt: WorkerRuntime, job: ClaimedJob, out: JobOutput, share_s: float, engine_share_s: float,
-            chunk_phases: dict[str, float]) -> str:
-    """Store and record one job's outcome (``share_s``: its part of the chunk's input read and
-    engine call; ``engine_share_s``: of the engine call alone); returns 'done', 'retry' or 'release'."""
-    wid = rt.worker_id
-    if out.error_code is not None:
-        with rt.session() as session:
-            jobs.fail_job(session, job.id, wid, out.error_code, out.error_message or out.error_code)
-        log.info("job %s failed permanently: %s", job.id, out.error_code)
-        return "done"
-    if out.canceled:
-        with rt.session() as session:
-            if jobs.mark_canceled(session, job.id, wid):
+@dataclass
+class _Shares:
+    """A chunk's time divided among its jobs: input read + engine, engine alone, chunk phases."""
+
+    gpu_s: float
+    engine_s: float
+    phases: dict[str, float]
+
+
+def _record(rt: WorkerRuntime, job: ClaimedJob, out: JobOutput, shares: _Shares) -> str:
+    """Store and record one job's outcome; returns 'done', 'release' (the worker is stopping)
+    or 'kept' (the upload failed: the output is kept for ``_upload_when_back``)."""
+    with log_context(job_id=job.id, batch_id=job.batch_id, tenant_id=job.tenant_id):
+        if out.error_code is not None:
+            until_database(rt, lambda s: jobs.fail_job(s, job.id, rt.worker_id, out.error_code,
+                                                       out.error_message or out.error_code), "recording a failure")
+            log.info("job %s failed permanently: %s", job.id, out.error_code)
+            return "done"
+        if out.canceled:
+            if until_database(rt, lambda s: jobs.mark_canceled(s, job.id, rt.worker_id), "recording a cancel"):
                 log.info("job %s canceled between steps", job.id)
                 return "done"
-            if jobs.mark_expired(session, job.id, wid):
+            if until_database(rt, lambda s: jobs.mark_expired(s, job.id, rt.worker_id), "recording an expiry"):
                 log.info("job %s stopped at its deadline", job.id)
                 return "done"
-        return "release" if rt.shutting_down.is_set() else "done"
-    upload_started = time.perf_counter()
-    try:
-        if out.png is not None:
-            key = output_key(job.tenant_id, job.id, "png")
-            rt.store.put(key, out.png, "image/png")
+            return "release" if rt.shutting_down.is_set() else "done"
+        upload_started = time.perf_counter()
+        try:
+            if out.png is not None:
+                key = output_key(job.tenant_id, job.id, "png")
+                rt.store.put(key, out.png, "image/png")
+            else:
+                key = output_key(job.tenant_id, job.id, "txt")
+                rt.store.put(key, (out.text or "").encode(), "text/plain; charset=utf-8")
+        except Exception as exc:  # noqa: BLE001 - storage trouble of any kind: keep the output, wait for storage
+            log.warning("job %s: upload failed (%s: %s); output kept until storage answers", job.id,
+                        type(exc).__name__, exc)
+            rt.storage_gate.down(rt, f"upload failed: {type(exc).__name__}: {exc}")
+            return "kept"
+        phases = {"queue": max((job.started_at - job.queued_at).total_seconds(), 0.0), **shares.phases,
+                  **{name[len("phase_"):-len("_seconds")]: float(v) for name, v in out.stats.items()
+                     if name.startswith("phase_") and name.endswith("_seconds")},
+                  "upload": time.perf_counter() - upload_started}
+        ok = until_database(rt, lambda s: jobs.complete_job(
+            s, job.id, rt.worker_id, output_key=key, output_text=out.text, think_text=out.think_text,
+            model_seconds=shares.engine_s, gpu_seconds=shares.gpu_s + phases["upload"],
+            phase_seconds={name: round(v, 4) for name, v in phases.items()}), "recording a result")
+        if ok:
+            log.info("job %s succeeded in %.3f s of model time (its share of the chunk)", job.id, shares.engine_s)
         else:
-            key = output_key(job.tenant_id, job.id, "txt")
-            rt.store.put(key, (out.text or "").encode(), "text/plain; charset=utf-8")
-    except Exception as exc:  # noqa: BLE001 - storage trouble of any kind is transient
-        log.warning("job %s: upload failed (%s: %s)", job.id, type(exc).__name__, exc)
-        return "retry"
-    phases = {"queue": max((job.started_at - job.queued_at).total_seconds(), 0.0), **chunk_phases,
-              **{name[len("phase_"):-len("_seconds")]: float(v) for name, v in out.stats.items()
-                 if name.startswith("phase_") and name.endswith("_seconds")},
-              "upload": time.perf_counter() - upload_started}
-    with rt.session() as session:
-        ok = jobs.complete_job(session, job.id, wid, output_key=key, output_text=out.text,
-                               think_text=out.think_text, model_seconds=engine_share_s,
-                               gpu_seconds=share_s + phases["upload"],
-                               phase_seconds={name: round(v, 4) for name, v in phases.items()})
-    if ok:
-        log.info("job %s succeeded in %.3f s of model time (its share of the chunk)", job.id, engine_share_s)
-    else:
-        log.warning("job %s: lease lost before completion, result %s left for the new owner", job.id, key)
-    return "done"
+            log.warning("job %s: lease lost before completion, result %s left for the new owner", job.id, key)
+        return "done"
+
+
+def _upload_when_back(rt: WorkerRuntime, chunk_id: str, kept: list[tuple[ClaimedJob, JobOutput]],
+                      shares: _Shares) -> int:
+    """Storage failed after the engine ran: keep the outputs and the jobs' leases, wait for
+    storage (``StorageGate``, up to ``outage_budget_s``), then upload and record them — nothing
+    is recomputed. A worker told to stop meanwhile gives the jobs back without spending an
+    attempt; past the budget they fail with ``dependency_outage``. Returns how many were recorded."""
+    log.warning("chunk %s: %d output(s) kept until storage answers", chunk_id, len(kept))
+    deadline = time.monotonic() + rt.settings.outage_budget_s
+    recorded = 0
+    with _ChunkMonitor(rt, [job.id for job, _ in kept], {}):  # renews their leases while waiting
+        while kept and rt.storage_gate.wait_until_up(rt, deadline):
+            still = []
+            for job, out in kept:
+                if _record(rt, job, out, shares) == "kept":
+                    still.append((job, out))
+                else:
+                    recorded += 1
+            kept = still
+    if kept and rt.shutting_down.is_set():
+        _defer(rt, chunk_id, [job for job, _ in kept], StorageUnavailable.code,
+               "storage was unreachable when the worker stopped; the output is computed again elsewhere")
+    elif kept:
+        for job, _ in kept:
+            until_database(rt, lambda s, job=job: jobs.fail_job(
+                s, job.id, rt.worker_id, jobs.DEPENDENCY_OUTAGE,
+                f"storage unreachable for more than the outage budget ({rt.settings.outage_budget_s:.0f} s)"),
+                "recording a failure")
+    return recorded
 
 
 def _retry(rt: WorkerRuntime, chunk_id: str, claimed: list[ClaimedJob], code: str, message: str, *,
            backoff: bool = True) -> None:
+    """The jobs' own failure: back to waiting after a backoff, spending the attempt (``retry_or_fail``)."""
     requeued = 0
     for job in claimed:
         delay = backoff_s(rt.settings.retry_backoff_s, job.attempts) if backoff else 0.0
-        with rt.session() as session:
-            status = jobs.retry_or_fail(session, job.id, rt.worker_id, code, message, delay_s=delay)
+        status = until_database(rt, lambda s, job=job, delay=delay: jobs.retry_or_fail(
+            s, job.id, rt.worker_id, code, message, delay_s=delay), "putting a job back")
         if status == "queued":
             requeued += 1
         else:
@@ -352,6 +418,21 @@ def _retry(rt: WorkerRuntime, chunk_id: str, claimed: list[ClaimedJob], code: st
     if requeued:
         log.warning("chunk %s: %d job(s) back to waiting (%s)%s", chunk_id, requeued, code,
                     " after a backoff" if backoff else "")
+    _nudge(rt)
+
+
+def _defer(rt: WorkerRuntime, chunk_id: str, claimed: list[ClaimedJob], code: str, message: str) -> None:
+    """A dependency's outage, not the jobs' fault: back to waiting after a capped, jittered
+    backoff without spending an attempt (``jobs.defer_job``), up to the outage budget."""
+    waiting = 0
+    for job in claimed:
+        delay = outage_delay_s(rt.settings, job.deferrals)
+        status = until_database(rt, lambda s, job=job, delay=delay: jobs.defer_job(
+            s, job.id, rt.worker_id, code, message, delay_s=delay, budget_s=rt.settings.outage_budget_s),
+            "putting a job back")
+        waiting += status == "queued"
+    log.warning("chunk %s: %s; %d of %d job(s) wait for it without using an attempt", chunk_id, code, waiting,
+                len(claimed))
     _nudge(rt)
 
 

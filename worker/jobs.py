@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 
 LEASE_EXPIRED = "lease_expired"
 DEADLINE_EXPIRED = "deadline_expired"
+DEPENDENCY_OUTAGE = "dependency_outage"
 COST_EMA_ALPHA = 0.2  # weight of a new measurement in a job kind's moving average
 DEFAULT_JOB_GPU_SECONDS = 10.0  # the price of a job of a kind never measured yet
 
@@ -245,6 +246,39 @@ def retry_or_fail(session: Session, job_id: str, worker_id: str, code: str, mess
         log.warning("job %s: %s (%s), queued again for another attempt", job_id, code, message)
         return JobStatus.queued.value
     if fail_job(session, job_id, worker_id, code, message):
+        return JobStatus.failed.value
+    return _status_of(session, job_id)
+
+
+def defer_job(session: Session, job_id: str, worker_id: str, code: str, message: str, *, delay_s: float,
+              budget_s: float) -> str:
+    """A dependency (storage, database, broker) was unavailable while the job ran — not the
+    job's fault: back to waiting without spending the attempt its claim counted, dispatched
+    again no earlier than ``delay_s`` from now. Its first such wait starts its outage budget:
+    once ``budget_s`` has passed since, it fails with ``dependency_outage`` instead. A job
+    whose cancellation was requested becomes ``canceled``. Returns the status afterwards
+    (unchanged when the worker no longer holds the lease)."""
+    if mark_canceled(session, job_id, worker_id):
+        return JobStatus.canceled.value
+    now = utcnow()
+    owned = (Job.id == job_id, Job.status == JobStatus.running, Job.lease_owner == worker_id)
+    budget_start = func.coalesce(Job.outage_since, now)
+    deferred = session.execute(
+        update(Job)
+        .where(*owned, budget_start > now - timedelta(seconds=budget_s))
+        .values(status=JobStatus.queued, lease_owner=None, lease_until=None, chunk_id=None,
+                attempts=Job.attempts - 1,  # the claim counted one; a running job has at least 1
+                not_before=now + timedelta(seconds=delay_s), outage_since=budget_start,
+                deferrals=Job.deferrals + 1, error_code=code, error_message=message, updated_at=now)
+        .execution_options(**_NO_SYNC)
+    ).rowcount
+    session.commit()
+    if deferred:
+        log.warning("job %s: %s (%s), waiting %.1f s for it without using an attempt", job_id, code, message,
+                    delay_s)
+        return JobStatus.queued.value
+    if fail_job(session, job_id, worker_id, DEPENDENCY_OUTAGE,
+                f"{message}; a dependency was unavailable for more than the outage budget ({budget_s:.0f} s)"):
         return JobStatus.failed.value
     return _status_of(session, job_id)
 

@@ -104,6 +104,7 @@ class WorkerState(enum.StrEnum):
     loading = "loading"
     ready = "ready"
     draining = "draining"  # finishing its chunk, taking no new one
+    blocked = "blocked"  # its storage is unreachable: takes no chunk until it is back
 
 
 TASK_NAMES = ("generate", "edit", "understand", "tryon")
@@ -223,6 +224,8 @@ class Job(Base):
     chunk_key: Mapped[str] = mapped_column(String(64), default="")  # jobs with equal keys share a chunk
     cost_key: Mapped[str] = mapped_column(String(120), default="")  # task/size/steps/think: the ETA model
     not_before: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)  # a retry's backoff
+    outage_since: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)  # outage budget start
+    deferrals: Mapped[int] = mapped_column(Integer, default=0, server_default="0")  # waits on a dependency
     deadline_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
 
     task: Mapped[str] = mapped_column(String(16))

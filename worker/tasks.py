@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 from worker.queues import DELIVER_WEBHOOKS, RUN_CHUNK
 from worker.errors import DeviceFailure
 from worker.logs import log_context
+from worker.outages import StorageGate
 from worker.worker_http import WorkerStats
 
 if TYPE_CHECKING:
@@ -61,6 +62,7 @@ class WorkerRuntime:
         self.registration: Registration | None = None  # a GPU worker's registry row (registry.py)
         self.stats = WorkerStats()  # what its /livez, /readyz and /metrics report (worker_http.py)
         self.last_chunk_end: float | None = None  # perf_counter() when its last chunk ended (execution.py)
+        self.storage_gate = StorageGate()  # blocked while its storage is unreachable (outages.py)
         self._lock = threading.Lock()
         self._session_factory: Any = None
         self._store: ResultStore | None = None

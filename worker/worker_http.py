@@ -8,8 +8,8 @@ the database) to ``worker.cluster_metrics`` and the calls into ``WorkerStats`` t
 
 Endpoints (anything else is 404):
 - ``GET /livez`` — 200 while the process's heartbeat thread is alive, else 503.
-- ``GET /readyz`` — 200 once the engine is loaded and the worker is not draining, else 503; the
-  body is one line saying why.
+- ``GET /readyz`` — 200 once the engine is loaded and the worker is neither draining nor blocked
+  (its storage unreachable), else 503; the body is one line saying why.
 - ``GET /metrics`` — this process's metrics:
 
   - ``bagel_worker_engine_loaded`` — 1 once the engine is loaded, else 0.
@@ -19,6 +19,7 @@ Endpoints (anything else is 404):
     so this module stays importable without torch and a scrape never initialises CUDA.
   - ``bagel_worker_denoise_steps_total`` — counter of denoising steps run.
   - ``bagel_worker_steps_per_second`` — steps per second of the last finished chunk.
+  - ``bagel_worker_blocked`` — 1 while the worker cannot reach its storage (taking no chunk).
   - ``bagel_worker_current_chunk_info{chunk_id}`` — 1 while that chunk runs (absent when idle).
   - ``bagel_worker_chunks_total{outcome}`` — counter of finished chunks by outcome (the
     worker's words, e.g. succeeded, failed, released, oom_split).
@@ -53,6 +54,7 @@ class WorkerStats(Collector):
         self._engine_loaded = False
         self._engine_load_s = 0.0
         self._draining = False
+        self._blocked: str | None = None
         self._heartbeat_alive = False
         self._current_chunk: str | None = None
         self._steps = 0
@@ -90,6 +92,11 @@ class WorkerStats(Collector):
         with self._lock:
             self._draining = True
 
+    def set_blocked(self, reason: str | None) -> None:
+        """Why the worker takes no chunk although loaded (a dependency is down); None: it can."""
+        with self._lock:
+            self._blocked = reason
+
     def heartbeat_alive(self, alive: bool) -> None:
         with self._lock:
             self._heartbeat_alive = bool(alive)
@@ -103,16 +110,19 @@ class WorkerStats(Collector):
 
     def readiness(self) -> tuple[bool, str]:
         with self._lock:
-            loaded, draining = self._engine_loaded, self._draining
+            loaded, draining, blocked = self._engine_loaded, self._draining, self._blocked
         if not loaded:
             return False, "engine not loaded yet"
         if draining:
             return False, "draining: finishing the current chunk, taking no new one"
+        if blocked is not None:
+            return False, f"blocked: {blocked}"
         return True, "ok"
 
     def collect(self) -> Iterator[Metric]:
         with self._lock:
             loaded, load_s, chunk = self._engine_loaded, self._engine_load_s, self._current_chunk
+            blocked = self._blocked is not None
             steps, steps_per_s, chunks = self._steps, self._steps_per_s, dict(self._chunks)
         yield GaugeMetricFamily("bagel_worker_engine_loaded", "1 once the engine is loaded", value=int(loaded))
         yield GaugeMetricFamily("bagel_worker_engine_load_seconds", "Seconds the engine took to load",
@@ -122,6 +132,8 @@ class WorkerStats(Collector):
         yield CounterMetricFamily("bagel_worker_denoise_steps", "Denoising steps run", value=steps)
         yield GaugeMetricFamily("bagel_worker_steps_per_second", "Denoising steps per second of the last chunk",
                                 value=steps_per_s)
+        yield GaugeMetricFamily("bagel_worker_blocked", "1 while the worker cannot reach its storage",
+                                value=int(blocked))
         info = GaugeMetricFamily("bagel_worker_current_chunk_info", "1 while the labelled chunk runs",
                                  labels=["chunk_id"])
         if chunk is not None:
