@@ -497,3 +497,28 @@ def test_expired_results_are_listed_and_forgotten_once(db_session, tenant_id):
     assert job.result_expired_at is not None and job.think_text is None
     assert jobs.expired_results(db_session, utcnow() + timedelta(hours=2), retention_s=3600) == []
     assert deliveries(db_session) == []
+
+
+def test_an_outage_defers_without_spending_attempts_until_the_budget_is_spent(db_session, tenant_id):
+    _, rows = submit_batch(db_session, tenant_id, [spec()], max_attempts=1)
+    job_id = rows[0].id
+    for n in (1, 2):  # one attempt allowed, yet two outages do not use it
+        chunks.claim_chunk(db_session, chunk_of(db_session, [job_id]), "w1", lease_s=60)
+        assert jobs.defer_job(db_session, job_id, "w1", "storage_unavailable", "down", delay_s=0.0,
+                              budget_s=3600) == "queued"
+        row = queries.load_jobs(db_session, [job_id])[0]
+        assert (row.status, row.attempts, row.deferrals, row.chunk_id) == (JobStatus.queued, 0, n, None)
+        assert row.error_code == "storage_unavailable" and row.lease_owner is None
+    first_outage = row.outage_since
+    assert first_outage is not None
+    chunks.claim_chunk(db_session, chunk_of(db_session, [job_id]), "w1", lease_s=60)
+    assert jobs.defer_job(db_session, job_id, "w2", "storage_unavailable", "down", delay_s=0.0,
+                          budget_s=3600) == "running"  # not the lease holder: nothing changes
+    db_session.execute(update(Job).where(Job.id == job_id).values(outage_since=first_outage - timedelta(hours=2)))
+    db_session.commit()
+    assert jobs.defer_job(db_session, job_id, "w1", "storage_unavailable", "down", delay_s=0.0,
+                          budget_s=3600) == "failed"
+    row = queries.load_jobs(db_session, [job_id])[0]
+    assert (row.error_code, row.attempts) == ("dependency_outage", 1)
+    assert "outage budget (3600 s)" in row.error_message
+    assert [d.payload["data"]["error"]["code"] for d in deliveries(db_session, "job.failed")] == ["dependency_outage"]
