@@ -70,15 +70,16 @@ def test_gpu_memory_budget_and_margin_are_checked_at_start_up(monkeypatch):
         load_settings(gpu_memory_budget_bytes=None, gpu_memory_margin_bytes=-1)
 
 
-def test_fault_injection_accepts_its_two_forms_and_refuses_anything_else(monkeypatch):
+def test_fault_injection_accepts_its_forms_and_refuses_anything_else(monkeypatch):
     assert load_settings().fault_injection is None
     monkeypatch.setenv("BAGEL_JOBS_FAULT_INJECTION", "oom_above_rows:64")
     assert load_settings().fault_injection == "oom_above_rows:64"
     assert load_settings(fault_injection="device_error").fault_injection == "device_error"
+    assert load_settings(fault_injection="pause_after_object_write:2.5").fault_injection == "pause_after_object_write:2.5"
     assert load_settings(fault_injection=" ").fault_injection is None
     refused = {
         "oom_everywhere": r"unknown fault 'oom_everywhere'; use one of \['oom_above_rows:N \(N >= 0 packed rows\)', "
-                          r"'device_error'\]",
+                          r"'device_error', 'pause_after_object_write:S \(S > 0 seconds\)'\]",
         "oom_above_rows": r"oom_above_rows needs a row limit, e.g. 'oom_above_rows:64'",
         "oom_above_rows:-3": r"oom_above_rows: the row limit '-3' is not a whole number >= 0",
         "device_error:now": r"device_error takes no argument, got 'now'",

@@ -5,7 +5,9 @@ Owns: one ``reconcile_once`` pass and the ``run_forever`` loop around it. A pass
    ``failed``/``lease_expired`` when their attempts are used up), for the dispatcher
    (``scheduler.py``, which also repairs lost broker messages) to hand out again;
 2. deletes result objects older than ``result_retention_s`` and marks those jobs;
-3. nudges the webhook worker when outbox rows are due (retries after backoff).
+3. nudges the webhook worker when outbox rows are due (retries after backoff);
+4. when asked (``run_forever`` asks on its first pass and then every ``orphan_sweep_interval_s``),
+   deletes stored objects that no row holds (``orphans.py``).
 Each step is isolated: one failing (e.g. the broker is down) does not stop the others. Leaves
 every state change to ``worker.jobs``.
 """
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -21,8 +24,9 @@ from typing import TYPE_CHECKING
 from sqlalchemy import select
 
 from worker import dispatch, jobs
+from worker.orphans import sweep_orphans
 from worker.queues import WEBHOOK_QUEUE
-from worker.errors import BrokerUnavailable
+from worker.errors import BrokerUnavailable, StorageUnavailable
 from worker.models import DeliveryStatus, WebhookDelivery, utcnow
 
 if TYPE_CHECKING:
@@ -40,11 +44,14 @@ class PassReport:
     requeued: int = 0
     expired: int = 0
     nudged: bool = False
+    orphans: int = 0  # objects that no row holds, deleted
     errors: int = 0
 
 
-def reconcile_once(settings: Settings, session: Callable[[], Session], store: ResultStore) -> PassReport:
-    """One repair pass; never raises (each failure is logged and counted)."""
+def reconcile_once(settings: Settings, session: Callable[[], Session], store: ResultStore, *,
+                   sweep: bool = False) -> PassReport:
+    """One repair pass, with the orphan sweep when ``sweep``; never raises (each failure is
+    logged and counted)."""
     report = PassReport()
     try:
         with session() as s:
@@ -76,6 +83,17 @@ def reconcile_once(settings: Settings, session: Callable[[], Session], store: Re
     except Exception:  # noqa: BLE001
         report.errors += 1
         log.exception("reconciler: checking the webhook outbox failed")
+
+    if sweep:
+        try:
+            swept = sweep_orphans(session, store, settings.orphan_grace_s)
+            report.orphans = swept.inputs + swept.results
+        except StorageUnavailable as exc:
+            report.errors += 1
+            log.warning("reconciler: orphan sweep stopped, the next one tries again: %s", exc)
+        except Exception:  # noqa: BLE001 - e.g. the database is down: the next sweep tries again
+            report.errors += 1
+            log.exception("reconciler: sweeping orphan objects failed")
     return report
 
 
@@ -95,11 +113,17 @@ def _expire_results(settings: Settings, session: Callable[[], Session], store: R
 
 def run_forever(settings: Settings, session: Callable[[], Session], store: ResultStore,
                 stop: threading.Event) -> None:
-    """Run a pass every ``reconcile_interval_s`` until ``stop`` is set."""
-    log.info("reconciler started: every %.1f s", settings.reconcile_interval_s)
+    """Run a pass every ``reconcile_interval_s`` until ``stop`` is set; the first pass and then
+    one every ``orphan_sweep_interval_s`` also sweep orphan objects."""
+    log.info("reconciler started: every %.1f s, orphan sweep every %.1f s", settings.reconcile_interval_s,
+             settings.orphan_sweep_interval_s)
+    next_sweep = time.monotonic()  # the first pass sweeps: orphans of a crash before this start
     while not stop.is_set():
-        report = reconcile_once(settings, session, store)
-        if report.requeued or report.expired or report.errors:
+        sweep = time.monotonic() >= next_sweep
+        if sweep:
+            next_sweep = time.monotonic() + settings.orphan_sweep_interval_s
+        report = reconcile_once(settings, session, store, sweep=sweep)
+        if report.requeued or report.expired or report.orphans or report.errors:
             log.info("reconciler pass: %s", report)
         stop.wait(settings.reconcile_interval_s)
     log.info("reconciler stopped")

@@ -73,8 +73,10 @@ class Settings(BaseSettings):
         None, gt=0, description="working memory one engine run may use; None → free memory − margin on CUDA")
     gpu_memory_margin_bytes: int = Field(
         2 * GIB, ge=0, description="kept free on CUDA when the budget comes from the free memory")
-    # Tests only (worker/faults.py): "oom_above_rows:N" or "device_error".
-    fault_injection: str | None = Field(None, description="inject a GPU fault into the LLM forwards (tests only)")
+    # Tests only (worker/faults.py): "oom_above_rows:N" or "device_error" (GPU workers), or
+    # "pause_after_object_write:S" (the API, between an upload's object write and its commit).
+    fault_injection: str | None = Field(None, description="inject a fault on purpose (tests only): a GPU "
+                                        "fault into the LLM forwards, or a pause in the upload handler")
 
     # Limits.
     chunk_size: int = Field(8, ge=1, le=256)

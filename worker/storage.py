@@ -1,10 +1,11 @@
 """Object storage for input images and job results: one interface, two backends.
 
-Owns: ``ResultStore`` (put/get/exists/delete/url/check), the deterministic key layout
-(``inputs/{tenant}/{sha256}``, ``results/{tenant}/{job}.png|.txt``), the S3 backend (boto3,
-presigned GET URLs, multipart uploads above a threshold) and the local-folder backend (atomic
-writes, HMAC-signed expiring download URLs served by the API's ``/v1/objects`` route). Leaves
-deciding what to store to the API and the workers.
+Owns: ``ResultStore`` (put/get/exists/delete/list_objects/url/check), the deterministic key
+layout (``inputs/{tenant}/{sha256}``, ``results/{tenant}/{job}.png|.txt``), the S3 backend (boto3,
+presigned GET URLs, multipart uploads above a threshold, paginated listings) and the local-folder
+backend (atomic writes, HMAC-signed expiring download URLs served by the API's ``/v1/objects``
+route). Leaves deciding what to store to the API and the workers, and what to sweep to
+``worker.orphans``.
 
 Every infrastructure failure becomes ``StorageUnavailable`` (transient: retried by workers,
 503 from the API); a missing key is ``ObjectNotFound``.
@@ -23,6 +24,9 @@ import tempfile
 import threading
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlencode
@@ -37,17 +41,33 @@ MAX_KEY_CHARS = 512
 SIGNING_KEY_FILE = ".url-signing-key"
 MULTIPART_THRESHOLD_BYTES = 16 * 1024 * 1024
 MULTIPART_CHUNK_BYTES = 8 * 1024 * 1024
+LIST_PAGE_SIZE = 1000  # S3's own maximum per ListObjectsV2 call
+INPUTS_PREFIX = "inputs/"
+RESULTS_PREFIX = "results/"
 
 _clients: dict[tuple[str | None, ...], Any] = {}
 _clients_lock = threading.Lock()
 
 
 def input_key(tenant_id: str, sha256: str) -> str:
-    return f"inputs/{tenant_id}/{sha256}"
+    return f"{INPUTS_PREFIX}{tenant_id}/{sha256}"
 
 
 def output_key(tenant_id: str, job_id: str, extension: str = "png") -> str:
-    return f"results/{tenant_id}/{job_id}.{extension}"
+    return f"{RESULTS_PREFIX}{tenant_id}/{job_id}.{extension}"
+
+
+def key_owner(key: str) -> tuple[str, str] | None:
+    """What a key of the layout names: ``(tenant, sha256)`` for an input, ``(tenant, job id)``
+    for a result; None for any other key."""
+    parts = key.split("/")
+    if len(parts) != 3 or not all(parts):
+        return None
+    if f"{parts[0]}/" == INPUTS_PREFIX:
+        return parts[1], parts[2]
+    if f"{parts[0]}/" == RESULTS_PREFIX and "." in parts[2]:
+        return parts[1], parts[2].rsplit(".", 1)[0]
+    return None
 
 
 def check_key(key: str) -> str:
@@ -55,6 +75,33 @@ def check_key(key: str) -> str:
     if len(key) > MAX_KEY_CHARS or not _KEY_RE.match(key) or any(p in (".", "..") for p in key.split("/")):
         raise ObjectNotFound(f"key: {key[:80]!r} is not a valid object key", field="key")
     return key
+
+
+def _is_valid_key(key: str) -> bool:
+    try:
+        check_key(key)
+    except ObjectNotFound:
+        return False
+    return True
+
+
+def _check_prefix(prefix: str) -> str:
+    """A listing prefix is a key or the start of one (``"inputs/"``, ``"results/t1/"``)."""
+    if prefix and not _is_valid_key(prefix.removesuffix("/")):
+        raise ObjectNotFound(f"prefix: {prefix[:80]!r} is not a valid key prefix", field="prefix")
+    return prefix
+
+
+def _reraise(exc: OSError) -> None:
+    raise exc
+
+
+@dataclass(frozen=True)
+class StoredObject:
+    """One object of a listing: its key and when it was last written (UTC)."""
+
+    key: str
+    modified_at: datetime
 
 
 def content_type_for(key: str) -> str:
@@ -83,6 +130,11 @@ class ResultStore(ABC):
 
     @abstractmethod
     def delete(self, key: str) -> None: ...
+
+    @abstractmethod
+    def list_objects(self, prefix: str) -> Iterator[StoredObject]:
+        """The objects whose keys start with ``prefix``, fetched lazily (page by page on S3);
+        files that are no valid key (a put's temporary file) are left out."""
 
     @abstractmethod
     def url(self, key: str, expires_s: int) -> str:
@@ -132,6 +184,25 @@ class LocalStore(ResultStore):
         except OSError as exc:
             raise StorageUnavailable(f"storage_dir: cannot delete {key!r}: {exc}") from exc
 
+    def list_objects(self, prefix: str) -> Iterator[StoredObject]:
+        # The folders a prefix can fall in: "inputs/t1" matches inputs/t1/… and inputs/t10/….
+        folder = self.root / _check_prefix(prefix).rpartition("/")[0]
+        if not folder.is_dir():
+            return
+        try:
+            for dirpath, _, names in os.walk(folder, onerror=_reraise):
+                for name in names:
+                    key = (Path(dirpath) / name).relative_to(self.root).as_posix()
+                    if not key.startswith(prefix) or not _is_valid_key(key):
+                        continue
+                    try:
+                        mtime = (Path(dirpath) / name).stat().st_mtime
+                    except FileNotFoundError:
+                        continue  # deleted since the folder was read
+                    yield StoredObject(key, datetime.fromtimestamp(mtime, UTC))
+        except OSError as exc:
+            raise StorageUnavailable(f"storage_dir: cannot list {prefix!r} under {self.root}: {exc}") from exc
+
     def _signature(self, key: str, expires: int) -> str:
         return hmac.new(self._signing_key, f"{key}\n{expires}".encode(), hashlib.sha256).hexdigest()
 
@@ -163,7 +234,7 @@ class S3Store(ResultStore):
     """An S3 bucket (AWS or any S3-compatible server) under an optional key prefix."""
 
     def __init__(self, settings: Settings, *, multipart_threshold_bytes: int = MULTIPART_THRESHOLD_BYTES,
-                 multipart_chunk_bytes: int = MULTIPART_CHUNK_BYTES) -> None:
+                 multipart_chunk_bytes: int = MULTIPART_CHUNK_BYTES, list_page_size: int = LIST_PAGE_SIZE) -> None:
         import boto3
         from boto3.s3.transfer import TransferConfig
         from botocore.config import Config
@@ -184,6 +255,7 @@ class S3Store(ResultStore):
             self._client = _clients[ident]
         self._transfer = TransferConfig(multipart_threshold=multipart_threshold_bytes,
                                         multipart_chunksize=multipart_chunk_bytes, max_concurrency=4)
+        self._list_page_size = list_page_size
 
     def _key(self, key: str) -> str:
         return self.prefix + check_key(key)
@@ -244,6 +316,21 @@ class S3Store(ResultStore):
             self._client.delete_object(Bucket=self.bucket, Key=self._key(key))
         except (BotoCoreError, ClientError) as exc:
             raise self._fail("delete", key, exc) from exc
+
+    def list_objects(self, prefix: str) -> Iterator[StoredObject]:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        pages = self._client.get_paginator("list_objects_v2").paginate(
+            Bucket=self.bucket, Prefix=self.prefix + _check_prefix(prefix),
+            PaginationConfig={"PageSize": self._list_page_size})
+        try:
+            for page in pages:
+                for item in page.get("Contents", []):
+                    key = item["Key"][len(self.prefix):]
+                    if _is_valid_key(key):
+                        yield StoredObject(key, item["LastModified"].astimezone(UTC))
+        except (BotoCoreError, ClientError) as exc:
+            raise self._fail("list", prefix, exc) from exc
 
     def url(self, key: str, expires_s: int) -> str:
         return self._client.generate_presigned_url(
