@@ -4,4 +4,5 @@ pytest_plugins = [
     "tests.fixtures.model",
     "tests.fixtures.services",
     "tests.fixtures.worker",
+    "tests.fixtures.throwaway",  # after the modules it builds on
 ]
