@@ -1,7 +1,8 @@
 """The API application factory.
 
 Owns: building the FastAPI app for one ``Settings`` — database engine and sessions, object
-store, error handlers, routers, OpenAPI docs at ``/docs`` — and disposing of them on shutdown.
+store, error handlers, request body limits, routers, OpenAPI docs at ``/docs`` — and disposing
+of them on shutdown.
 Leaves logging configuration and serving (uvicorn) to the CLI (``bagel-jobs api``).
 """
 
@@ -10,10 +11,11 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 
-from api import errors, metrics
-from api.routes import batches, files, health, jobs, objects, usage
+from api import deps, errors, metrics
+from api.body_limit import BodyLimitMiddleware, BodyLimits
+from api.routes import batches, files, health, jobs, objects, usage, webhooks
 from worker.db import make_engine, session_factory
 from worker.settings import Settings, load_settings
 from worker.storage import make_store
@@ -35,14 +37,17 @@ def create_app(settings: Settings) -> FastAPI:
         yield
         engine.dispose()
 
-    app = FastAPI(title="bagel-jobs", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
+    app = FastAPI(title="bagel-jobs", version="0.1.0", description=DESCRIPTION, lifespan=lifespan,
+                  dependencies=[Depends(deps.refuse_control_characters_in_path)])
     app.state.settings = settings
     app.state.engine = engine
     app.state.sessions = session_factory(engine)
     app.state.store = make_store(settings)
     errors.install(app)
-    for module in (files, jobs, batches, usage, objects, health):
+    for module in (files, jobs, batches, usage, webhooks, objects, health):
         app.include_router(module.router)
+    # Inside the metrics middleware, so that its 413s are counted too.
+    app.add_middleware(BodyLimitMiddleware, limits=BodyLimits.from_settings(settings))
     # Observability: request-duration middleware and GET /metrics (no API key; cluster network).
     metrics.install(app)
     return app
