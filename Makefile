@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test demo bench bench-taylorseer services clean
+.PHONY: venv test demo bench bench-api bench-taylorseer services clean
 
 venv: $(STAMP)
 
@@ -27,6 +27,10 @@ demo: venv
 
 bench: venv
 	$(BIN)/bagel bench --size small --json var/bench/small.json
+
+# Submit throughput of the HTTP API on the local PostgreSQL (scripts/bench_api.py).
+bench-api: venv services
+	$(BIN)/python scripts/bench_api.py
 
 bench-taylorseer: venv
 	$(BIN)/bagel bench --size small --scenario tryon8_taylorseer t2i1_taylorseer --json var/bench/taylorseer.json

@@ -10,18 +10,23 @@ arrival to the end of its response. ``route`` is the matched route template
 (``/v1/jobs/{job_id}``), never the raw path, so ids never become label values; a request no
 route matches is ``route="unmatched"``. An exception that escapes the app counts as status 500.
 
+Several API processes (``bagel-jobs api`` with ``api_workers`` > 1) share one
+``PROMETHEUS_MULTIPROC_DIR`` (set by the CLI): each process writes its histogram there, and a
+scrape — whichever process answers it — sums them (``prometheus_client``'s multiprocess mode).
+
 ``/metrics`` takes no API key: it is meant for the cluster network (Prometheus scraping the
 pods), and deploy exposes it on the API's own port; keep it off the public ingress.
 """
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Any
 
 from fastapi import FastAPI
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram, generate_latest
-from starlette.requests import Request
+from prometheus_client.multiprocess import MultiProcessCollector
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -69,16 +74,25 @@ def install(app: FastAPI) -> CollectorRegistry:
     ``app.state.settings`` and ``app.state.sessions`` are set. Returns the app's registry
     (also at ``app.state.metrics_registry``)."""
     registry = CollectorRegistry()
+    shared = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))  # values in files every process writes
     histogram = Histogram("bagel_http_request_duration_seconds", "API request duration by route template",
-                          ["route", "method", "status"], registry=registry)
-    registry.register(ClusterCollector(app.state.sessions,
-                                       worker_dead_after_s=app.state.settings.worker_dead_after_s))
+                          ["route", "method", "status"], registry=None if shared else registry)
+    cluster = ClusterCollector(app.state.sessions, worker_dead_after_s=app.state.settings.worker_dead_after_s)
+    registry.register(cluster)
     app.state.metrics_registry = registry
     app.add_middleware(RequestMetricsMiddleware, histogram=histogram)
 
-    def metrics(request: Request) -> Response:
+    def scrape_registry() -> CollectorRegistry:
+        if not shared:
+            return registry
+        summed = CollectorRegistry()  # per scrape, as prometheus_client's multiprocess mode asks
+        MultiProcessCollector(summed)
+        summed.register(cluster)
+        return summed
+
+    def metrics() -> Response:
         # A plain ``def``: the cluster collector's queries run in the threadpool, not the loop.
-        return Response(generate_latest(request.app.state.metrics_registry), media_type=CONTENT_TYPE_LATEST)
+        return Response(generate_latest(scrape_registry()), media_type=CONTENT_TYPE_LATEST)
 
     app.add_api_route("/metrics", metrics, methods=["GET"], tags=["health"], response_class=Response,
                       summary="Prometheus metrics (no API key: for the cluster network only)",

@@ -9,7 +9,7 @@ from urllib.parse import urlsplit
 
 import httpx
 import pytest
-from sqlalchemy import select
+from sqlalchemy import event, select
 
 from worker import chunks, jobs, queries
 from worker.models import Chunk, utcnow
@@ -53,6 +53,34 @@ def test_generate_job_is_queued_waiting_for_the_dispatcher_and_readable(api_stac
         assert queries.load_jobs(s, [job["id"]])[0].chunk_id is None  # waiting for the dispatcher
     got = api_stack.client.get(f"/v1/jobs/{job['id']}", headers=api_stack.auth())
     assert got.status_code == 200 and got.json()["id"] == job["id"]
+
+
+def test_a_submission_without_limits_runs_the_key_lookup_and_its_inserts_only(api_stack):
+    """No tenant lock, no read-back: one job is the key lookup and one INSERT; a batch adds its
+    batch row, inserts its jobs in one executemany and reads its counts for the reply."""
+    statements: list[str] = []
+
+    def record(_conn, _cursor, statement, _params, _context, _executemany) -> None:
+        if not statement.startswith(("BEGIN", "PRAGMA")):  # SQLite's BEGIN IMMEDIATE, per-connection set-up
+            statements.append(" ".join(statement.split()))
+
+    def heads() -> list[str]:
+        return [" ".join(s.split()[:3]) for s in statements]
+
+    engine = api_stack.client.app.state.engine
+    event.listen(engine, "before_cursor_execute", record)
+    try:
+        assert submit(api_stack, {"task": "generate", "prompt": "a mug"}).status_code == 202
+        assert [h.split()[0] for h in heads()] == ["SELECT", "INSERT"]  # the key lookup, the job
+        assert heads()[1] == "INSERT INTO jobs" and " FOR " not in statements[0]
+        statements.clear()
+        r = api_stack.client.post("/v1/batches", headers=api_stack.auth(),
+                                  json={"task": "generate", "items": [{"prompt": f"mug {i}"} for i in range(20)]})
+        assert r.status_code == 202
+        assert heads().count("INSERT INTO batches") == 1 and heads().count("INSERT INTO jobs") == 1
+        assert not any(" FOR " in s or s.startswith("UPDATE") for s in statements)
+    finally:
+        event.remove(engine, "before_cursor_execute", record)
 
 
 def test_tryon_edit_and_understand_jobs_take_files(api_stack):

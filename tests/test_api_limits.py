@@ -8,11 +8,12 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 
 import pytest
-from sqlalchemy import select, update
+from sqlalchemy import select, text, update
+from sqlalchemy.exc import OperationalError
 
-from worker import tenants
+from worker import limits, tenants
 from worker.limits import month_bounds
-from worker.models import Batch, Job, JobStatus, utcnow
+from worker.models import Batch, Job, JobStatus, Tenant, utcnow
 
 
 def job_body(**extra):
@@ -241,6 +242,33 @@ def test_limits_are_checked_after_input_validation(api_stack):
     set_limits(api_stack, requests_per_minute=0)
     r = post_job(api_stack, job_body(width=100))
     assert r.status_code == 422 and r.json()["error"]["field"] == "width"
+
+
+def test_only_a_rate_or_waiting_jobs_limit_locks_the_tenant_row(api_stack):
+    """A submission holds its tenant's row from the check to its commit only when a limit counts
+    what concurrent submissions add; otherwise one tenant's submissions run side by side."""
+    if api_stack.name != "pg-s3-redis":
+        pytest.skip("SQLite serializes writers: there is no row lock to observe")
+
+    def holds_the_row() -> bool:
+        with api_stack.session() as submitting, api_stack.session() as other:
+            tenant = submitting.get(Tenant, api_stack.tenant_id)  # as the API-key lookup reads it
+            limits.check_submission(submitting, tenant, new_jobs=1, now=utcnow())  # its transaction stays open
+            other.execute(text("SET LOCAL lock_timeout = '200ms'"))
+            try:
+                other.execute(select(Tenant.id).where(Tenant.id == api_stack.tenant_id)
+                              .with_for_update(key_share=True))
+            except OperationalError:
+                return True
+            return False
+
+    assert not holds_the_row()
+    set_limits(api_stack, monthly_gpu_seconds=100)  # used GPU time does not grow with submissions
+    assert not holds_the_row()
+    set_limits(api_stack, max_waiting_jobs=10)
+    assert holds_the_row()
+    set_limits(api_stack, max_waiting_jobs=None, requests_per_minute=100)
+    assert holds_the_row()
 
 
 def test_month_bounds_roll_over_the_year():

@@ -54,7 +54,9 @@ def _tune_sqlite(engine: Engine) -> None:
 
 
 def make_engine(settings: Settings | str, **kwargs: Any) -> Engine:
-    """An engine for ``settings.database_url`` (or a URL string); creates a SQLite file's folder."""
+    """An engine for ``settings.database_url`` (or a URL string); creates a SQLite file's folder.
+    A PostgreSQL engine built from settings keeps ``db_pool_size`` connections open and opens up to
+    ``db_max_overflow`` more under load (per process: see ``connections_per_process``)."""
     url = settings if isinstance(settings, str) else settings.database_url
     if url.startswith("sqlite"):
         path = _sqlite_path(url)
@@ -65,7 +67,15 @@ def make_engine(settings: Settings | str, **kwargs: Any) -> Engine:
         return engine
     kwargs.setdefault("pool_pre_ping", True)
     kwargs.setdefault("connect_args", {"connect_timeout": 5})
+    if not isinstance(settings, str):
+        kwargs.setdefault("pool_size", settings.db_pool_size)
+        kwargs.setdefault("max_overflow", settings.db_max_overflow)
     return create_engine(url, **kwargs)
+
+
+def connections_per_process(settings: Settings) -> int:
+    """The most PostgreSQL connections one process's engine opens: the pool plus its overflow."""
+    return settings.db_pool_size + settings.db_max_overflow
 
 
 def session_factory(engine: Engine) -> sessionmaker[Session]:

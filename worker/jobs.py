@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -92,7 +92,11 @@ def submit(session: Session, tenant_id: str, specs: Sequence[JobSpec], *, batch:
            commit: bool = True) -> tuple[Batch | None, list[Job]]:
     """Insert a batch (when ``batch``) and its jobs, waiting (``queued``, no chunk), in one
     transaction; the dispatcher (``worker.scheduler``) forms chunks and publishes them. A single
-    job (``batch=False``) takes ``metadata`` as its own."""
+    job (``batch=False``) takes ``metadata`` as its own.
+
+    The jobs go in as plain values in one executemany INSERT, not through the unit of work,
+    which costs about 0.2 ms of CPU per object (a 256-job batch: 75 ms against 17 ms). The
+    returned ``Job`` objects hold the same values but are not in the session: read them."""
     assert specs, "submit needs at least one job spec"
     assert batch or len(specs) == 1, "a non-batch submission holds exactly one job"
     now = utcnow()
@@ -101,27 +105,25 @@ def submit(session: Session, tenant_id: str, specs: Sequence[JobSpec], *, batch:
         batch_row = Batch(id=_uuid(), tenant_id=tenant_id, job_count=len(specs), webhook_url=webhook_url,
                           meta=metadata or {}, created_at=now, priority=priority, deadline_at=deadline_at)
         session.add(batch_row)
-    rows: list[Job] = []
-    for position, spec in enumerate(specs):
-        job_meta = spec.metadata if batch else (spec.metadata or metadata or {})
-        rows.append(Job(
-            id=_uuid(), tenant_id=tenant_id, batch_id=batch_row.id if batch_row else None, chunk_id=None,
-            position=position, task=spec.task, prompt=spec.prompt, input_file_ids=list(spec.input_file_ids),
-            params=dict(spec.params), think=spec.think, width=spec.width, height=spec.height,
-            status=JobStatus.queued, attempts=0, max_attempts=max_attempts, cancel_requested=False,
-            progress_step=0, priority=priority, chunk_key=spec.chunk_key, cost_key=spec.cost_key,
-            deadline_at=deadline_at, phase_seconds={},
-            # N timesteps are N-1 Euler steps: the total the engine reports while denoising.
-            progress_total=max(int(spec.params.get("num_timesteps", 0)) - 1, 0) if spec.task != "understand" else 0,
-            queued_at=now, meta=job_meta, webhook_url=webhook_url, created_at=now, updated_at=now,
-        ))
-    session.add_all(rows)
-    session.flush()
+        session.flush()  # before the jobs that refer to it
+    values = [dict(
+        id=_uuid(), tenant_id=tenant_id, batch_id=batch_row.id if batch_row else None, chunk_id=None,
+        position=position, task=spec.task, prompt=spec.prompt, input_file_ids=list(spec.input_file_ids),
+        params=dict(spec.params), think=spec.think, width=spec.width, height=spec.height,
+        status=JobStatus.queued, attempts=0, max_attempts=max_attempts, cancel_requested=False,
+        progress_step=0, priority=priority, chunk_key=spec.chunk_key, cost_key=spec.cost_key,
+        deadline_at=deadline_at, phase_seconds={}, deferrals=0,
+        # N timesteps are N-1 Euler steps: the total the engine reports while denoising.
+        progress_total=max(int(spec.params.get("num_timesteps", 0)) - 1, 0) if spec.task != "understand" else 0,
+        queued_at=now, meta=spec.metadata if batch else (spec.metadata or metadata or {}),
+        webhook_url=webhook_url, created_at=now, updated_at=now,
+    ) for position, spec in enumerate(specs)]
+    session.execute(insert(Job), values)
     if commit:
         session.commit()
-    log.info("submitted %d job(s) for tenant %s%s", len(rows), tenant_id,
+    log.info("submitted %d job(s) for tenant %s%s", len(values), tenant_id,
              f" as batch {batch_row.id}" if batch_row else "")
-    return batch_row, rows
+    return batch_row, [Job(**row) for row in values]
 
 
 def add_file(session: Session, tenant_id: str, *, sha256: str, storage_key: str, content_type: str,

@@ -7,10 +7,14 @@ errors that refuse it (``worker.errors.LimitExceeded``). A limit of None is unli
 no query. Leaves storing the limits to ``worker.tenants``, the HTTP mapping to ``api/errors``,
 and ``weight`` and ``max_running_chunks`` to the dispatcher (``worker.scheduler``).
 
-The checks lock the tenant row first (``FOR NO KEY UPDATE`` on PostgreSQL, held until the
-submit commits), so two concurrent submissions of one tenant cannot both see room for one
-more; SQLite serializes writers anyway (``BEGIN IMMEDIATE``). Running work is never affected:
-these are submit checks only.
+The limits come from the tenant row the API-key lookup just read. Only the rate and the
+waiting-jobs limits count rows that concurrent submissions add: when either is set, the checks
+lock the tenant row first (``FOR NO KEY UPDATE`` on PostgreSQL, held until the submit commits)
+and re-read the limits under the lock, so two concurrent submissions of one tenant cannot both
+see room for one more; SQLite serializes writers anyway (``BEGIN IMMEDIATE``). A tenant
+without them takes no lock: its submissions run side by side (a lock held from the check to
+the commit would queue every submission of a busy tenant behind the one before). Running work
+is never affected: these are submit checks only.
 """
 
 from __future__ import annotations
@@ -39,17 +43,20 @@ class TenantLimits:
     monthly_gpu_seconds: float | None
 
 
-def check_submission(session: Session, tenant_id: str, *, new_jobs: int, now: datetime) -> None:
+def check_submission(session: Session, tenant: Tenant, *, new_jobs: int, now: datetime) -> None:
     """Raise a ``LimitExceeded`` when submitting ``new_jobs`` jobs (one request) now would break a
-    limit of the tenant. Checks in order: rate, monthly GPU budget, waiting jobs. Leaves the
-    tenant row locked until the caller's transaction ends."""
-    limits = _lock_tenant(session, tenant_id)
+    limit of ``tenant`` (its row as the request read it). Checks in order: rate, monthly GPU
+    budget, waiting jobs. With a rate or waiting-jobs limit, leaves the tenant row locked until the
+    caller's transaction ends."""
+    limits = TenantLimits(tenant.requests_per_minute, tenant.max_waiting_jobs, tenant.monthly_gpu_seconds)
+    if limits.requests_per_minute is not None or limits.max_waiting_jobs is not None:
+        limits = _lock_tenant(session, tenant.id)
     if limits.requests_per_minute is not None:
-        check_rate(session, tenant_id, limits.requests_per_minute, now)
+        check_rate(session, tenant.id, limits.requests_per_minute, now)
     if limits.monthly_gpu_seconds is not None:
-        check_gpu_budget(session, tenant_id, limits.monthly_gpu_seconds, now)
+        check_gpu_budget(session, tenant.id, limits.monthly_gpu_seconds, now)
     if limits.max_waiting_jobs is not None:
-        check_waiting(session, tenant_id, limits.max_waiting_jobs, new_jobs)
+        check_waiting(session, tenant.id, limits.max_waiting_jobs, new_jobs)
 
 
 def check_rate(session: Session, tenant_id: str, limit: int, now: datetime) -> None:

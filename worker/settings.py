@@ -135,8 +135,11 @@ class Settings(BaseSettings):
     api_host: str = "127.0.0.1"
     api_port: int = Field(8000, ge=1, le=65535)
     api_workers: int | None = Field(None, ge=1, le=64, description="API worker processes; None → one per "
-                                    "CPU core, at most 8")
-    db_pool_size: int = Field(5, ge=1, le=100, description="database connections kept open per process")
+                                    "CPU core, at most 8. Each may open DB_POOL_SIZE + DB_MAX_OVERFLOW "
+                                    "connections: keep the total, with the other processes' pools, under "
+                                    "PostgreSQL's max_connections")
+    db_pool_size: int = Field(5, ge=1, le=100, description="database connections kept open per process; an "
+                              "API process also runs its routes on this many threads")
     db_max_overflow: int = Field(5, ge=0, le=100, description="extra connections a process may open "
                                  "under load (closed when returned)")
 

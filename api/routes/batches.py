@@ -41,7 +41,7 @@ def create_batch(body: BatchIn, tenant: TenantDep, session: SessionDep, settings
     specs = submission.batch_specs(session, settings, tenant.id, body)
     webhook_url = submission.check_webhook(settings, body.webhook_url)
     metadata = submission.check_metadata(body.metadata)
-    limits.check_submission(session, tenant.id, new_jobs=len(specs), now=now)
+    limits.check_submission(session, tenant, new_jobs=len(specs), now=now)
     batch, rows = jobs.submit(session, tenant.id, specs, batch=True, webhook_url=webhook_url,
                               metadata=metadata, max_attempts=settings.max_attempts, priority=body.priority,
                               deadline_at=deadline_at, commit=False)

@@ -39,7 +39,7 @@ def create_job(body: JobIn, tenant: TenantDep, session: SessionDep, settings: Se
     deadline_at = submission.deadline_at(body.deadline_s, cancel_after, now)
     spec = submission.job_spec(session, settings, tenant.id, body)
     webhook_url = submission.check_webhook(settings, body.webhook_url)
-    limits.check_submission(session, tenant.id, new_jobs=1, now=now)
+    limits.check_submission(session, tenant, new_jobs=1, now=now)
     _, rows = jobs.submit(session, tenant.id, [spec], batch=False, webhook_url=webhook_url,
                           metadata=spec.metadata, max_attempts=settings.max_attempts, priority=body.priority,
                           deadline_at=deadline_at, commit=False)
