@@ -13,8 +13,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from worker.models import Priority
-from worker.params import LIMITS, MAX_PROMPT_CHARS, MAX_URL_CHARS, SEED_MAX
+from worker.models import DeliveryStatus, Priority
+from worker.params import LIMITS, MAX_PROMPT_CHARS, SEED_MAX
+from worker.webhook_targets import MAX_URL_CHARS
 
 Task = Literal["generate", "edit", "understand", "tryon"]
 RenormType = Literal["global", "channel", "text_channel"]
@@ -253,3 +254,41 @@ class Usage(BaseModel):
 class Health(BaseModel):
     status: Literal["ok", "unavailable"]
     checks: dict[str, str] = Field(default_factory=dict)
+
+
+class WebhookTestIn(Strict):
+    url: str = Field(min_length=1, max_length=MAX_URL_CHARS, description="where to send a signed `webhook.test` "
+                     "ping; checked like a job's webhook_url")
+
+
+class DeliveryAttemptOut(BaseModel):
+    attempt: int = Field(description="1 for the first send; retries and replays continue the count")
+    at: datetime = Field(description="when the attempt ended")
+    status_code: int | None = Field(description="the receiver's HTTP status; null when no response came")
+    latency_ms: float = Field(description="resolving, connecting, sending and the response, in milliseconds")
+    error: str | None = Field(description="null when delivered; else e.g. `HTTP 503`, `address_not_allowed: …`, "
+                              "`dns_error: …`, `ConnectError: …`")
+    address: str | None = Field(description="the checked IP address it connected to; null when it got no "
+                                "further than DNS or the address policy")
+
+
+class DeliveryOut(BaseModel):
+    id: str = Field(description="the `webhook-id` header of every attempt and replay")
+    event: str
+    url: str
+    status: DeliveryStatus = Field(description="pending (an attempt is due), delivered (the last attempt got a "
+                                   "2xx) or failed (given up: retry window over, or a permanent error)")
+    job_id: str | None
+    batch_id: str | None
+    created_at: datetime
+    next_attempt_at: datetime | None
+    delivered_at: datetime | None
+    replayed_at: datetime | None = Field(description="the last replay asked for; the retry window counts from it")
+    attempts: list[DeliveryAttemptOut] = Field(description="oldest first")
+    payload: dict[str, Any] | None = Field(None, description="the event body as stored (result URLs are minted at "
+                                           "each send); only on GET /v1/webhooks/deliveries/{id}, replay and test")
+
+
+class DeliveryList(BaseModel):
+    data: list[DeliveryOut] = Field(description="newest first")
+    next_cursor: str | None = Field(description="pass as ?cursor= for the next page; null on the last")

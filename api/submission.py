@@ -23,7 +23,7 @@ from typing import Any
 from sqlalchemy.orm import Session
 
 from api.schemas import MAX_DEADLINE_S, BatchIn, GenerationParamsIn, JobIn
-from worker import params, queries
+from worker import params, queries, webhook_targets
 from worker.errors import (
     BatchTooLarge,
     InvalidInput,
@@ -124,7 +124,8 @@ def batch_specs(session: Session, settings: Settings, tenant_id: str, body: Batc
 
 
 def check_webhook(settings: Settings, url: str | None) -> str | None:
-    return params.check_webhook_url(url, allow_private=settings.webhook_allow_private)
+    """The URL's form only: its host is resolved and checked at each delivery attempt."""
+    return webhook_targets.check_webhook_url(url, allow_private=settings.webhook_allow_private)
 
 
 def check_metadata(metadata: dict[str, Any] | None) -> dict[str, Any]:

@@ -8,7 +8,7 @@ import typing
 
 import pytest
 
-from worker import params
+from worker import params, webhook_targets
 from worker.errors import InvalidParameter, InvalidWebhookUrl, SettingsError
 from worker.settings import Settings, load_settings, mask_url
 from worker.storage import S3Store, make_store
@@ -169,14 +169,14 @@ def test_sizes_and_input_counts():
 ])
 def test_webhook_urls_are_checked(url, message):
     with pytest.raises(InvalidWebhookUrl, match=message):
-        params.check_webhook_url(url, allow_private=False)
+        webhook_targets.check_webhook_url(url, allow_private=False)
 
 
 def test_webhook_private_targets_allowed_when_configured():
-    assert params.check_webhook_url("http://127.0.0.1:8080/hook", allow_private=True)
-    assert params.check_webhook_url("https://93.184.216.34/hook", allow_private=False)
+    assert webhook_targets.check_webhook_url("http://127.0.0.1:8080/hook", allow_private=True)
+    assert webhook_targets.check_webhook_url("https://93.184.216.34/hook", allow_private=False)
     with pytest.raises(InvalidWebhookUrl, match="credentials"):
-        params.check_webhook_url("http://u:p@127.0.0.1/", allow_private=True)
+        webhook_targets.check_webhook_url("http://u:p@127.0.0.1/", allow_private=True)
 
 
 # --- empty values mean unset ------------------------------------------------------------------

@@ -79,6 +79,15 @@ class InvalidWebhookUrl(InvalidInput):
     code = "invalid_webhook_url"
 
 
+class WebhookAddressNotAllowed(InvalidWebhookUrl):
+    """Raised at delivery when a webhook URL's host is, or resolves to, a non-public address
+    (private, loopback, link-local, shared, reserved, multicast) while those are not allowed;
+    the attempt fails for good (no retry: the answer names where the host points, a setting of
+    the client's, not a passing fault)."""
+
+    code = "address_not_allowed"
+
+
 # Addressing, auth and conflicts.
 
 class NotFound(ServiceError):
@@ -97,6 +106,13 @@ class IdempotencyConflict(ServiceError):
     """Raised when an ``Idempotency-Key`` is reused with a different request body or route."""
 
     code = "idempotency_conflict"
+
+
+class DeliveryPending(ServiceError):
+    """Raised when a replay is asked of a webhook delivery that is still pending: its next
+    attempt is already planned (or under way), so a replay would send it twice."""
+
+    code = "delivery_pending"
 
 
 class ObjectNotFound(ServiceError):
@@ -174,6 +190,13 @@ class DatabaseUnavailable(TransientError):
     """Raised when the database cannot be reached."""
 
     code = "database_unavailable"
+
+
+class WebhookDnsFailure(TransientError):
+    """Raised at delivery when a webhook URL's host does not resolve right now (no answer, a
+    DNS timeout, no such name); the attempt is retried with backoff."""
+
+    code = "dns_error"
 
 
 # GPU: what the worker's device reports.

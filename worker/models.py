@@ -266,8 +266,12 @@ class Job(Base):
 
 
 class WebhookDelivery(Base):
+    """One event for one URL (or a test ping): its id is the ``webhook-id`` every attempt and
+    replay of it carries, so a receiver can drop repeats."""
+
     __tablename__ = "webhook_deliveries"
-    __table_args__ = (Index("ix_webhook_deliveries_status_next_attempt_at", "status", "next_attempt_at"),)
+    __table_args__ = (Index("ix_webhook_deliveries_status_next_attempt_at", "status", "next_attempt_at"),
+                      Index("ix_webhook_deliveries_tenant_id_created_at", "tenant_id", "created_at"))
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True)  # "msg_<uuid hex>", the webhook-id
     tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
@@ -286,6 +290,8 @@ class WebhookDelivery(Base):
     last_error: Mapped[str | None] = mapped_column(Text, nullable=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     delivered_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    # The last replay asked for: the retry window counts from here instead of ``created_at``.
+    replayed_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
 
 
 class WebhookAttempt(Base):
@@ -299,6 +305,8 @@ class WebhookAttempt(Base):
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
     duration_ms: Mapped[float] = mapped_column(Float)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    # The checked address the attempt connected to; None when it got no further than DNS or the policy.
+    address: Mapped[str | None] = mapped_column(String(64), nullable=True)
 
 
 class IdempotencyRecord(Base):

@@ -5,8 +5,9 @@ Owns: event names and payloads (``job.succeeded``, ``job.failed``, ``job.expired
 ``batch.completed`` with its manifest), batch completion (exactly once: the batch row lock,
 ``SELECT … FOR NO KEY UPDATE``, taken after the job update and before any outbox insert, then a
 count of active jobs, so two workers finishing a batch's last two jobs concurrently cannot both
-miss it on PostgreSQL; SQLite serializes writers anyway), claiming due deliveries and recording
-attempts. Leaves job transitions to ``jobs.py`` (which calls in here) and sending to
+miss it on PostgreSQL; SQLite serializes writers anyway), test pings, claiming due deliveries,
+recording attempts, and replays (a delivered or failed delivery back to pending, same id and
+payload). Leaves job transitions to ``jobs.py`` (which calls in here) and sending to
 ``webhooks.py``.
 """
 
@@ -21,6 +22,7 @@ from typing import Any
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
+from worker.errors import DeliveryPending
 from worker.models import (ACTIVE_STATUSES, Batch, DeliveryStatus, Job, JobStatus, WebhookAttempt, WebhookDelivery,
                            utcnow)
 
@@ -30,6 +32,10 @@ EVENT_JOB_SUCCEEDED = "job.succeeded"
 EVENT_JOB_FAILED = "job.failed"
 EVENT_JOB_EXPIRED = "job.expired"
 EVENT_BATCH_COMPLETED = "batch.completed"
+EVENT_WEBHOOK_TEST = "webhook.test"
+EVENTS = (EVENT_JOB_SUCCEEDED, EVENT_JOB_FAILED, EVENT_JOB_EXPIRED, EVENT_BATCH_COMPLETED, EVENT_WEBHOOK_TEST)
+REPLAYABLE = (DeliveryStatus.delivered, DeliveryStatus.failed)
+TEST_MESSAGE = "a test webhook from bagel-jobs"
 
 _NO_SYNC = {"synchronize_session": False}
 
@@ -65,9 +71,11 @@ def due_deliveries(session: Session, now: datetime, limit: int, *, claim_s: floa
 
 
 def record_attempt(session: Session, delivery_id: str, *, status_code: int | None, error: str | None,
-                   duration_ms: float, delivered: bool, next_attempt_at: datetime | None) -> None:
-    """Store one delivery attempt and the delivery's new state: ``delivered``; ``pending`` until
-    ``next_attempt_at``; or ``failed`` when not delivered and no next attempt is planned."""
+                   duration_ms: float, delivered: bool, next_attempt_at: datetime | None,
+                   address: str | None = None) -> None:
+    """Store one delivery attempt (with the address it connected to) and the delivery's new
+    state: ``delivered``; ``pending`` until ``next_attempt_at``; or ``failed`` when not
+    delivered and no next attempt is planned."""
     delivery = session.get(WebhookDelivery, delivery_id, populate_existing=True)
     if delivery is None or delivery.status != DeliveryStatus.pending:
         session.commit()
@@ -91,8 +99,36 @@ def record_attempt(session: Session, delivery_id: str, *, status_code: int | Non
     if rows:
         session.add(WebhookAttempt(delivery_id=delivery_id, attempt_no=delivery.attempts + 1,
                                    status_code=status_code, error=error, duration_ms=duration_ms,
-                                   created_at=now))
+                                   created_at=now, address=address))
     session.commit()
+
+
+def replay_delivery(session: Session, tenant_id: str, delivery_id: str, now: datetime) -> WebhookDelivery | None:
+    """A delivered or failed delivery back to ``pending``, due ``now``: the same id (the
+    ``webhook-id``) and payload, a new attempt, and a retry window counted from ``now``. One
+    conditional update, so it cannot race the webhook worker, which only takes pending rows.
+    None when the delivery is not the tenant's; ``DeliveryPending`` while it is still pending.
+    The caller commits."""
+    replayed = session.execute(
+        update(WebhookDelivery)
+        .where(WebhookDelivery.id == delivery_id, WebhookDelivery.tenant_id == tenant_id,
+               WebhookDelivery.status.in_(REPLAYABLE))
+        .values(status=DeliveryStatus.pending, next_attempt_at=now, replayed_at=now)
+        .execution_options(**_NO_SYNC)
+    ).rowcount
+    delivery = session.scalar(select(WebhookDelivery).where(WebhookDelivery.id == delivery_id,
+                                                            WebhookDelivery.tenant_id == tenant_id)
+                              .execution_options(populate_existing=True))
+    if delivery is not None and not replayed:
+        raise DeliveryPending(f"delivery_id: delivery {delivery_id!r} is pending (next attempt at "
+                              f"{delivery.next_attempt_at:%Y-%m-%dT%H:%M:%SZ}); replay it once it is delivered or "
+                              "failed", field="delivery_id")
+    return delivery
+
+
+def add_test_delivery(session: Session, tenant_id: str, url: str, now: datetime) -> WebhookDelivery:
+    """A ``webhook.test`` ping to ``url``, sent and logged like any event. The caller commits."""
+    return add_delivery(session, tenant_id, EVENT_WEBHOOK_TEST, url, {"message": TEST_MESSAGE}, now)
 
 
 def _delivery_id() -> str:
@@ -127,12 +163,14 @@ def complete_batch_if_done(session: Session, batch_id: str, now: datetime) -> No
 
 
 def add_delivery(session: Session, tenant_id: str, event: str, url: str, data: dict[str, Any],
-                  now: datetime, *, job_id: str | None = None, batch_id: str | None = None) -> None:
+                  now: datetime, *, job_id: str | None = None, batch_id: str | None = None) -> WebhookDelivery:
     payload = {"type": event, "timestamp": now.isoformat(), "data": data}
-    session.add(WebhookDelivery(id=_delivery_id(), tenant_id=tenant_id, event=event, job_id=job_id,
-                                batch_id=batch_id, url=url, payload=payload,
-                                status=DeliveryStatus.pending, attempts=0, next_attempt_at=now,
-                                created_at=now))
+    delivery = WebhookDelivery(id=_delivery_id(), tenant_id=tenant_id, event=event, job_id=job_id,
+                               batch_id=batch_id, url=url, payload=payload,
+                               status=DeliveryStatus.pending, attempts=0, next_attempt_at=now,
+                               created_at=now)
+    session.add(delivery)
+    return delivery
 
 
 def job_payload(job: Job) -> dict[str, Any]:

@@ -1,11 +1,12 @@
 """Per-request parameters of a job: tasks, per-task defaults, allowed ranges, sizes, prompts
-and webhook URLs.
+and metadata.
 
 Owns: the service's view of BAGEL's hyper-parameters (names and defaults follow the reference
 app; ranges are the service's own, a little tighter than what the engine accepts), the try-on
 task (an edit with a product image and a scene prompt, defaults tuned to keep the product as
-it is), output-size rules, and the webhook URL policy. Leaves running them to the engine
-(``bagel.config.GenerationParams`` checks again on the worker) and HTTP shapes to ``api/``.
+it is) and output-size rules. Leaves running them to the engine
+(``bagel.config.GenerationParams`` checks again on the worker), HTTP shapes to ``api/`` and
+the webhook URL policy to ``webhook_targets.py``.
 
 Every error names the field, the value and the limit. ``resolve`` always returns a complete
 dict with a seed, so a job row holds exactly what the worker will run.
@@ -13,22 +14,18 @@ dict with a seed, so a job row holds exactly what the worker will run.
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import secrets
-import socket
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit
 
-from worker.errors import InvalidInput, InvalidParameter, InvalidWebhookUrl
+from worker.errors import InvalidInput, InvalidParameter
 
 TASKS = ("generate", "edit", "understand", "tryon")
 IMAGE_OUTPUT_TASKS = ("generate", "edit", "tryon")
 RENORM_TYPES = ("global", "channel", "text_channel")
 MAX_PROMPT_CHARS = 8000
 MAX_METADATA_BYTES = 16 * 1024
-MAX_URL_CHARS = 2048
 SIDE_MULTIPLE_PX = 16
 MIN_SIDE_PX = 16
 SEED_MAX = 2**63 - 1
@@ -243,55 +240,3 @@ def _check_metadata_text(value: Any, field: str) -> None:
     elif isinstance(value, list):
         for i, item in enumerate(value):
             _check_metadata_text(item, f"{field}[{i}]")
-
-
-def _is_private(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
-    return (address.is_private or address.is_loopback or address.is_link_local or address.is_multicast
-            or address.is_reserved or address.is_unspecified)
-
-
-def check_webhook_url(url: str | None, *, allow_private: bool, resolve_dns: bool = True,
-                      field: str = "webhook_url") -> str | None:
-    """An http(s) URL without credentials; unless ``allow_private``, its host must not be (or
-    resolve to) a private, loopback, link-local or otherwise non-public address. Call again at
-    delivery time: DNS answers can change between submission and delivery."""
-    if url is None:
-        return None
-    if len(url) > MAX_URL_CHARS:
-        raise InvalidWebhookUrl(f"{field}: {len(url)} characters exceeds the {MAX_URL_CHARS} limit", field=field)
-    check_text(url, field, allow_whitespace=False, error=InvalidWebhookUrl)
-    try:
-        parts = urlsplit(url)
-        port = parts.port
-    except ValueError as exc:
-        raise InvalidWebhookUrl(f"{field}: {url!r} is not a valid URL ({exc})", field=field) from exc
-    if parts.scheme not in ("http", "https"):
-        raise InvalidWebhookUrl(f"{field}: scheme {parts.scheme!r} is not allowed (use https or http)", field=field)
-    if parts.username is not None or parts.password is not None:
-        raise InvalidWebhookUrl(f"{field}: credentials in the URL are not allowed", field=field)
-    host = parts.hostname
-    if not host:
-        raise InvalidWebhookUrl(f"{field}: {url!r} has no host", field=field)
-    if allow_private:
-        return url
-    if host == "localhost" or host.endswith(".localhost"):
-        raise InvalidWebhookUrl(f"{field}: host {host!r} is a loopback name (private targets are not allowed)",
-                                field=field)
-    try:
-        addresses = [ipaddress.ip_address(host)]
-    except ValueError:
-        if not resolve_dns:
-            return url
-        try:
-            infos = socket.getaddrinfo(host, port or (443 if parts.scheme == "https" else 80),
-                                       proto=socket.IPPROTO_TCP)
-        except OSError as exc:
-            raise InvalidWebhookUrl(f"{field}: host {host!r} does not resolve ({exc})", field=field) from exc
-        addresses = [ipaddress.ip_address(str(info[4][0]).split("%")[0]) for info in infos]
-    for address in addresses:
-        if _is_private(address):
-            raise InvalidWebhookUrl(f"{field}: host {host!r} is the non-public address {address} "
-                                    "(private targets are not allowed)", field=field)
-    return url

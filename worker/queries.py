@@ -1,5 +1,6 @@
 """Read-only queries: single rows (tenant-scoped for the API: another tenant's id reads as
-None; any tenant for the workers), batch counts and progress, job and batch listings, and usage.
+None; any tenant for the workers), batch counts and progress, job, batch and webhook delivery
+listings (the delivery log, with every attempt), and usage.
 
 Owns: the listings' filters and keyset pagination (newest first by ``created_at``, then ``id``,
 so rows created in the same instant — a batch's jobs — are neither repeated nor skipped across
@@ -22,10 +23,10 @@ from sqlalchemy import Select, and_, func, or_, select
 from sqlalchemy.orm import Session
 
 from worker.errors import InvalidParameter
-from worker.models import Batch, File, Job, JobStatus
+from worker.models import Batch, DeliveryStatus, File, Job, JobStatus, WebhookAttempt, WebhookDelivery
 from worker.params import check_text
 
-Row = TypeVar("Row", Job, Batch)
+Row = TypeVar("Row", Job, Batch, WebhookDelivery)
 T = TypeVar("T")
 UNDERSTAND = "understand"  # the one task whose output is text, not an image
 
@@ -244,3 +245,46 @@ def _load(session: Session, ids: Sequence[str]) -> list[Job]:
                            .execution_options(populate_existing=True)).all()
     session.commit()
     return list(rows)
+
+
+# ---------------------------------------------------------------------------------------------
+# The webhook delivery log (tenant-scoped)
+
+
+def list_deliveries(session: Session, tenant_id: str, *, limit: int, cursor: str | None = None,
+                    event: str | None = None, status: DeliveryStatus | None = None, job_id: str | None = None,
+                    batch_id: str | None = None, created_after: datetime | None = None,
+                    created_before: datetime | None = None) -> Page[WebhookDelivery]:
+    """The tenant's webhook deliveries, newest first, filtered (time bounds exclusive)."""
+    query = select(WebhookDelivery).where(WebhookDelivery.tenant_id == tenant_id)
+    if event is not None:
+        query = query.where(WebhookDelivery.event == event)
+    if status is not None:
+        query = query.where(WebhookDelivery.status == status)
+    if job_id is not None:
+        check_text(job_id, "job_id", allow_whitespace=False)
+        query = query.where(WebhookDelivery.job_id == job_id)
+    if batch_id is not None:
+        check_text(batch_id, "batch_id", allow_whitespace=False)
+        query = query.where(WebhookDelivery.batch_id == batch_id)
+    return _page(session, query, WebhookDelivery, limit=limit, cursor=cursor, after=created_after,
+                 before=created_before)
+
+
+def get_delivery(session: Session, tenant_id: str, delivery_id: str) -> WebhookDelivery | None:
+    return session.scalar(select(WebhookDelivery).where(WebhookDelivery.id == delivery_id,
+                                                        WebhookDelivery.tenant_id == tenant_id)
+                          .execution_options(populate_existing=True))
+
+
+def delivery_attempts(session: Session, delivery_ids: Iterable[str]) -> dict[str, list[WebhookAttempt]]:
+    """Every attempt of each delivery, oldest first (one query for a whole page). Commits
+    nothing: a replay reads them inside its own transaction."""
+    ids = list(set(delivery_ids))
+    out: dict[str, list[WebhookAttempt]] = {i: [] for i in ids}
+    if not ids:
+        return out
+    for attempt in session.scalars(select(WebhookAttempt).where(WebhookAttempt.delivery_id.in_(ids))
+                                   .order_by(WebhookAttempt.delivery_id, WebhookAttempt.attempt_no)).all():
+        out[attempt.delivery_id].append(attempt)
+    return out

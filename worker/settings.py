@@ -22,6 +22,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from worker.errors import SettingsError
 from worker.faults import parse_fault
+from worker.webhook_targets import parse_dns_server
 
 ENV_PREFIX = "BAGEL_JOBS_"
 MIB = 1024 * 1024
@@ -99,7 +100,10 @@ class Settings(BaseSettings):
     # Webhooks.
     webhook_timeout_s: float = Field(10.0, gt=0)
     webhook_retry_window_s: int = Field(86_400, ge=0)
-    webhook_allow_private: bool = False
+    webhook_allow_private: bool = Field(False, description="deliver to private, loopback and link-local "
+                                        "addresses too (development; off in production)")
+    webhook_dns_server: str | None = Field(None, description="IP, IP:PORT or [IPv6]:PORT of the DNS server "
+                                           "deliveries resolve callback hosts with; None → the system resolver")
 
     # Reconciler.
     reconcile_interval_s: float = Field(30.0, gt=0)
@@ -164,6 +168,13 @@ class Settings(BaseSettings):
             return None
         parse_fault(value)  # a ValueError says what is wrong and lists the accepted forms
         return value.strip()
+
+    @field_validator("webhook_dns_server")
+    @classmethod
+    def _check_dns_server(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_dns_server(value)  # a ValueError says what is accepted
+        return value
 
     @model_validator(mode="after")
     def _check_combinations(self) -> Settings:
