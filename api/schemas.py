@@ -292,3 +292,46 @@ class DeliveryOut(BaseModel):
 class DeliveryList(BaseModel):
     data: list[DeliveryOut] = Field(description="newest first")
     next_cursor: str | None = Field(description="pass as ?cursor= for the next page; null on the last")
+
+
+class ManifestEntry(BaseModel):
+    """One job of a batch manifest: the ``batch.completed`` manifest's fields (job_id, position,
+    status, output_key, error_code, output_url), then the rest; also the CSV's columns, in order."""
+
+    job_id: str
+    position: int
+    status: str
+    output_key: str | None
+    error_code: str | None = Field(description="failed or expired jobs only")
+    output_url: str | None = Field(description="succeeded jobs: presigned S3 URL or signed API download URL; "
+                                   "null once the result expired")
+    output_url_expires_at: datetime | None
+    error_message: str | None
+    task: str
+    prompt: str
+    think: bool = Field(description="whether it was asked to reason before answering")
+    think_text: str | None
+    output_text: str | None = Field(description="answer (understand)")
+    queued_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    model_seconds: float | None
+    gpu_seconds: float | None
+    seq: int | None = Field(description="the batch report that first counted it final (see `since`); null until "
+                            "one did")
+
+
+class Manifest(BaseModel):
+    """A batch's jobs in position order with its counts: valid at any time, final once completed."""
+
+    batch_id: str
+    status: Literal["active", "completed"]
+    completed_at: datetime | None
+    counts: dict[str, int]
+    done: int = Field(description="jobs in a final status: succeeded, failed, canceled or expired")
+    total: int
+    seq: int = Field(description="the batch's last report (batch.progress events, then batch.completed); "
+                     "pass it as ?since= next time to get only the jobs later reports count final")
+    metadata: dict[str, Any]
+    jobs: list[ManifestEntry]
+    next_cursor: str | None = Field(description="pass as ?cursor= for the next page; null on the last")

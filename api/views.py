@@ -1,8 +1,10 @@
-"""Rows to response bodies: jobs (with result URLs) and batches (with counts and progress).
+"""Rows to response bodies: jobs (with result URLs), batches (with counts and progress) and a
+batch manifest's entries.
 
 Owns: what a client sees of a job or batch — status, error, progress, timings and the result
 (a presigned S3 URL or a signed API download URL with its expiry, texts inline). Leaves the
-rows to ``worker.jobs`` and the URLs to ``worker.storage``.
+rows to ``worker.jobs``, the URLs to ``worker.storage`` and a manifest's pages and CSV to
+``api.manifest``.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from datetime import timedelta
 
 from sqlalchemy.orm import Session
 
-from api.schemas import BatchOut, ErrorInfo, JobOut, Progress, QueueOut, Result, Timings
+from api.schemas import BatchOut, ErrorInfo, JobOut, ManifestEntry, Progress, QueueOut, Result, Timings
 from worker import eta, queries
 from worker.models import Batch, Job, JobStatus, Priority, utcnow
 from worker.settings import Settings
@@ -66,4 +68,20 @@ def batch_out(session: Session, batch: Batch, job_ids: list[str] | None = None,
         priority=Priority(batch.priority), deadline_at=batch.deadline_at,
         gpu_seconds=round(queries.batch_gpu_seconds(session, batch.id), 4),
         queue=_queue(eta.batch_queue(session, settings, batch.id)) if settings is not None else None,
+    )
+
+
+def manifest_entry(job: Job, store: ResultStore, settings: Settings) -> ManifestEntry:
+    """One job as a manifest line: the result URL minted as for the job view."""
+    status = JobStatus(job.status)
+    result = _result(job, store, settings)
+    has_error = status in (JobStatus.failed, JobStatus.expired)
+    return ManifestEntry(
+        job_id=job.id, position=job.position, status=status.value, output_key=job.output_key,
+        error_code=job.error_code if has_error else None, output_url=result.url if result else None,
+        output_url_expires_at=result.url_expires_at if result else None,
+        error_message=job.error_message if has_error else None, task=job.task, prompt=job.prompt, think=job.think,
+        think_text=job.think_text, output_text=job.output_text, queued_at=job.queued_at, started_at=job.started_at,
+        finished_at=job.finished_at, model_seconds=job.model_seconds, gpu_seconds=job.gpu_seconds,
+        seq=job.report_seq,
     )

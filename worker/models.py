@@ -177,6 +177,11 @@ class Batch(Base):
     priority: Mapped[Priority] = mapped_column(_enum(Priority, "priority"), default=Priority.batch,
                                                 server_default=Priority.batch.value)
     deadline_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    # Reports while it runs (``worker.progress``): at most one ``batch.progress`` per
+    # ``progress_interval_s`` (None: none), numbered by ``report_seq`` (batch.completed takes the last).
+    progress_interval_s: Mapped[float | None] = mapped_column(Float, nullable=True)
+    report_seq: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    reported_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)  # the last batch.progress
 
 
 class Chunk(Base):
@@ -263,6 +268,8 @@ class Job(Base):
     webhook_url: Mapped[str | None] = mapped_column(Text, nullable=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    # The batch report (``Batch.report_seq``) that first counted it final; None until one did.
+    report_seq: Mapped[int | None] = mapped_column(Integer, nullable=True)
 
 
 class WebhookDelivery(Base):

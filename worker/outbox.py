@@ -7,8 +7,8 @@ Owns: event names and payloads (``job.succeeded``, ``job.failed``, ``job.expired
 count of active jobs, so two workers finishing a batch's last two jobs concurrently cannot both
 miss it on PostgreSQL; SQLite serializes writers anyway), test pings, claiming due deliveries,
 recording attempts, and replays (a delivered or failed delivery back to pending, same id and
-payload). Leaves job transitions to ``jobs.py`` (which calls in here) and sending to
-``webhooks.py``.
+payload). Leaves job transitions to ``jobs.py`` (which calls in here), ``batch.progress`` (its
+throttle and payload) to ``progress.py`` and sending to ``webhooks.py``.
 """
 
 from __future__ import annotations
@@ -31,9 +31,11 @@ log = logging.getLogger(__name__)
 EVENT_JOB_SUCCEEDED = "job.succeeded"
 EVENT_JOB_FAILED = "job.failed"
 EVENT_JOB_EXPIRED = "job.expired"
+EVENT_BATCH_PROGRESS = "batch.progress"
 EVENT_BATCH_COMPLETED = "batch.completed"
 EVENT_WEBHOOK_TEST = "webhook.test"
-EVENTS = (EVENT_JOB_SUCCEEDED, EVENT_JOB_FAILED, EVENT_JOB_EXPIRED, EVENT_BATCH_COMPLETED, EVENT_WEBHOOK_TEST)
+EVENTS = (EVENT_JOB_SUCCEEDED, EVENT_JOB_FAILED, EVENT_JOB_EXPIRED, EVENT_BATCH_PROGRESS, EVENT_BATCH_COMPLETED,
+          EVENT_WEBHOOK_TEST)
 REPLAYABLE = (DeliveryStatus.delivered, DeliveryStatus.failed)
 TEST_MESSAGE = "a test webhook from bagel-jobs"
 
@@ -142,24 +144,26 @@ def lock_batch(session: Session, batch_id: str) -> Batch | None:
                           .execution_options(populate_existing=True))
 
 
-def complete_batch_if_done(session: Session, batch_id: str, now: datetime) -> None:
+def complete_batch_if_done(session: Session, batch_id: str, now: datetime) -> bool:
+    """``batch.completed`` when no job of the batch is left active; True when this call completed it."""
     batch = lock_batch(session, batch_id)
     if batch is None or batch.completed_at is not None:
-        return
+        return False
     active = session.scalar(select(func.count()).select_from(Job)
                             .where(Job.batch_id == batch_id, Job.status.in_(list(ACTIVE_STATUSES))))
     if active:
-        return
+        return False
     rows = session.execute(update(Batch).where(Batch.id == batch_id, Batch.completed_at.is_(None))
                            .values(completed_at=now).execution_options(**_NO_SYNC)).rowcount
     if not rows:
-        return
+        return False
     log.info("batch %s completed", batch_id)
     if batch.webhook_url:
         jobs = session.scalars(select(Job).where(Job.batch_id == batch_id).order_by(Job.position)
                                .execution_options(populate_existing=True)).all()
         add_delivery(session, batch.tenant_id, EVENT_BATCH_COMPLETED, batch.webhook_url,
                       batch_payload(batch, jobs, now), now, batch_id=batch_id)
+    return True
 
 
 def add_delivery(session: Session, tenant_id: str, event: str, url: str, data: dict[str, Any],

@@ -54,7 +54,8 @@ class Settings(BaseSettings):
     s3_access_key_id: str | None = None
     s3_secret_access_key: SecretStr | None = None
     presign_expiry_s: int = Field(3600, ge=1, le=7 * 24 * 3600)
-    public_base_url: str = "http://127.0.0.1:8000"
+    public_base_url: str = Field("", description="base of local-storage download URLs; empty → the API's "
+                                 "own address, http://API_HOST:API_PORT (127.0.0.1 for a wildcard host)")
     url_signing_key: SecretStr | None = Field(
         None, description="HMAC key for local-storage download URLs; None → a key file in storage_dir")
 
@@ -104,6 +105,9 @@ class Settings(BaseSettings):
                                         "addresses too (development; off in production)")
     webhook_dns_server: str | None = Field(None, description="IP, IP:PORT or [IPv6]:PORT of the DNS server "
                                            "deliveries resolve callback hosts with; None → the system resolver")
+    batch_progress_interval_s: float = Field(30.0, gt=0, le=86_400, description="at most one batch.progress "
+                                             "webhook per batch per this many seconds (fixed per batch when it is "
+                                             "submitted)")
 
     # Reconciler.
     reconcile_interval_s: float = Field(30.0, gt=0)
@@ -184,6 +188,8 @@ class Settings(BaseSettings):
                              "(use postgresql+psycopg://… or sqlite:///…)")
         if self.storage_backend == "s3" and not self.s3_bucket:
             raise ValueError(f"{ENV_PREFIX}S3_BUCKET: required when {ENV_PREFIX}STORAGE_BACKEND=s3")
+        if not self.public_base_url.strip():
+            self.public_base_url = api_base_url(self.api_host, self.api_port)
         if urlsplit(self.public_base_url).scheme not in ("http", "https"):
             raise ValueError(f"{ENV_PREFIX}PUBLIC_BASE_URL: {self.public_base_url!r} is not an "
                              "http(s) URL")
@@ -206,6 +212,16 @@ class Settings(BaseSettings):
             else:
                 out[name] = value
         return out
+
+
+def api_base_url(host: str, port: int) -> str:
+    """``http://host:port`` of an API bound to ``host``, as a client on this machine reaches it: a
+    wildcard address (``0.0.0.0``, ``::``) as ``127.0.0.1``, an IPv6 address in brackets."""
+    if host in ("", "0.0.0.0", "::"):
+        host = "127.0.0.1"
+    elif ":" in host:
+        host = f"[{host}]"
+    return f"http://{host}:{port}"
 
 
 def _allows_none(annotation: Any) -> bool:

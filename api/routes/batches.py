@@ -1,18 +1,18 @@
 """``/v1/batches``: submit many jobs at once (try-on form or per-item tasks; with a priority and a
 deadline, within the tenant's limits), list the tenant's batches, read a batch's counts and
-progress, page through its jobs, cancel it."""
+progress, page through its jobs, read its manifest (JSON pages or CSV) at any time, cancel it."""
 
 from __future__ import annotations
 
 from datetime import datetime
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Header, Query
-from fastapi.responses import JSONResponse
+from fastapi import APIRouter, Header, Query, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from api import idempotency, submission
+from api import idempotency, manifest, submission
 from api.deps import SessionDep, SettingsDep, StoreDep, TenantDep
-from api.schemas import BatchIn, BatchList, BatchOut, JobPage
+from api.schemas import BatchIn, BatchList, BatchOut, JobPage, Manifest
 from api.views import batch_out, job_out
 from worker import jobs, limits, queries
 from worker.errors import NotFound
@@ -21,6 +21,7 @@ from worker.models import utcnow
 router = APIRouter(prefix="/v1/batches", tags=["batches"])
 ROUTE = "POST /v1/batches"
 MAX_PAGE_SIZE = 200
+MAX_MANIFEST_PAGE = 1000
 
 
 def _not_found(batch_id: str) -> NotFound:
@@ -44,7 +45,8 @@ def create_batch(body: BatchIn, tenant: TenantDep, session: SessionDep, settings
     limits.check_submission(session, tenant, new_jobs=len(specs), now=now)
     batch, rows = jobs.submit(session, tenant.id, specs, batch=True, webhook_url=webhook_url,
                               metadata=metadata, max_attempts=settings.max_attempts, priority=body.priority,
-                              deadline_at=deadline_at, commit=False)
+                              deadline_at=deadline_at, progress_interval_s=settings.batch_progress_interval_s,
+                              commit=False)
     assert batch is not None
     out = batch_out(session, batch, [j.id for j in rows]).model_dump(mode="json")
     if (winner := idempotency.commit_with_record(session, tenant.id, key, ROUTE, digest, 202, out)) is not None:
@@ -85,6 +87,29 @@ def list_batch_jobs(batch_id: str, tenant: TenantDep, session: SessionDep, setti
     has_more = page * page_size < batch.job_count
     return JobPage(items=[job_out(j, store, settings) for j in rows], page=page, page_size=page_size,
                    total=batch.job_count, next_page=page + 1 if has_more else None)
+
+
+@router.get("/{batch_id}/manifest", response_model=Manifest,
+            responses={200: {"content": {"text/csv": {}}, "description": "JSON (a page) or CSV (every job)"}})
+def get_manifest(batch_id: str, request: Request, tenant: TenantDep, session: SessionDep, settings: SettingsDep,
+                 store: StoreDep, format: Literal["json", "csv"] | None = None,  # noqa: A002 - the query name
+                 since: Annotated[int | None, Query(ge=0, description="a report's seq: only the jobs later "
+                                                    "reports counted final")] = None,
+                 limit: Annotated[int, Query(ge=1, le=MAX_MANIFEST_PAGE)] = 100,
+                 cursor: Annotated[str | None, Query(max_length=20)] = None,
+                 accept: Annotated[str | None, Header()] = None) -> Response | Manifest:
+    """Every job in position order with its status, result URL, error and timings, valid while
+    the batch runs. JSON pages (``limit``, ``cursor``) with the counts by default; the whole
+    batch as CSV with ``Accept: text/csv`` or ``?format=csv``."""
+    batch = queries.get_batch(session, tenant.id, batch_id)
+    if batch is None:
+        raise _not_found(batch_id)
+    if not manifest.wants_csv(format, accept):
+        return manifest.manifest_page(session, batch, store, settings, since=since, cursor=cursor, limit=limit)
+    session.commit()  # the rows stream from short transactions of their own
+    chunks = manifest.csv_chunks(request.app.state.sessions, batch.id, store, settings, since=since)
+    return StreamingResponse(chunks, media_type=manifest.CSV_MEDIA_TYPE,
+                             headers={"content-disposition": f'attachment; filename="batch-{batch.id}.csv"'})
 
 
 @router.post("/{batch_id}/cancel", response_model=BatchOut)
