@@ -23,7 +23,7 @@ from worker.params import check_text
 from worker.settings import Settings
 from worker.storage import ResultStore
 
-_bearer = HTTPBearer(auto_error=False, description="API key issued by `bagel-jobs tenants create-key`")
+_bearer = HTTPBearer(auto_error=False, description="API key issued by `bagel-jobs key create`")
 
 
 async def refuse_control_characters_in_path(request: Request) -> None:

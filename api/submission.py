@@ -31,6 +31,7 @@ from worker.errors import (
     UnknownFile,
 )
 from worker.jobs import JobSpec
+from worker.models import File
 from worker.settings import Settings
 
 CANCEL_AFTER_FIELD = "header.Cancel-After"
@@ -61,7 +62,7 @@ def _params_dict(*layers: GenerationParamsIn | None) -> dict[str, Any]:
     return out
 
 
-def _spec(settings: Settings, owned: set[str], *, task: str, prompt: str, file_ids: Sequence[str],
+def _spec(settings: Settings, owned: dict[str, File], *, task: str, prompt: str, file_ids: Sequence[str],
           think: bool, width: int | None, height: int | None, seed: int | None, user_params: dict[str, Any],
           metadata: dict[str, Any] | None) -> JobSpec:
     params.check_task(task)
@@ -73,7 +74,10 @@ def _spec(settings: Settings, owned: set[str], *, task: str, prompt: str, file_i
     if seed is not None:
         user_params["seed"] = seed
     resolved = params.resolve(task, user_params, think)
-    out_w, out_h = params.resolve_size(task, width, height, max_side_px=settings.max_output_side_px)
+    first = owned[file_ids[0]] if file_ids else None
+    out_w, out_h = params.resolve_size(task, width, height, max_side_px=settings.max_output_side_px,
+                                       input_size=(first.width, first.height) if first else None,
+                                       constants=params.picture_constants(settings.model_path))
     return JobSpec(task=task, prompt=prompt, params=resolved, input_file_ids=tuple(file_ids), think=think,
                    width=out_w, height=out_h, metadata=params.check_metadata(metadata))
 
@@ -86,7 +90,7 @@ def _check_file_ids(file_ids: Sequence[str], field: str) -> None:
 
 def job_spec(session: Session, settings: Settings, tenant_id: str, body: JobIn) -> JobSpec:
     _check_file_ids(body.input_file_ids, "input_file_ids")
-    owned = set(queries.files_by_ids(session, tenant_id, body.input_file_ids))
+    owned = queries.files_by_ids(session, tenant_id, body.input_file_ids)
     return _spec(settings, owned, task=body.task, prompt=body.prompt, file_ids=body.input_file_ids,
                  think=body.think, width=body.width, height=body.height, seed=body.seed,
                  user_params=_params_dict(body.params), metadata=body.metadata)
@@ -103,7 +107,7 @@ def batch_specs(session: Session, settings: Settings, tenant_id: str, body: Batc
     wanted = {fid for item in body.items for fid in (item.input_file_ids or [])}
     if body.product_file:
         wanted.add(body.product_file)
-    owned = set(queries.files_by_ids(session, tenant_id, wanted))
+    owned = queries.files_by_ids(session, tenant_id, wanted)
     if body.product_file and body.product_file not in owned:
         raise UnknownFile(f"product_file: file {body.product_file!r} not found", field="product_file")
     specs = []

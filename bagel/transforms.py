@@ -2,16 +2,17 @@
 
 Owns: turning untrusted image bytes into a checked, upright PIL picture (``load_image`` applies
 the EXIF Orientation tag, as viewers do, so a phone's portrait photo is portrait), flattening alpha
-(``to_rgb``), the two resize rules (VAE: long edge ≤ 1024, short edge ≥ 512, sides a multiple of
-16; ViT: 980 / 224 / 14, both capped by a pixel budget), pixel ↔ tensor conversion in [-1, 1],
-ViT patch extraction with its 2-D position ids, and the packed ↔ grid layout of VAE latents.
+(``to_rgb``), the two resizes (VAE: long edge ≤ 1024, short edge ≥ 512, sides a multiple of 16;
+ViT: 980 / 224 / 14, both capped by a pixel budget; the sizes are ``sizes.py``'s), pixel ↔ tensor
+conversion in [-1, 1], ViT patch extraction with its 2-D position ids, and the packed ↔ grid
+layout of VAE latents.
 Leaves the networks to ``vit.py`` / ``vae.py`` and the sequence layout to the engine.
 
 Facts taken from the reference (ByteDance-Seed/Bagel ``data/transforms.py``,
 ``data/data_utils.py``, ``inferencer.py``), re-implemented here:
 
-- Sizes are computed with Python ``round`` (ties to even) and snapped to the stride; the picture
-  is resized with PIL bicubic (PIL always antialiases when shrinking).
+- The picture is resized with PIL bicubic (PIL always antialiases when shrinking) to the size
+  ``sizes.py`` computes.
 - Every picture is first resized by the VAE rule; the ViT rule is applied to that result.
 - Normalisation is ``(x/255 − 0.5)/0.5``; decoding back to uint8 truncates instead of rounding.
 - A ViT patch is flattened in (row-in-patch, column-in-patch, channel) order, the order of the
@@ -34,6 +35,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from bagel.config import BagelConstants
 from bagel.errors import InputError
+from bagel.sizes import resized_size, vae_size
 
 ACCEPTED_FORMATS = ("PNG", "JPEG", "WEBP")
 _FORMAT_NAMES = "PNG, JPEG or WebP"
@@ -93,36 +95,13 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def _snap(value: int, stride: int) -> int:
-    return max(stride, int(round(value / stride) * stride))
-
-
-def _scaled(width: int, height: int, scale: float, stride: int) -> tuple[int, int]:
-    return _snap(round(width * scale), stride), _snap(round(height * scale), stride)
-
-
-def resized_size(width: int, height: int, *, max_px: int, min_px: int, stride: int,
-                 max_pixels: int) -> tuple[int, int]:
-    """Target (width, height) of the reference's long-edge / short-edge / pixel-budget rule."""
-    scale = min(max_px / max(width, height), 1.0)
-    scale = max(scale, min_px / min(width, height))
-    new_w, new_h = _scaled(width, height, scale, stride)
-    if new_w * new_h > max_pixels:
-        new_w, new_h = _scaled(new_w, new_h, max_pixels / (new_w * new_h), stride)
-    if max(new_w, new_h) > max_px:
-        new_w, new_h = _scaled(new_w, new_h, max_px / max(new_w, new_h), stride)
-    return new_w, new_h
-
-
 def _resize(img: Image.Image, size_wh: tuple[int, int]) -> Image.Image:
     return img.resize(size_wh, Image.Resampling.BICUBIC)
 
 
 def resize_for_vae(img: Image.Image, constants: BagelConstants) -> Image.Image:
     """Resize an RGB picture for the VAE (and as the first step of the ViT path)."""
-    size = resized_size(*img.size, max_px=constants.vae_max_px, min_px=constants.vae_min_px,
-                        stride=constants.vae_stride, max_pixels=constants.max_pixels)
-    return _resize(img, size)
+    return _resize(img, vae_size(*img.size, constants))
 
 
 def resize_for_vit(img: Image.Image, constants: BagelConstants) -> Image.Image:

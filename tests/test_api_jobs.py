@@ -93,9 +93,11 @@ def test_tryon_edit_and_understand_jobs_take_files(api_stack):
     cached = submit(api_stack, {"task": "tryon", "prompt": "on a rock", "input_file_ids": [product],
                                 "params": {"taylorseer": True}})
     assert cached.status_code == 202 and cached.json()["params"]["taylorseer"] is True
-    assert body["width"] is None and body["input_file_ids"] == [product]
+    # The 32² product as the (demo) model resizes it: short side raised to its 256 px minimum.
+    assert (body["width"], body["height"]) == (256, 256) and body["input_file_ids"] == [product]
     understand = submit(api_stack, {"task": "understand", "prompt": "What is this?", "input_file_ids": [product]})
     assert understand.status_code == 202 and understand.json()["progress"]["total"] == 0
+    assert (understand.json()["width"], understand.json()["height"]) == (None, None)
 
 
 @pytest.mark.parametrize(("body", "field", "message"), [

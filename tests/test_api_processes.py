@@ -1,9 +1,11 @@
 """``bagel-jobs api`` as processes: the worker count, each process's database pool, the warning when
-they could exceed PostgreSQL's ``max_connections``, and workers that end with their supervisor."""
+they could exceed PostgreSQL's ``max_connections``, workers that end with their supervisor, and
+download URLs on the port actually served."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
@@ -18,9 +20,11 @@ from anyio import to_thread
 from sqlalchemy import text
 
 from tests.fixtures.worker import ROOT, free_port, wait_until
-from worker import db, tenants
+from worker import chunks, db, jobs, tenants
 from worker.cli import MAX_DEFAULT_API_WORKERS, api_app, api_worker_count
+from worker.models import utcnow
 from worker.settings import Settings
+from worker.storage import make_store, output_key
 
 POOL_SIZE, MAX_OVERFLOW = 100, 100  # the settings' largest values: 2 processes x 200 connections
 
@@ -142,3 +146,59 @@ def test_the_served_app_runs_sync_routes_on_one_thread_per_pooled_connection(
     app, threads = asyncio.run(serve())
     assert threads == 3
     app.state.engine.dispose()
+
+
+@pytest.mark.parametrize("how", ["env", "flag"])
+def test_download_urls_follow_the_port_the_api_serves_when_only_the_port_is_set(
+        how: str, pg_url: str, tmp_path: Path) -> None:
+    """``BAGEL_JOBS_API_PORT`` alone, or ``bagel-jobs api --port`` (two worker processes, which read
+    the environment again): no ``PUBLIC_BASE_URL``, and a local-storage result URL points at the
+    port served and downloads."""
+    port = free_port()
+    engine = db.make_engine(pg_url)
+    with db.session_factory(engine)() as session:
+        tenant = tenants.create_tenant(session, f"port-{uuid.uuid4().hex[:8]}")
+        _, key = tenants.create_api_key(session, tenant.id)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BAGEL_JOBS_")}
+    env.update(PYTHONPATH=str(ROOT), BAGEL_JOBS_DATABASE_URL=pg_url, BAGEL_JOBS_STORAGE_DIR=str(tmp_path / "storage"),
+               BAGEL_JOBS_URL_SIGNING_KEY="test", BAGEL_JOBS_API_WORKERS="1" if how == "env" else "2")
+    args = ["api"]
+    if how == "env":
+        env["BAGEL_JOBS_API_PORT"] = str(port)
+    else:
+        args += ["--port", str(port)]
+    log_path = tmp_path / "api.log"
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "worker.cli", *args], cwd=tmp_path, env=env, stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    api = httpx.Client(base_url=f"http://127.0.0.1:{port}", headers={"Authorization": f"Bearer {key}"}, timeout=30)
+    try:
+        def healthy() -> bool:
+            assert proc.poll() is None, log_path.read_text()
+            try:
+                return api.get("/healthz").status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        wait_until(healthy, 90, 0.1, "the API to answer /healthz")
+        assert f"download URLs at http://127.0.0.1:{port}:" in log_path.read_text()
+        job = api.post("/v1/jobs", json={"task": "generate", "prompt": "a mug", "width": 32, "height": 32}).json()
+        # What a GPU worker does: write the result to the same local storage, then complete the job.
+        stored = Settings(_env_file=None, database_url=pg_url, storage_dir=tmp_path / "storage",
+                          url_signing_key="test")
+        make_store(stored).put(output_key(tenant.id, job["id"]), b"\x89PNG result bytes", "image/png")
+        with db.session_factory(engine)() as session:
+            chunk_id = chunks.form_chunk(session, [job["id"]], utcnow())
+            session.commit()
+            chunks.claim_chunk(session, chunk_id, "worker-1", lease_s=60)
+            assert jobs.complete_job(session, job["id"], "worker-1", output_key=output_key(tenant.id, job["id"]),
+                                     model_seconds=0.1)
+        url = api.get(f"/v1/jobs/{job['id']}").json()["result"]["url"]
+        assert url.startswith(f"http://127.0.0.1:{port}/v1/objects/"), url
+        assert httpx.get(url, timeout=30).content == b"\x89PNG result bytes"
+    finally:
+        api.close()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)  # the supervisor and its worker processes
+        proc.wait()
+        engine.dispose()

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
 from sqlalchemy import select
 
-from tests.fixtures.worker import ROOT
+from tests.fixtures.worker import ROOT, wait_until
 from worker import db, tenants
 from worker.models import ApiKey
 from worker.settings import Settings
@@ -68,3 +69,33 @@ def test_db_upgrade_tenant_and_key_create_on_a_fresh_folder(tmp_path: Path) -> N
 def test_worker_refuses_unknown_queues(tmp_path: Path) -> None:
     r = _cli(["worker", "--queues", "gpu,cpu"], tmp_path)
     assert r.returncode == 2 and "--queues: ['cpu']" in r.stderr
+
+
+def test_worker_node_names_carry_the_real_host_and_pid(tmp_path: Path) -> None:
+    """``app.Worker`` does not expand Celery's ``%h``: the node name is built with the host name and
+    the pid, as the worker's start-up banner and its ready line show."""
+    assert _cli(["db", "upgrade"], tmp_path).returncode == 0
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BAGEL_JOBS_")}
+    env["PYTHONPATH"] = str(ROOT)
+    log_path = tmp_path / "worker.log"
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "worker.cli", "worker", "--queues", "webhooks", "--name",
+                                 "hooks-a"], cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        node = f"hooks-a@{socket.gethostname()}:{proc.pid}"
+
+        def ready() -> bool:
+            assert proc.poll() is None, log_path.read_text()
+            return f"{node} ready." in log_path.read_text()
+
+        wait_until(ready, 60, 0.1, f"{node} to be ready")
+        started = log_path.read_text()
+        assert f"-------------- {node} v" in started  # Celery's banner
+        assert f"(node {node}) consuming ['webhooks']" in started and "%h" not in started
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    refused = _cli(["worker", "--queues", "webhooks", "--name", "hooks@%h"], tmp_path)
+    assert refused.returncode == 2
+    assert ("--name: 'hooks@%h' contains '@'; give the prefix only (the node name is <prefix>@<host>:<pid>)"
+            in refused.stderr)

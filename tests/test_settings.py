@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import json
 import typing
+from dataclasses import replace
 
 import pytest
 
+from bagel.config import BagelConstants
 from worker import params, webhook_targets
 from worker.errors import InvalidParameter, InvalidWebhookUrl, SettingsError
 from worker.settings import Settings, load_settings, mask_url
@@ -53,6 +55,23 @@ def test_bad_values_name_the_variable(monkeypatch):
         load_settings(storage_backend="s3")
     with pytest.raises(SettingsError, match=r"BAGEL_JOBS_DATABASE_URL: scheme 'mysql' is not supported"):
         load_settings(database_url="mysql://x/y")
+
+
+def test_public_base_url_defaults_to_the_api_address_and_an_explicit_one_wins(monkeypatch):
+    assert load_settings().public_base_url == "http://127.0.0.1:8000"
+    monkeypatch.setenv("BAGEL_JOBS_API_PORT", "9100")
+    assert load_settings().public_base_url == "http://127.0.0.1:9100"
+    monkeypatch.setenv("BAGEL_JOBS_API_HOST", "0.0.0.0")  # a wildcard bind: reached on the loopback
+    assert load_settings().public_base_url == "http://127.0.0.1:9100"
+    assert load_settings(api_host="::").public_base_url == "http://127.0.0.1:9100"
+    assert load_settings(api_host="10.0.0.5").public_base_url == "http://10.0.0.5:9100"
+    assert load_settings(api_host="fd00::5").public_base_url == "http://[fd00::5]:9100"
+    monkeypatch.setenv("BAGEL_JOBS_PUBLIC_BASE_URL", " ")  # blank: unset
+    assert load_settings().public_base_url == "http://127.0.0.1:9100"
+    monkeypatch.setenv("BAGEL_JOBS_PUBLIC_BASE_URL", "https://bagel.example.com")
+    assert load_settings().public_base_url == "https://bagel.example.com"
+    with pytest.raises(SettingsError, match=r"BAGEL_JOBS_PUBLIC_BASE_URL: 'bagel.example.com' is not an http\(s\) URL"):
+        load_settings(public_base_url="bagel.example.com")
 
 
 def test_gpu_memory_budget_and_margin_are_checked_at_start_up(monkeypatch):
@@ -142,15 +161,31 @@ def test_tryon_prompt_keeps_the_product_and_runs_as_edit():
 
 
 def test_sizes_and_input_counts():
-    assert params.resolve_size("generate", None, None, max_side_px=1024) == (1024, 1024)
-    assert params.resolve_size("generate", 64, 32, max_side_px=1024) == (64, 32)
-    assert params.resolve_size("tryon", None, None, max_side_px=1024) == (None, None)
+    real = BagelConstants()
+
+    def size(task, width=None, height=None, input_size=None, constants=real):
+        return params.resolve_size(task, width, height, max_side_px=1024, input_size=input_size, constants=constants)
+
+    assert size("generate") == (1024, 1024) and size("generate", 64, 32) == (64, 32)
+    # Edit and try-on: the input's size as the engine resizes it (short side raised to the minimum,
+    # long side capped, sides rounded to 16), the tiny demo checkpoint's minimum without a model path.
+    assert size("tryon", input_size=(64, 64)) == (512, 512)
+    assert size("edit", input_size=(40, 24), constants=replace(real, vae_min_px=64)) == (112, 64)
+    assert size("tryon", input_size=(64, 64), constants=params.picture_constants(None)) == (256, 256)
+    assert size("edit", input_size=(3000, 2000)) == (1024, 688)
+    assert size("understand", input_size=(64, 64)) == (None, None)
     with pytest.raises(InvalidParameter, match=r"width: 2048 px is outside 16..1024 px"):
-        params.resolve_size("generate", 2048, 64, max_side_px=1024)
+        size("generate", 2048, 64)
     with pytest.raises(InvalidParameter, match=r"height: 100 px is not a multiple of 16"):
-        params.resolve_size("generate", 64, 100, max_side_px=1024)
-    with pytest.raises(InvalidParameter, match=r"width: not accepted for task 'edit'"):
-        params.resolve_size("edit", 64, None, max_side_px=1024)
+        size("generate", 64, 100)
+    with pytest.raises(InvalidParameter) as refused:
+        size("edit", 64, None, input_size=(64, 64))
+    assert str(refused.value) == ("width: not accepted for task 'edit' (the output has the input picture's size, "
+                                  "scaled so that its short side is at least 512 px and its long side at most 1024 px "
+                                  "(the long side wins), sides rounded to multiples of 16 px; the job's width and "
+                                  "height show it from submission on)")
+    with pytest.raises(InvalidParameter, match=r"^height: not accepted for task 'understand' \(it answers in text\)$"):
+        size("understand", None, 64)
     params.check_input_count("understand", 3)
     with pytest.raises(InvalidParameter, match=r"input_file_ids: task 'tryon' takes 1 input image\(s\), got 0"):
         params.check_input_count("tryon", 0)

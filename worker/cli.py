@@ -1,8 +1,8 @@
 """``bagel-jobs``: the command line of the job service (console script → ``main``).
 
 Owns: argument parsing, logging set-up and settings construction for every entry point:
-``config``, ``db upgrade|downgrade``, ``tenant create|limits``, ``key create``, ``api``,
-``worker --queues gpu|webhooks``, ``reconciler``, ``up`` and ``demo``. Each command is a few
+``config``, ``db upgrade|downgrade``, ``tenant create|limits|rotate-secret``, ``key create|revoke``,
+``api``, ``worker --queues gpu|webhooks``, ``reconciler``, ``up`` and ``demo``. Each command is a few
 lines calling the module that owns the work. The API app is looked up by module name when the
 ``api`` command runs, so the worker package has no import-time dependency on ``api``.
 """
@@ -17,6 +17,7 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import sys
 import tempfile
 import threading
@@ -27,7 +28,7 @@ from typing import Any
 
 from worker.errors import ServiceError, SettingsError
 from worker.logs import configure_logging
-from worker.settings import Settings, load_settings
+from worker.settings import ENV_PREFIX, Settings, load_settings
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +106,35 @@ def cmd_key(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_key_revoke(settings: Settings, args: argparse.Namespace) -> int:
+    from worker import tenants
+
+    with _session(settings) as session:
+        key = tenants.find_api_key(session, args.key)
+        was_active = tenants.revoke_api_key(session, key.id)
+        session.refresh(key)
+        assert key.revoked_at is not None
+        out = {"key_id": key.id, "tenant_id": key.tenant_id, "prefix": key.prefix,
+               "revoked_at": key.revoked_at.isoformat()}
+    _out(json.dumps(out, indent=2))
+    log.info("api key %s (%s…) %s: the API refuses it from the next request on", out["key_id"], out["prefix"],
+             "revoked" if was_active else "was revoked already")
+    return 0
+
+
+def cmd_tenant_rotate_secret(settings: Settings, args: argparse.Namespace) -> int:
+    from worker import tenants
+
+    with _session(settings) as session:
+        tenant = tenants.find_tenant(session, args.name)
+        out = {"tenant_id": tenant.id, "name": tenant.name}
+        out["webhook_secret"] = tenants.rotate_webhook_secret(session, tenant.id)
+    _out(json.dumps(out, indent=2))
+    log.info("tenant %s: webhook secret rotated; the new one is shown only this once and signs every delivery "
+             "attempt from now on, retries of earlier events included", out["tenant_id"])
+    return 0
+
+
 MAX_DEFAULT_API_WORKERS = 8
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
@@ -144,9 +174,13 @@ def cmd_api(settings: Settings, args: argparse.Namespace) -> int:
 
     workers = api_worker_count(settings)
     host, port = args.host or settings.api_host, args.port or settings.api_port
-    log.info("API on %s:%d: %d worker process(es), each with %d threads and a pool of %d database "
-             "connections (at most %d with its overflow)", host, port, workers, settings.db_pool_size,
-             settings.db_pool_size, connections_per_process(settings))
+    # The API processes read their settings from the environment (``api_app``): --host and --port
+    # reach them there, and so does the download URLs' base derived from them when unset.
+    os.environ[f"{ENV_PREFIX}API_HOST"], os.environ[f"{ENV_PREFIX}API_PORT"] = host, str(port)
+    settings = load_settings()
+    log.info("API on %s:%d, download URLs at %s: %d worker process(es), each with %d threads and a pool of "
+             "%d database connections (at most %d with its overflow)", host, port, settings.public_base_url,
+             workers, settings.db_pool_size, settings.db_pool_size, connections_per_process(settings))
     if not settings.is_sqlite:
         _warn_if_over_max_connections(settings, workers)
     with _shared_metrics_dir(workers):
@@ -253,6 +287,13 @@ def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
     unknown = sorted(set(queues) - set(QUEUES))
     if unknown:
         raise SettingsError(f"--queues: {unknown} not among {list(QUEUES)}")
+    name = args.name or "-".join(queues)
+    if "@" in name:
+        raise SettingsError(f"--name: {name!r} contains '@'; give the prefix only (the node name is "
+                            "<prefix>@<host>:<pid>)")
+    # app.Worker takes the node name as it is (only the celery command expands %h): the host and
+    # the pid, so that two workers on one host are two nodes to `celery inspect`.
+    node = f"{name}@{socket.gethostname()}:{os.getpid()}"
     rt = WorkerRuntime(settings)
     registration = http = None
     if GPU_QUEUE in queues:
@@ -289,11 +330,10 @@ def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
                 log.warning("worker %s: could not mark itself draining", rt.worker_id, exc_info=True)
 
     signals.worker_shutting_down.connect(on_shutdown, weak=False)
-    name = args.name or "-".join(queues)
-    worker = app.Worker(queues=queues, pool="solo", concurrency=1, hostname=f"{name}@%h",
+    worker = app.Worker(queues=queues, pool="solo", concurrency=1, hostname=node,
                         loglevel=args.log_level.upper(), without_heartbeat=True, without_mingle=True,
                         without_gossip=True, optimization="fair")
-    log.info("worker %s consuming %s (drain=%s)", rt.worker_id, queues, settings.drain)
+    log.info("worker %s (node %s) consuming %s (drain=%s)", rt.worker_id, node, queues, settings.drain)
     try:
         worker.start()
     finally:
@@ -337,6 +377,13 @@ def cmd_demo(settings: Settings, args: argparse.Namespace) -> int:
                     receiver_host=args.receiver_host)
 
 
+def cmd_submit(settings: Settings, args: argparse.Namespace) -> int:
+    """``submit tryon …``: the Python SDK's command (``bagel_client.cli``); talks to the API only."""
+    from bagel_client import cli as submit_cli
+
+    return submit_cli.run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bagel-jobs", description="BAGEL inference as asynchronous jobs.")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
@@ -365,6 +412,9 @@ def build_parser() -> argparse.ArgumentParser:
     tl.add_argument("--weight", type=_limit_arg(float), default=argparse.SUPPRESS, metavar="W",
                     help="fair-share weight (default 1.0)")
     tl.set_defaults(func=cmd_tenant_limits)
+    tr = tsub.add_parser("rotate-secret", help="replace a tenant's webhook signing secret; prints the new one once")
+    tr.add_argument("name", help="tenant id or name")
+    tr.set_defaults(func=cmd_tenant_rotate_secret)
 
     p = sub.add_parser("key", help="manage API keys")
     ksub = p.add_subparsers(dest="action", required=True)
@@ -372,6 +422,9 @@ def build_parser() -> argparse.ArgumentParser:
     kc.add_argument("tenant", help="tenant id or name")
     kc.add_argument("--name", default="")
     kc.set_defaults(func=cmd_key)
+    kr = ksub.add_parser("revoke", help="revoke an API key: the API refuses it (401) from the next request on")
+    kr.add_argument("key", help="key id, or the key's first 10 characters (bj_ and 7 more)")
+    kr.set_defaults(func=cmd_key_revoke)
 
     p = sub.add_parser("api", help="serve the HTTP API (uvicorn)")
     p.add_argument("--host")
@@ -381,7 +434,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("worker", help="run a Celery worker (one per GPU for the gpu queue)")
     p.add_argument("--queues", default="gpu", help="gpu, webhooks or both, comma-separated")
-    p.add_argument("--name", help="node name prefix (default: the queue names)")
+    p.add_argument("--name", help="Celery node name prefix: the node is <prefix>@<host>:<pid> (default "
+                   "prefix: the queue names)")
     p.set_defaults(func=cmd_worker)
 
     sub.add_parser("reconciler", help="run the periodic reconciler").set_defaults(func=cmd_reconciler)
@@ -397,6 +451,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=None, help="denoising steps per image")
     p.add_argument("--receiver-host", default="127.0.0.1", help="address the webhook receiver binds")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("submit", help="submit work to a running API with the Python SDK (BAGEL_API_URL, "
+                       "BAGEL_API_KEY): tryon --product bag.png --prompts prompts.txt --out results/ --wait")
+    # The SDK's package brings only httpx and standardwebhooks, both server dependencies as well.
+    from bagel_client.cli import add_arguments as add_submit_arguments
+
+    add_submit_arguments(p)
+    p.set_defaults(func=cmd_submit)
     return parser
 
 

@@ -41,6 +41,7 @@ from bagel.requests import CancelFn, ProgressFn, Request, Result
 from bagel.transforms import load_image
 from worker.errors import DeviceFailure, GpuOutOfMemory, SettingsError
 from worker.faults import install_fault, parse_fault
+from worker.params import DEMO_MIN_SIDE_PX
 
 if TYPE_CHECKING:
     from bagel.engine import Engine
@@ -48,7 +49,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-DEMO_MIN_SIDE_PX = 256
 MIB = 2**20
 
 _PARAM_NAMES = frozenset(f.name for f in fields(GenerationParams))

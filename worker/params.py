@@ -4,7 +4,8 @@ and metadata.
 Owns: the service's view of BAGEL's hyper-parameters (names and defaults follow the reference
 app; ranges are the service's own, a little tighter than what the engine accepts), the try-on
 task (an edit with a product image and a scene prompt, defaults tuned to keep the product as
-it is) and output-size rules. Leaves running them to the engine
+it is) and output-size rules (an edit's or try-on's output size computed at submit from the input
+picture with the engine's own torch-free rule, ``bagel.sizes``). Leaves running them to the engine
 (``bagel.config.GenerationParams`` checks again on the worker), HTTP shapes to ``api/`` and
 the webhook URL policy to ``webhook_targets.py``.
 
@@ -14,11 +15,15 @@ dict with a seed, so a job row holds exactly what the worker will run.
 
 from __future__ import annotations
 
+import functools
 import json
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
+from bagel.config import BagelConstants
+from bagel.sizes import vae_size
 from worker.errors import InvalidInput, InvalidParameter
 
 TASKS = ("generate", "edit", "understand", "tryon")
@@ -29,6 +34,9 @@ MAX_METADATA_BYTES = 16 * 1024
 SIDE_MULTIPLE_PX = 16
 MIN_SIDE_PX = 16
 SEED_MAX = 2**63 - 1
+# The tiny demo checkpoint's minimum picture side: ``worker.gpu`` writes the checkpoint with it, and
+# the API states edit and try-on output sizes with it.
+DEMO_MIN_SIDE_PX = 256
 _TEXT_WHITESPACE = "\t\n\r"
 
 # Images each task takes: (minimum, maximum).
@@ -184,16 +192,33 @@ def resolve(task: str, user_params: dict[str, Any] | None, think: bool, *, field
     return out
 
 
-def resolve_size(task: str, width: int | None, height: int | None, *, max_side_px: int) -> tuple[int | None, int | None]:
-    """Output size: generate takes ``width``×``height`` (default the largest square allowed, up
-    to 1024), multiples of 16 in 16..``max_side_px``; the other tasks take the input image's size
-    and refuse an explicit one."""
+@functools.cache
+def picture_constants(model_path: Path | None) -> BagelConstants:
+    """The picture-resize constants of the checkpoint the GPU workers run, read without torch:
+    its optional ``bagel_config.json`` (the real checkpoint has none, so the reference's values
+    hold even where the API does not mount the model), or the tiny demo checkpoint's when no
+    model path is set."""
+    if model_path is None:
+        return replace(BagelConstants(), vae_min_px=DEMO_MIN_SIDE_PX, vit_min_px=DEMO_MIN_SIDE_PX)
+    return BagelConstants.from_folder(model_path)
+
+
+def resolve_size(task: str, width: int | None, height: int | None, *, max_side_px: int,
+                 input_size: tuple[int, int] | None, constants: BagelConstants) -> tuple[int | None, int | None]:
+    """Output size (None for understand, which answers in text). Generate takes
+    ``width``×``height`` (default the largest square allowed, up to 1024), multiples of 16 in
+    16..``max_side_px``. Edit and try-on refuse an explicit size: their output has the size the
+    model resizes the input picture to (``input_size``, upright; ``bagel.sizes.vae_size`` with
+    the checkpoint's ``constants``), so the job states it from submission on."""
     if task != "generate":
         for name, value in (("width", width), ("height", height)):
             if value is not None:
-                raise InvalidParameter(f"{name}: not accepted for task {task!r} (the output takes the input "
-                                       "image's size)", field=name)
-        return None, None
+                raise InvalidParameter(f"{name}: not accepted for task {task!r} ({_size_rule(task, constants)})",
+                                       field=name)
+        if task not in IMAGE_OUTPUT_TASKS:
+            return None, None
+        assert input_size is not None, "the input count is checked before the size"
+        return vae_size(*input_size, constants)
     default = min(1024, max_side_px) // SIDE_MULTIPLE_PX * SIDE_MULTIPLE_PX
     sides = []
     for name, value in (("width", width), ("height", height)):
@@ -206,6 +231,15 @@ def resolve_size(task: str, width: int | None, height: int | None, *, max_side_p
             raise InvalidParameter(f"{name}: {value} px is not a multiple of {SIDE_MULTIPLE_PX}", field=name)
         sides.append(value)
     return sides[0], sides[1]
+
+
+def _size_rule(task: str, constants: BagelConstants) -> str:
+    if task not in IMAGE_OUTPUT_TASKS:
+        return "it answers in text"
+    return (f"the output has the input picture's size, scaled so that its short side is at least "
+            f"{constants.vae_min_px} px and its long side at most {constants.vae_max_px} px (the long side wins), "
+            f"sides rounded to multiples of {constants.vae_stride} px; the job's width and height show it from "
+            "submission on")
 
 
 def check_input_count(task: str, count: int, field: str = "input_file_ids") -> None:

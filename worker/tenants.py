@@ -94,6 +94,17 @@ def authenticate(session: Session, plaintext: str) -> Tenant | None:
     return tenant
 
 
+def find_api_key(session: Session, id_or_prefix: str) -> ApiKey:
+    """The key with this id, or the one key with this prefix (the key's first 10 characters:
+    ``bj_`` and 7 more)."""
+    rows = session.scalars(select(ApiKey).where((ApiKey.id == id_or_prefix) | (ApiKey.prefix == id_or_prefix))).all()
+    if not rows:
+        raise NotFound(f"key: no API key with id or prefix {id_or_prefix!r}", field="key")
+    if len(rows) > 1:
+        raise InvalidParameter(f"key: prefix {id_or_prefix!r} matches {len(rows)} keys; give the key id", field="key")
+    return rows[0]
+
+
 def revoke_api_key(session: Session, key_id: str) -> bool:
     rows = session.execute(update(ApiKey).where(ApiKey.id == key_id, ApiKey.revoked_at.is_(None))
                            .values(revoked_at=utcnow())).rowcount

@@ -1,0 +1,28 @@
+"""bagel_client: the Python SDK of the bagel-jobs API, sync (``Client``) and asyncio
+(``AsyncClient``), needing only ``httpx`` and ``standardwebhooks`` (the ``client`` extra): no
+torch, nothing of the server.
+
+Upload pictures, submit jobs and batches (``tryon``: one product, many scenes), wait with a
+progress callback, download results, list, cancel, and verify webhooks (``verify_webhook``).
+Every creating call carries an ``Idempotency-Key`` (a new uuid4 unless given, the same across
+the SDK's retries of that call); refusals that say "later" (429, 502–504, with their
+``Retry-After``) and connection errors are retried; the API's errors arrive as ``ApiError``
+with the service's ``code``, ``message`` and ``field``.
+
+Imports nothing from ``api``, ``worker`` or ``bagel`` (a test holds it to httpx, standardwebhooks
+and the standard library). The ``bagel-jobs submit`` command (``bagel_client.cli``) is built on it.
+"""
+
+from bagel_client.async_client import AsyncClient
+from bagel_client.client import Client
+from bagel_client.errors import ApiError, BagelError, ResultUnavailable, WaitTimeout, WebhookVerificationError
+from bagel_client.models import (Batch, BatchItem, Delivery, DeliveryAttempt, Event, File, GenerationParams, Job,
+                                 JobError, Progress, Queue, Result, Timings)
+from bagel_client.retries import RetryPolicy
+from bagel_client.webhooks import verify_webhook
+
+__all__ = [
+    "ApiError", "AsyncClient", "BagelError", "Batch", "BatchItem", "Client", "Delivery", "DeliveryAttempt", "Event",
+    "File", "GenerationParams", "Job", "JobError", "Progress", "Queue", "Result", "ResultUnavailable",
+    "RetryPolicy", "Timings", "WaitTimeout", "WebhookVerificationError", "verify_webhook",
+]

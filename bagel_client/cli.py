@@ -1,0 +1,170 @@
+"""``bagel-jobs submit``: submit work to a running API from the command line, with the SDK.
+
+    bagel-jobs submit tryon --product bag.png --prompts prompts.txt --out results/ --wait
+
+Owns: the ``submit`` command's arguments (``add_arguments``, which ``worker.cli`` registers)
+and what it does (``run``): read the prompts (one per line; blank lines and ``#`` comments
+skipped), upload the product once and submit one try-on batch (``Client.tryon``), print the
+batch id and job ids as one JSON line on stdout and, with ``--wait``, draw a progress bar over
+the batch on stderr, then write each result to ``--out`` named by its position (``000.png``,
+``001.png``, …) with ``manifest.json`` (every job's prompt, status, file or error). Exit 0 when
+every job succeeded, 1 when any did not or the API refused, 2 for bad arguments.
+
+It imports only the SDK (httpx, standardwebhooks), so it also runs where only the client is
+installed: ``python -m bagel_client.cli tryon …`` is the same command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, cast
+
+import httpx
+
+from bagel_client.client import Client
+from bagel_client.errors import ApiError, WaitTimeout
+from bagel_client.models import Batch, GenerationParams, Job
+from bagel_client.progress_bar import ProgressBar
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``submit`` command's arguments: one sub-command per kind of submission."""
+    kinds = parser.add_subparsers(dest="kind", required=True)
+    p = kinds.add_parser("tryon", help="one product picture in many scenes: a try-on batch, one job per prompt")
+    p.add_argument("--product", required=True, type=Path, help="the product picture (PNG, JPEG or WebP)")
+    p.add_argument("--prompts", required=True, help="text file with one scene prompt per line (- reads stdin)")
+    p.add_argument("--out", type=Path, default=Path("results"), help="folder for the images and manifest.json "
+                   "(with --wait; default results)")
+    p.add_argument("--wait", action="store_true", help="wait for the batch, showing progress, then download")
+    p.add_argument("--api", help="the API's base URL (default: $BAGEL_API_URL)")
+    p.add_argument("--key", help="API key (default: $BAGEL_API_KEY, which keeps it out of the process list)")
+    p.add_argument("--steps", type=int, help="denoising steps (params.num_timesteps)")
+    p.add_argument("--seed", type=int, help="item i gets seed + i (default: random seeds)")
+    p.add_argument("--think", action="store_true", help="think before drawing (every item)")
+    p.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
+                   help="another BAGEL hyper-parameter, the value as JSON (e.g. cfg_img_scale=2.0); repeatable")
+    p.add_argument("--webhook-url", help="where batch.completed is POSTed")
+    p.add_argument("--priority", choices=["interactive", "batch"])
+    p.add_argument("--deadline-s", type=int, help="jobs not finished this many seconds after submission expire")
+    p.add_argument("--timeout-s", type=float, help="stop waiting after this many seconds (exit 1)")
+    p.add_argument("--idempotency-key", help="the same key resubmits nothing: the first batch is returned")
+
+
+def read_prompts(source: str) -> list[str]:
+    """Prompts of a file (or stdin for ``-``): one per line, blank lines and ``#`` lines skipped."""
+    text = sys.stdin.read() if source == "-" else Path(source).read_text(encoding="utf-8")
+    return [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+
+
+def parse_params(args: argparse.Namespace) -> GenerationParams:
+    params: dict[str, Any] = {}
+    for item in args.param:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            raise ValueError(f"--param: {item!r} is not NAME=VALUE")
+        try:
+            params[name.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            params[name.strip()] = value  # a bare word: a string (cfg_renorm_type=channel)
+    if args.steps is not None:
+        params["num_timesteps"] = args.steps
+    return cast(GenerationParams, params)  # the API checks the names and ranges
+
+
+def result_name(position: int, count: int) -> str:
+    """``000.png`` …: zero-padded to three digits, more for batches of over 1,000 items."""
+    return f"{position:0{max(3, len(str(count - 1)))}d}.png"
+
+
+def write_results(client: Client, batch: Batch, jobs: Sequence[Job], out: Path) -> dict[str, Any]:
+    """Download every succeeded job's image into ``out`` and write ``manifest.json``; returns it."""
+    out.mkdir(parents=True, exist_ok=True)
+    entries = []
+    for job in jobs:
+        entry: dict[str, Any] = {"position": job.position, "job_id": job.id, "prompt": job.prompt,
+                                 "status": job.status, "seed": job.params.get("seed"), "file": None,
+                                 "error": None if job.error is None else {"code": job.error.code,
+                                                                         "message": job.error.message}}
+        if job.status == "succeeded":
+            name = result_name(job.position, len(jobs))
+            client.download(job, out / name)
+            entry["file"] = name
+            entry["think_text"] = job.result.think_text if job.result else None
+        entries.append(entry)
+    manifest = {"batch_id": batch.id, "api_url": client.base_url,
+                "product_file_id": jobs[0].input_file_ids[0] if jobs and jobs[0].input_file_ids else None,
+                "counts": batch.counts, "completed_at": None if batch.completed_at is None
+                else batch.completed_at.isoformat(), "jobs": entries}
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+    return manifest
+
+
+def run_tryon(args: argparse.Namespace) -> int:
+    try:
+        prompts = read_prompts(args.prompts)
+        params = parse_params(args)
+        if not args.product.is_file():
+            raise ValueError(f"--product: {args.product} is not a file")
+        client = Client(args.api, args.key)
+    except (OSError, ValueError) as exc:
+        log.error("%s", exc)
+        return EXIT_USAGE
+    if not prompts:
+        log.error("--prompts: %s has no prompts (one per line)", args.prompts)
+        return EXIT_USAGE
+    with client:
+        try:
+            batch = client.tryon(args.product, prompts, seed=args.seed, think=args.think or None,
+                                 params=params or None, webhook_url=args.webhook_url, priority=args.priority,
+                                 deadline_s=args.deadline_s, idempotency_key=args.idempotency_key)
+            sys.stdout.write(json.dumps({"batch_id": batch.id, "job_ids": batch.job_ids}) + "\n")
+            sys.stdout.flush()
+            if not args.wait:
+                return EXIT_OK
+            bar = ProgressBar(f"batch {batch.id[:8]}")
+            try:
+                batch = client.wait(batch, progress=bar, timeout_s=args.timeout_s)
+            finally:
+                bar.close()
+            manifest = write_results(client, batch, client.batch_jobs(batch), args.out)
+        except httpx.HTTPError as exc:
+            log.error("%s: %s: %s", client.base_url, type(exc).__name__, exc)
+            return EXIT_FAILED
+        except (ApiError, WaitTimeout, OSError) as exc:
+            log.error("%s", exc)
+            return EXIT_FAILED
+    succeeded = sum(1 for j in manifest["jobs"] if j["status"] == "succeeded")
+    log.info("batch %s: %d of %d succeeded; results and %s in %s", batch.id, succeeded, len(manifest["jobs"]),
+             MANIFEST, args.out)
+    return EXIT_OK if succeeded == len(manifest["jobs"]) else EXIT_FAILED
+
+
+COMMANDS = {"tryon": run_tryon}
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the parsed ``submit`` command; returns the exit code."""
+    return COMMANDS[args.kind](args)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m bagel_client.cli tryon …``: the ``submit`` command without the server's CLI."""
+    parser = argparse.ArgumentParser(prog="python -m bagel_client.cli", description="Submit work to bagel-jobs.")
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    return run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

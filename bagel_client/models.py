@@ -1,0 +1,311 @@
+"""What the API returns and takes, as plain typed Python: frozen dataclasses for the answers
+(``File``, ``Job``, ``Batch``, ``Delivery`` and their parts) and TypedDicts for the inputs
+(``GenerationParams``, ``BatchItem``).
+
+Owns: reading the JSON bodies of ``api/schemas.py`` (``FileOut``, ``JobOut``, ``BatchOut``,
+``DeliveryOut``) into these types. Fields the SDK does not know yet are ignored, and every
+object keeps the body it was read from in ``raw``. Leaves the HTTP calls to the clients.
+No pydantic: the SDK depends on httpx and standardwebhooks only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Literal, Required, TypedDict
+
+Task = Literal["generate", "edit", "understand", "tryon"]
+Priority = Literal["interactive", "batch"]
+JobStatus = Literal["queued", "running", "succeeded", "failed", "canceled", "expired"]
+TERMINAL_STATUSES: frozenset[str] = frozenset({"succeeded", "failed", "canceled", "expired"})
+
+
+class GenerationParams(TypedDict, total=False):
+    """BAGEL hyper-parameters of a job (``params``); anything left out takes the task's default."""
+
+    cfg_text_scale: float
+    cfg_img_scale: float
+    cfg_interval: tuple[float, float]
+    timestep_shift: float
+    num_timesteps: int
+    cfg_renorm_min: float
+    cfg_renorm_type: Literal["global", "channel", "text_channel"]
+    max_think_tokens: int
+    max_new_tokens: int
+    do_sample: bool
+    text_temperature: float
+    seed: int
+    taylorseer: bool
+
+
+class BatchItem(TypedDict, total=False):
+    """One item of ``submit_batch``; unset fields take the batch's values."""
+
+    prompt: Required[str]
+    task: Task
+    input_file_ids: list[str]
+    think: bool
+    width: int
+    height: int
+    seed: int
+    params: GenerationParams
+    metadata: dict[str, Any]
+
+
+def parse_datetime(value: str | None) -> datetime | None:
+    """An ISO 8601 time of the API (``…Z`` or ``…+00:00``) as an aware datetime."""
+    return None if value is None else datetime.fromisoformat(value)
+
+
+@dataclass(frozen=True)
+class File:
+    """An uploaded input image (``POST /v1/files``)."""
+
+    id: str
+    sha256: str
+    content_type: str
+    format: str
+    width: int
+    height: int
+    size_bytes: int
+    filename: str | None
+    created_at: datetime
+    raw: dict[str, Any] = field(repr=False, compare=False)
+
+    @classmethod
+    def from_json(cls, body: dict[str, Any]) -> File:
+        return cls(id=body["id"], sha256=body["sha256"], content_type=body["content_type"], format=body["format"],
+                   width=body["width"], height=body["height"], size_bytes=body["size_bytes"],
+                   filename=body.get("filename"), created_at=datetime.fromisoformat(body["created_at"]), raw=body)
+
+
+@dataclass(frozen=True)
+class JobError:
+    """Why a job failed: a stable ``code`` and a message."""
+
+    code: str
+    message: str | None
+
+
+@dataclass(frozen=True)
+class Progress:
+    """Denoising steps done of ``total`` (0 for understand jobs)."""
+
+    step: int
+    total: int
+
+
+@dataclass(frozen=True)
+class Timings:
+    """When a job was queued, started and finished; its share of the engine call
+    (``model_seconds``) and of its chunks' GPU time (``gpu_seconds``); seconds per phase."""
+
+    queued_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    model_seconds: float | None
+    gpu_seconds: float | None
+    phases: dict[str, float]
+
+    @classmethod
+    def from_json(cls, body: dict[str, Any]) -> Timings:
+        return cls(queued_at=datetime.fromisoformat(body["queued_at"]),
+                   started_at=parse_datetime(body.get("started_at")),
+                   finished_at=parse_datetime(body.get("finished_at")), model_seconds=body.get("model_seconds"),
+                   gpu_seconds=body.get("gpu_seconds"), phases=dict(body.get("phases") or {}))
+
+
+@dataclass(frozen=True)
+class Result:
+    """A succeeded job's output: ``url`` (presigned S3 or signed API URL, valid until
+    ``url_expires_at``) for images, ``text`` for answers, ``think_text`` in think mode.
+    ``expired``: the stored image was deleted after the retention period."""
+
+    url: str | None
+    url_expires_at: datetime | None
+    content_type: str | None
+    text: str | None
+    think_text: str | None
+    expired: bool
+
+    @classmethod
+    def from_json(cls, body: dict[str, Any]) -> Result:
+        return cls(url=body.get("url"), url_expires_at=parse_datetime(body.get("url_expires_at")),
+                   content_type=body.get("content_type"), text=body.get("text"), think_text=body.get("think_text"),
+                   expired=bool(body.get("expired", False)))
+
+
+@dataclass(frozen=True)
+class Queue:
+    """Where an active job or batch stands: jobs dispatched before it, and the expected finish."""
+
+    position: int
+    tenant_position: int
+    eta_s: float | None
+    eta_at: datetime | None
+    live_workers: int
+
+    @classmethod
+    def from_json(cls, body: dict[str, Any] | None) -> Queue | None:
+        if body is None:
+            return None
+        return cls(position=body["position"], tenant_position=body["tenant_position"], eta_s=body.get("eta_s"),
+                   eta_at=parse_datetime(body.get("eta_at")), live_workers=body["live_workers"])
+
+
+@dataclass(frozen=True)
+class Job:
+    """One job (``GET /v1/jobs/{id}``): one image, or one answer for ``understand``."""
+
+    id: str
+    batch_id: str | None
+    position: int
+    task: str
+    status: str
+    prompt: str
+    input_file_ids: list[str]
+    think: bool
+    width: int | None
+    height: int | None
+    params: dict[str, Any]
+    attempts: int
+    max_attempts: int
+    cancel_requested: bool
+    error: JobError | None
+    progress: Progress
+    timings: Timings
+    result: Result | None
+    metadata: dict[str, Any]
+    webhook_url: str | None
+    created_at: datetime
+    priority: str
+    deadline_at: datetime | None
+    queue: Queue | None
+    raw: dict[str, Any] = field(repr=False, compare=False)
+
+    @property
+    def is_terminal(self) -> bool:
+        """Succeeded, failed, canceled or expired: it will not change any more."""
+        return self.status in TERMINAL_STATUSES
+
+    @classmethod
+    def from_json(cls, body: dict[str, Any]) -> Job:
+        error = body.get("error")
+        result = body.get("result")
+        return cls(
+            id=body["id"], batch_id=body.get("batch_id"), position=body.get("position", 0), task=body["task"],
+            status=body["status"], prompt=body["prompt"], input_file_ids=list(body.get("input_file_ids") or []),
+            think=bool(body.get("think")), width=body.get("width"), height=body.get("height"),
+            params=dict(body.get("params") or {}), attempts=body.get("attempts", 0),
+            max_attempts=body.get("max_attempts", 0), cancel_requested=bool(body.get("cancel_requested")),
+            error=None if error is None else JobError(code=error["code"], message=error.get("message")),
+            progress=Progress(step=body["progress"]["step"], total=body["progress"]["total"]),
+            timings=Timings.from_json(body["timings"]),
+            result=None if result is None else Result.from_json(result), metadata=dict(body.get("metadata") or {}),
+            webhook_url=body.get("webhook_url"), created_at=datetime.fromisoformat(body["created_at"]),
+            priority=body.get("priority", "batch"), deadline_at=parse_datetime(body.get("deadline_at")),
+            queue=Queue.from_json(body.get("queue")), raw=body)
+
+
+@dataclass(frozen=True)
+class Batch:
+    """Many jobs submitted together (``GET /v1/batches/{id}``). ``job_ids`` (in item order) is
+    only in the answer to the submission; ``counts`` has every job status, zeros included."""
+
+    id: str
+    status: str
+    job_count: int
+    counts: dict[str, int]
+    progress: float
+    cancel_requested: bool
+    webhook_url: str | None
+    metadata: dict[str, Any]
+    created_at: datetime
+    completed_at: datetime | None
+    job_ids: list[str] | None
+    priority: str
+    deadline_at: datetime | None
+    gpu_seconds: float
+    queue: Queue | None
+    raw: dict[str, Any] = field(repr=False, compare=False)
+
+    @property
+    def is_completed(self) -> bool:
+        """No job is left queued or running."""
+        return self.completed_at is not None
+
+    @property
+    def finished(self) -> int:
+        """Jobs that reached a final status (succeeded, failed, canceled or expired)."""
+        return sum(n for status, n in self.counts.items() if status in TERMINAL_STATUSES)
+
+    @classmethod
+    def from_json(cls, body: dict[str, Any]) -> Batch:
+        job_ids = body.get("job_ids")
+        return cls(
+            id=body["id"], status=body["status"], job_count=body["job_count"], counts=dict(body.get("counts") or {}),
+            progress=float(body.get("progress", 0.0)), cancel_requested=bool(body.get("cancel_requested")),
+            webhook_url=body.get("webhook_url"), metadata=dict(body.get("metadata") or {}),
+            created_at=datetime.fromisoformat(body["created_at"]),
+            completed_at=parse_datetime(body.get("completed_at")),
+            job_ids=None if job_ids is None else list(job_ids), priority=body.get("priority", "batch"),
+            deadline_at=parse_datetime(body.get("deadline_at")), gpu_seconds=float(body.get("gpu_seconds") or 0.0),
+            queue=Queue.from_json(body.get("queue")), raw=body)
+
+
+@dataclass(frozen=True)
+class DeliveryAttempt:
+    """One try at sending a webhook: the receiver's status (None: no answer) and the error."""
+
+    attempt: int
+    at: datetime
+    status_code: int | None
+    latency_ms: float
+    error: str | None
+    address: str | None
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """A webhook delivery of the log (``/v1/webhooks/deliveries``); its ``id`` is the
+    ``webhook-id`` header of every attempt. ``payload`` only on single reads, replays and tests."""
+
+    id: str
+    event: str
+    url: str
+    status: str
+    job_id: str | None
+    batch_id: str | None
+    created_at: datetime
+    next_attempt_at: datetime | None
+    delivered_at: datetime | None
+    replayed_at: datetime | None
+    attempts: list[DeliveryAttempt]
+    payload: dict[str, Any] | None
+    raw: dict[str, Any] = field(repr=False, compare=False)
+
+    @classmethod
+    def from_json(cls, body: dict[str, Any]) -> Delivery:
+        attempts = [DeliveryAttempt(attempt=a["attempt"], at=datetime.fromisoformat(a["at"]),
+                                    status_code=a.get("status_code"), latency_ms=a.get("latency_ms", 0.0),
+                                    error=a.get("error"), address=a.get("address"))
+                    for a in body.get("attempts") or []]
+        return cls(
+            id=body["id"], event=body["event"], url=body["url"], status=body["status"], job_id=body.get("job_id"),
+            batch_id=body.get("batch_id"), created_at=datetime.fromisoformat(body["created_at"]),
+            next_attempt_at=parse_datetime(body.get("next_attempt_at")),
+            delivered_at=parse_datetime(body.get("delivered_at")), replayed_at=parse_datetime(body.get("replayed_at")),
+            attempts=attempts, payload=body.get("payload"), raw=body)
+
+
+@dataclass(frozen=True)
+class Event:
+    """A verified webhook: ``id`` (the ``webhook-id``: drop repeats by it), ``type`` (e.g.
+    ``job.succeeded``, ``job.failed``, ``batch.completed``, ``webhook.test``), when it happened,
+    and its ``data`` (a job's or a batch's fields, as README "Webhooks" lists)."""
+
+    id: str
+    type: str
+    timestamp: datetime | None
+    data: dict[str, Any]
+    raw: dict[str, Any] = field(repr=False, compare=False)

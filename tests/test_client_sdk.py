@@ -1,0 +1,363 @@
+"""The Python SDK (``bagel_client``) and ``bagel-jobs submit`` against the real service: the API,
+GPU worker (tiny checkpoint), webhook worker and reconciler as processes on both stacks, and the
+real webhook receiver.
+
+Covered: the SDK imports nothing but httpx, standardwebhooks and the standard library (checked
+in a throwaway virtual environment holding only those); a try-on batch through ``Client`` with
+progress, downloads and its ``batch.completed`` webhook verified (a tampered body refused); one
+job through ``AsyncClient``; a 429 retried after the API's ``Retry-After``; ``ApiError`` fields;
+cursor listings, idempotency keys and cancel; the ``submit tryon`` command's images, manifest
+and exit codes; and the README's "Using it from Python" example, run as written.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import logging
+import os
+import re
+import subprocess
+import sys
+import time
+from datetime import timedelta
+from importlib import metadata
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from bagel_client import ApiError, AsyncClient, Client, RetryPolicy, WebhookVerificationError, verify_webhook
+from bagel_client.errors import ResultUnavailable
+from tests.fixtures.worker import ROOT, Stack
+from worker import tenants
+from worker.demo import product_image
+from worker.models import Job
+from worker.receiver import WebhookReceiver
+
+PRODUCT_PX = 64
+STEPS = 2
+SCENES = ["on a marble counter, morning light", "on a beach at sunset", "in a snowy forest"]
+WAIT_S = 240.0
+SDK_DEPENDENCIES = ("httpx", "standardwebhooks")
+SERVER_MODULES = ("api", "worker", "bagel", "torch", "sqlalchemy", "fastapi", "pydantic", "celery", "PIL", "numpy")
+
+
+def _tenant(stack: Stack) -> tuple[str, str, str]:
+    """(tenant id, API key, webhook secret) of a new tenant."""
+    with stack.session() as s:
+        tenant = tenants.create_tenant(s, "shop")
+        _, key = tenants.create_api_key(s, tenant.id)
+        return tenant.id, key, tenant.webhook_secret
+
+
+def _product(tmp_path: Path) -> Path:
+    path = tmp_path / "bag.png"
+    path.write_bytes(product_image(PRODUCT_PX))
+    return path
+
+
+def _png_size(data: bytes) -> tuple[int, int]:
+    picture = Image.open(io.BytesIO(data))
+    assert picture.format == "PNG"
+    return picture.size
+
+
+# ---------------------------------------------------------------------------------------------
+# Dependencies
+
+
+def _distribution_closure(names: tuple[str, ...]) -> set[str]:
+    """The installed distributions ``names`` need, theirs included (requirements behind an
+    extra left out; those for other Python versions are skipped when not installed)."""
+    seen: set[str] = set()
+    todo = list(names)
+    while todo:
+        name = todo.pop()
+        try:
+            dist = metadata.distribution(name)
+        except metadata.PackageNotFoundError:
+            continue
+        key = dist.metadata["Name"].lower().replace("_", "-")
+        if key in seen:
+            continue
+        seen.add(key)
+        for requirement in dist.requires or []:
+            if "extra ==" not in requirement.partition(";")[2]:
+                todo.append(re.split(r"[\s;<>=!~\[(]", requirement, maxsplit=1)[0])
+    return seen
+
+
+def _install_links(dist_name: str, site: Path) -> set[str]:
+    """Link a distribution's top-level packages and its metadata into ``site``; their names."""
+    dist = metadata.distribution(dist_name)
+    tops = {Path(str(f)).parts[0] for f in dist.files or [] if not str(f).startswith("..")}
+    names = set()
+    for top in tops:
+        source = Path(str(dist.locate_file(top)))
+        if source.exists() and not (site / top).exists() and top != "__pycache__":
+            (site / top).symlink_to(source)
+            names.add(top.removesuffix(".py"))
+    return names
+
+
+# Run inside the throwaway environment: import everything, build the CLI's parser, a client, and
+# verify a webhook signed there; report what got imported and whether any server module exists.
+ISOLATED_SCRIPT = """
+import argparse, importlib.util, json, sys
+from datetime import datetime, timezone
+import bagel_client, bagel_client.cli, standardwebhooks
+
+bagel_client.cli.add_arguments(argparse.ArgumentParser())
+bagel_client.Client("http://127.0.0.1:9", "bj_test").close()
+secret = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
+body = '{"type": "webhook.test", "timestamp": "2026-01-01T00:00:00+00:00", "data": {}}'
+now = datetime.now(timezone.utc)
+headers = {"Webhook-Id": "msg_1", "Webhook-Timestamp": str(int(now.timestamp())),
+           "Webhook-Signature": standardwebhooks.Webhook(secret).sign("msg_1", now, body)}
+assert bagel_client.verify_webhook(secret, headers, body.encode()).type == "webhook.test"
+missing = [m for m in %(server)r if importlib.util.find_spec(m) is not None]
+loaded = sorted({m.split(".")[0] for m in sys.modules} - set(sys.stdlib_module_names) - {"__main__"})
+print(json.dumps({"loaded": loaded, "server_modules_installed": missing}))
+"""
+
+
+def test_the_sdk_needs_only_httpx_standardwebhooks_and_the_standard_library(tmp_path: Path) -> None:
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    python = venv / "bin" / "python"
+    site = Path(subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
+                               check=True, capture_output=True, text=True).stdout.strip())
+    allowed = {"bagel_client"}
+    for dist in _distribution_closure(SDK_DEPENDENCIES):
+        allowed |= _install_links(dist, site)
+    (site / "bagel_client").symlink_to(ROOT / "bagel_client")
+
+    run = subprocess.run([str(python), "-I", "-c", ISOLATED_SCRIPT % {"server": SERVER_MODULES}],
+                         capture_output=True, text=True, cwd=tmp_path, env={"PATH": os.environ.get("PATH", "")})
+    assert run.returncode == 0, run.stderr
+    report = json.loads(run.stdout)
+    assert report["server_modules_installed"] == []  # the environment really lacks them
+    assert set(report["loaded"]) <= allowed, set(report["loaded"]) - allowed
+    assert "bagel_client" in report["loaded"] and "httpx" in report["loaded"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Through the real service
+
+
+def test_the_sync_client_runs_a_tryon_batch_and_verifies_its_webhook(stack: Stack, receiver: WebhookReceiver,
+                                                                      tmp_path: Path) -> None:
+    for role in ("api", "gpu", "webhooks", "reconciler"):
+        stack.start(role)
+    _, key, secret = _tenant(stack)
+    seen: list[tuple[int, int]] = []
+    with Client(stack.api_url(), key) as client:
+        batch = client.tryon(_product(tmp_path), SCENES, seed=1, params={"num_timesteps": STEPS},
+                             webhook_url=receiver.url, metadata={"sku": "mug-1"})
+        assert batch.job_count == len(SCENES) and batch.job_ids is not None and len(batch.job_ids) == len(SCENES)
+        final = client.wait(batch, progress=lambda done, total: seen.append((done, total)), timeout_s=WAIT_S,
+                            poll_s=0.05)
+        assert final.is_completed and final.counts["succeeded"] == len(SCENES)
+        jobs = client.batch_jobs(final)
+        files = [client.download(job, tmp_path / "out" / f"{job.position}.png") for job in jobs]
+        listed = list(client.list_batches(page_size=1))
+
+    done = [d for d, _ in seen]
+    assert done == sorted(set(done)) and seen[0][0] < len(SCENES)  # each change reported once, upwards
+    assert seen[-1] == (len(SCENES), len(SCENES)) and {t for _, t in seen} == {len(SCENES)}
+    assert [j.id for j in jobs] == batch.job_ids
+    assert [j.prompt for j in jobs] == SCENES and [j.params["seed"] for j in jobs] == [1, 2, 3]
+    for job, path in zip(jobs, files, strict=True):
+        assert job.status == "succeeded" and job.input_file_ids == jobs[0].input_file_ids  # one upload
+        assert _png_size(path.read_bytes()) == (job.width, job.height) == (PRODUCT_PX, PRODUCT_PX)
+    assert [b.id for b in listed] == [batch.id] and listed[0].metadata == {"sku": "mug-1"}
+
+    hook = receiver.wait_for("batch.completed", timeout_s=60)[0]
+    event = verify_webhook(secret, hook.headers, hook.body)
+    assert event.type == "batch.completed" and event.id == hook.headers["webhook-id"]
+    assert [j["job_id"] for j in event.data["jobs"]] == batch.job_ids
+    assert {j["status"] for j in event.data["jobs"]} == {"succeeded"}
+    tampered = hook.body.replace(b'"succeeded"', b'"failed"', 1)
+    assert tampered != hook.body
+    with pytest.raises(WebhookVerificationError, match="signature"):
+        verify_webhook(secret, hook.headers, tampered)
+    with pytest.raises(WebhookVerificationError):
+        verify_webhook(tenants.new_webhook_secret(), hook.headers, hook.body)  # another tenant's secret
+
+
+def test_the_async_client_runs_one_tryon_job(stack: Stack, tmp_path: Path) -> None:
+    for role in ("api", "gpu", "reconciler"):
+        stack.start(role)
+    _, key, _ = _tenant(stack)
+    seen: list[tuple[int, int]] = []
+
+    async def scenario() -> tuple[object, ...]:
+        async with AsyncClient(stack.api_url(), key) as client:
+            product = await client.upload(product_image(PRODUCT_PX), filename="bag.png")
+            job = await client.submit_job("tryon", "on a beach at sunset", input_files=[product], seed=7,
+                                          params={"num_timesteps": STEPS})
+            final = await client.wait(job, progress=lambda done, total: seen.append((done, total)),
+                                      timeout_s=WAIT_S, poll_s=0.05)
+            path = await client.download(final, tmp_path)
+            listed = [j.id async for j in client.list_jobs(task="tryon")]
+            return product, job, final, path, listed
+
+    product, job, final, path, listed = asyncio.run(scenario())
+    assert product.width == product.height == PRODUCT_PX and product.filename == "bag.png"
+    assert job.status == "queued" and job.input_file_ids == [product.id]
+    assert final.status == "succeeded" and final.params["seed"] == 7
+    total = STEPS - 1  # denoising steps counted by the worker: the schedule's intervals
+    assert seen[-1] == (total, total) and [d for d, _ in seen] == sorted({d for d, _ in seen})
+    assert path == tmp_path / f"{job.id}.png"
+    assert _png_size(path.read_bytes()) == (final.width, final.height) == (PRODUCT_PX, PRODUCT_PX)
+    assert listed == [job.id]
+
+
+def test_a_rate_limited_submit_is_retried_after_the_apis_retry_after(stack: Stack, caplog: pytest.LogCaptureFixture
+                                                                      ) -> None:
+    stack.start("api")
+    tenant_id, key, _ = _tenant(stack)
+    with stack.session() as s:
+        tenants.set_limits(s, tenant_id, {"requests_per_minute": 1})
+    with Client(stack.api_url(), key) as client:
+        first = client.submit_job("generate", "a red mug", width=32, height=32)
+        # The minute's one submission was made 57 s ago: the API's Retry-After is a few seconds.
+        with stack.session() as s:
+            row = s.get(Job, first.id)
+            row.created_at = row.created_at - timedelta(seconds=57)
+            s.commit()
+
+        with Client(stack.api_url(), key, retry=RetryPolicy(max_retries=0)) as impatient:
+            with pytest.raises(ApiError) as refused:
+                impatient.submit_job("generate", "a blue mug", width=32, height=32)
+        assert refused.value.status == 429 and refused.value.code == "rate_limited"
+        assert refused.value.retry_after_s is not None and 1 <= refused.value.retry_after_s <= 3
+        assert "requests_per_minute" in refused.value.message
+
+        caplog.set_level(logging.WARNING, logger="bagel_client")
+        started = time.monotonic()
+        second = client.submit_job("generate", "a blue mug", width=32, height=32)
+        waited = time.monotonic() - started
+
+    retries = [r.getMessage() for r in caplog.records if r.name == "bagel_client.retries"]
+    assert len(retries) == 1 and "POST /v1/jobs: 429 rate_limited, retry 1 of 4" in retries[0], retries
+    assert retries[0].endswith("(Retry-After)")
+    delay = float(re.search(r"in ([0-9.]+) s", retries[0]).group(1))
+    assert delay >= 1 and waited >= delay  # it slept the whole Retry-After before sending again
+    assert second.status == "queued" and second.id != first.id
+
+
+def test_api_errors_carry_the_services_code_message_and_field(stack: Stack) -> None:
+    stack.start("api")
+    _, key, _ = _tenant(stack)
+    with Client(stack.api_url(), key) as client:
+        with pytest.raises(ApiError) as invalid:
+            client.submit_job("generate", "a red mug", width=32, height=32, seed=-1)
+        with pytest.raises(ApiError) as missing:
+            client.get_job("no-such-job")
+        with pytest.raises(ApiError) as bad_upload:
+            client.upload(b"not a picture", filename="notes.txt")
+    with Client(stack.api_url(), "bj_not-a-key") as stranger, pytest.raises(ApiError) as unauthorized:
+        stranger.get_batch("any")
+
+    assert (invalid.value.status, invalid.value.code, invalid.value.field) == (422, "invalid_input", "seed")
+    assert invalid.value.message.startswith("seed: ") and "(limit: >= 0)" in invalid.value.message
+    assert str(invalid.value) == f"HTTP 422 invalid_input: {invalid.value.message}"
+    assert (missing.value.status, missing.value.code, missing.value.field) == (404, "not_found", "job_id")
+    assert (bad_upload.value.status, bad_upload.value.code, bad_upload.value.field) == (422, "invalid_image", "file")
+    assert (unauthorized.value.status, unauthorized.value.field) == (401, "Authorization")
+
+
+def test_listings_follow_cursors_keys_replay_and_cancel_stops_a_queued_job(stack: Stack, tmp_path: Path) -> None:
+    stack.start("api")  # no GPU worker: the jobs stay queued
+    _, key, _ = _tenant(stack)
+    with Client(stack.api_url(), key) as client:
+        jobs = [client.submit_job("generate", f"a mug {i}", width=32, height=32) for i in range(3)]
+        again = client.submit_job("generate", "a mug 0", width=32, height=32, idempotency_key="mug-0")
+        replayed = client.submit_job("generate", "a mug 0", width=32, height=32, idempotency_key="mug-0")
+        listed = [j.id for j in client.list_jobs(page_size=2)]  # two pages
+        canceled = client.cancel(jobs[0])
+        with pytest.raises(ResultUnavailable, match="status canceled"):
+            client.download(canceled, tmp_path / "x.png")
+        batch = client.submit_batch([{"prompt": "a mug"}, {"prompt": "a cup", "seed": 5}], task="generate",
+                                    width=32, height=32)
+        canceled_batch = client.cancel(batch)
+
+    assert len({j.id for j in jobs} | {again.id}) == 4  # a fresh key per call: four jobs
+    assert replayed.id == again.id  # the same key: the first answer again
+    assert listed == [again.id, *reversed([j.id for j in jobs])]
+    assert canceled.status == "canceled"
+    assert canceled_batch.counts["canceled"] == 2 and canceled_batch.is_completed
+
+
+# ---------------------------------------------------------------------------------------------
+# The command line and the README
+
+
+def _submit_cli(stack: Stack, key: str, tmp_path: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+    (tmp_path / "prompts.txt").write_text("# scenes for the bag\n" + "\n\n".join(SCENES) + "\n")
+    script = Path(sys.executable).parent / "bagel-jobs"
+    command = [str(script)] if script.exists() else [sys.executable, "-m", "worker.cli"]
+    env = dict(stack.env, BAGEL_API_URL=stack.api_url(), BAGEL_API_KEY=key)
+    return subprocess.run([*command, "submit", "tryon", "--product", str(_product(tmp_path)),
+                           "--prompts", str(tmp_path / "prompts.txt"), "--out", str(tmp_path / "results"),
+                           "--seed", "1", *extra], capture_output=True, text=True, env=env, timeout=WAIT_S)
+
+
+def test_submit_tryon_writes_an_image_per_prompt_and_a_manifest(stack: Stack, tmp_path: Path) -> None:
+    for role in ("api", "gpu", "reconciler"):
+        stack.start(role)
+    _, key, _ = _tenant(stack)
+    run = _submit_cli(stack, key, tmp_path, "--steps", str(STEPS), "--wait")
+    assert run.returncode == 0, run.stderr
+    submitted = json.loads(run.stdout.splitlines()[0])
+    assert len(submitted["job_ids"]) == len(SCENES)
+    assert f"] {len(SCENES)}/{len(SCENES)} jobs" in run.stderr  # the progress bar's last state
+
+    out = tmp_path / "results"
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["batch_id"] == submitted["batch_id"] and manifest["counts"]["succeeded"] == len(SCENES)
+    assert [j["job_id"] for j in manifest["jobs"]] == submitted["job_ids"]
+    assert [j["prompt"] for j in manifest["jobs"]] == SCENES and [j["seed"] for j in manifest["jobs"]] == [1, 2, 3]
+    assert [j["file"] for j in manifest["jobs"]] == ["000.png", "001.png", "002.png"]
+    assert sorted(p.name for p in out.glob("*.png")) == ["000.png", "001.png", "002.png"]
+    for name in ("000.png", "001.png", "002.png"):
+        assert _png_size((out / name).read_bytes()) == (PRODUCT_PX, PRODUCT_PX)
+
+
+def test_submit_tryon_exits_1_when_a_job_does_not_succeed(stack: Stack, tmp_path: Path) -> None:
+    stack.start("api")
+    stack.start("reconciler")  # its dispatcher expires the jobs; no GPU worker runs them
+    _, key, _ = _tenant(stack)
+    run = _submit_cli(stack, key, tmp_path, "--deadline-s", "1", "--wait")
+    assert run.returncode == 1, run.stderr
+    manifest = json.loads((tmp_path / "results" / "manifest.json").read_text())
+    assert [(j["status"], j["file"]) for j in manifest["jobs"]] == [("expired", None)] * len(SCENES)
+    assert "0 of 3 succeeded" in run.stderr
+
+
+def readme_example(readme: str) -> str:
+    """The first ``python`` block of README's "Using it from Python" section."""
+    _, found, section = readme.partition("### Using it from Python")
+    assert found, "README.md has no '### Using it from Python' section"
+    match = re.search(r"```python\n(.*?)```", section, re.S)
+    assert match is not None, "no python block in README's 'Using it from Python'"
+    return match.group(1)
+
+
+def test_the_readme_python_example_runs_as_written(stack: Stack, tmp_path: Path) -> None:
+    code = readme_example((ROOT / "README.md").read_text())
+    for role in ("api", "gpu", "reconciler"):
+        stack.start(role)
+    _, key, _ = _tenant(stack)
+    _product(tmp_path)
+    env = dict(stack.env, BAGEL_API_URL=stack.api_url(), BAGEL_API_KEY=key)
+    run = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=WAIT_S)
+    assert run.returncode == 0, run.stderr
+    written = sorted((tmp_path / "results").glob("*.png"))
+    assert [p.name for p in written] == ["0.png", "1.png"]
+    assert all(_png_size(p.read_bytes()) == (PRODUCT_PX, PRODUCT_PX) for p in written)
+    assert "2/2 jobs" in run.stdout
