@@ -149,9 +149,10 @@ def test_a_chunked_upload_is_cut_off_at_the_limit_and_the_connection_closed(serv
         assert body["error"] == {
             "code": "payload_too_large", "field": "file",
             "message": f"file: the request body exceeds the 69,632 byte limit {UPLOAD_LIMIT_REASON}"}
-        # The client would go on to 60 MB; the server reads no more and the connection breaks.
+        # The client would go on to 60 MB; the server reads no more and the connection breaks
+        # once the kernel's socket buffers are full (a few MB on loopback, however busy the server).
         sent = keep_sending(sock, sent, DECLARED)
-        assert sent < 2 * UPLOAD_LIMIT
+        assert sent < DECLARED // 4
     assert stored(server.stack) == (0, 0, 0, [])
 
 
@@ -178,7 +179,7 @@ def test_a_chunked_batch_is_cut_off_at_the_batch_limit(server):
         assert body["error"] == {
             "code": "payload_too_large", "field": "body",
             "message": "body: the request body exceeds the 202,496 byte limit for a batch of up to 2 items"}
-        assert keep_sending(sock, sent, DECLARED) < 2 * BATCH_LIMIT
+        assert keep_sending(sock, sent, DECLARED) < DECLARED // 4  # cut off (see the upload case)
     assert stored(server.stack) == (0, 0, 0, [])
 
 
