@@ -52,6 +52,7 @@ RUN python -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['p
 
 # Layer 3, the source: a code change rebuilds only this. --no-deps: everything is installed above.
 COPY bagel ./bagel
+COPY bagel_client ./bagel_client
 COPY worker ./worker
 COPY api ./api
 COPY migrations ./migrations
