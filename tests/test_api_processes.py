@@ -21,7 +21,7 @@ from sqlalchemy import text
 
 from tests.fixtures.worker import ROOT, free_port, wait_until
 from worker import chunks, db, jobs, tenants
-from worker.cli import MAX_DEFAULT_API_WORKERS, api_app, api_worker_count
+from api.serve import MAX_DEFAULT_API_WORKERS, api_app, api_worker_count
 from worker.models import utcnow
 from worker.settings import Settings
 from worker.storage import make_store, output_key

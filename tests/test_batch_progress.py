@@ -32,7 +32,7 @@ from worker import chunks, jobs, queries, tenants
 from worker.db import session_factory
 from worker.jobs import JobSpec
 from worker.models import Batch, Job, WebhookDelivery, utcnow
-from worker.receiver import WebhookReceiver
+from worker.dev.receiver import WebhookReceiver
 
 HOOK = "http://127.0.0.1:9/hook"
 HOUR_S = 3600.0

@@ -15,7 +15,7 @@ from svix.webhooks import WebhookVerificationError
 
 from tests.fixtures.worker import ROOT, Stack
 from worker import tenants
-from worker.receiver import WebhookReceiver
+from worker.dev.receiver import WebhookReceiver
 
 
 def _cli(stack: Stack, *args: str) -> subprocess.CompletedProcess[str]:

@@ -32,9 +32,9 @@ from bagel_client import ApiError, AsyncClient, Client, RetryPolicy, WebhookVeri
 from bagel_client.errors import ResultUnavailable
 from tests.fixtures.worker import ROOT, Stack
 from worker import tenants
-from worker.demo import product_image
+from worker.dev.demo import product_image
 from worker.models import Job
-from worker.receiver import WebhookReceiver
+from worker.dev.receiver import WebhookReceiver
 
 PRODUCT_PX = 64
 STEPS = 2

@@ -17,8 +17,8 @@ from PIL import Image
 
 from tests.fixtures.worker import Stack, wait_until
 from worker import tenants
-from worker.demo import product_image
-from worker.receiver import WebhookReceiver
+from worker.dev.demo import product_image
+from worker.dev.receiver import WebhookReceiver
 
 SCENES = ["on a beach at sunset", "on a kitchen counter", "in a snowy forest"]
 

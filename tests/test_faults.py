@@ -25,7 +25,7 @@ from tests.fixtures.throwaway import Servers, ThrowawaySeaweed
 from tests.fixtures.worker import Stack, Submitted, job_rows, submit_jobs, wait_jobs, wait_until
 from worker import jobs, tenants
 from worker.models import Chunk, DeliveryStatus, Job, JobStatus, WebhookDelivery
-from worker.receiver import WebhookReceiver
+from worker.dev.receiver import WebhookReceiver
 from worker.storage import input_key, make_store, output_key
 
 DONE = {"succeeded", "failed", "canceled", "expired"}

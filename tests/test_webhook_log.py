@@ -25,7 +25,7 @@ from tests.fixtures.worker import Stack, free_port, wait_until
 from worker import chunks, jobs, tenants
 from worker.jobs import JobSpec
 from worker.models import DeliveryStatus, WebhookDelivery, utcnow
-from worker.receiver import WebhookReceiver
+from worker.dev.receiver import WebhookReceiver
 
 T0 = datetime(2026, 3, 1, 9, 0, tzinfo=UTC)
 

@@ -31,7 +31,7 @@ from svix.webhooks import Webhook as SvixWebhook
 from api.main import create_app
 from tests.fixtures.worker import Stack, wait_until
 from worker import tenants
-from worker.receiver import WebhookReceiver
+from worker.dev.receiver import WebhookReceiver
 
 PUBLIC = "93.184.215.14"  # a globally routable address; nothing the tests run listens there
 REFUSED = "address_not_allowed: {name} resolved to 127.0.0.1 (private targets are not allowed)"

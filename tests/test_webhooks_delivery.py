@@ -13,7 +13,7 @@ from tests.fixtures.worker import Stack, free_port, wait_until
 from worker import chunks, dispatch, jobs, tenants
 from worker.jobs import JobSpec
 from worker.models import DeliveryStatus, WebhookAttempt, WebhookDelivery, utcnow
-from worker.receiver import WebhookReceiver
+from worker.dev.receiver import WebhookReceiver
 from worker.storage import make_store
 from worker.webhooks import deliver_due
 

@@ -25,7 +25,7 @@ from sqlalchemy import func, select
 from tests.fixtures.worker import Stack, free_port, job_rows, submit_jobs, wait_jobs, wait_until
 from worker import jobs, tenants
 from worker.models import Chunk, WebhookDelivery, Worker
-from worker.receiver import WebhookReceiver
+from worker.dev.receiver import WebhookReceiver
 from worker.storage import make_store, output_key
 
 DONE = {"succeeded", "failed", "canceled"}

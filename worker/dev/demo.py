@@ -23,7 +23,7 @@ import httpx
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from worker.receiver import WebhookReceiver
+from worker.dev.receiver import WebhookReceiver
 
 if TYPE_CHECKING:
     from worker.settings import Settings
