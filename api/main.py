@@ -13,7 +13,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import Depends, FastAPI
 
-from api import deps, errors, metrics
+from api import contract, deps, errors, events, metrics
 from api.body_limit import BodyLimitMiddleware, BodyLimits
 from api.routes import batches, files, health, jobs, objects, usage, webhooks
 from worker.db import make_engine, session_factory
@@ -38,7 +38,8 @@ def create_app(settings: Settings) -> FastAPI:
         engine.dispose()
 
     app = FastAPI(title="bagel-jobs", version="0.1.0", description=DESCRIPTION, lifespan=lifespan,
-                  dependencies=[Depends(deps.refuse_control_characters_in_path)])
+                  dependencies=[Depends(deps.refuse_control_characters_in_path)],
+                  generate_unique_id_function=contract.operation_id, openapi_tags=contract.TAGS)
     app.state.settings = settings
     app.state.engine = engine
     app.state.sessions = session_factory(engine)
@@ -46,6 +47,8 @@ def create_app(settings: Settings) -> FastAPI:
     errors.install(app)
     for module in (files, jobs, batches, usage, webhooks, objects, health):
         app.include_router(module.router)
+    events.install(app)
+    contract.finish_document(app, settings)
     # Inside the metrics middleware, so that its 413s are counted too.
     app.add_middleware(BodyLimitMiddleware, limits=BodyLimits.from_settings(settings))
     # Observability: request-duration middleware and GET /metrics (no API key; cluster network).

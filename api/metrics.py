@@ -91,6 +91,8 @@ def install(app: FastAPI) -> CollectorRegistry:
         return summed
 
     def metrics() -> Response:
+        """Request durations, jobs by status, queue depth, workers and GPU-seconds, summed
+        over the API processes, in Prometheus' text format."""
         # A plain ``def``: the cluster collector's queries run in the threadpool, not the loop.
         return Response(generate_latest(scrape_registry()), media_type=CONTENT_TYPE_LATEST)
 

@@ -27,6 +27,7 @@ from svix.webhooks import Webhook as SvixWebhook
 from api import manifest
 from api.main import create_app
 from api.schemas import ManifestEntry
+from tests.fixtures.contract import assert_event_matches_contract
 from tests.fixtures.worker import Stack, wait_until
 from worker import chunks, jobs, queries, tenants
 from worker.db import session_factory
@@ -325,6 +326,7 @@ def test_progress_events_reach_the_receiver_signed_before_batch_completed(stack:
         batch_events = [item for item in receiver.accepted() if item.event in ("batch.progress", "batch.completed")]
         for item in receiver.accepted():
             SvixWebhook(tenant.webhook_secret).verify(item.body, item.headers)  # raises on a bad signature
+            assert_event_matches_contract(item.json())
         assert len({item.headers["webhook-id"] for item in receiver.accepted()}) == len(receiver.accepted())
         kinds = [item.event for item in batch_events]
         assert kinds[-1] == "batch.completed" and kinds.count("batch.completed") == 1

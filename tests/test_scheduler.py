@@ -5,6 +5,7 @@ lets one dispatcher publish at a time. Publishing goes to a real (embedded SQL) 
 
 from __future__ import annotations
 
+import json
 from datetime import timedelta
 from pathlib import Path
 
@@ -12,7 +13,8 @@ import pytest
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
-from worker import chunks, dispatch, jobs, tenants
+from tests.fixtures.contract import assert_event_matches_contract
+from worker import chunks, dispatch, jobs, tenants, webhooks
 from worker.db import session_factory
 from worker.jobs import JobSpec
 from worker.models import Chunk, Job, JobStatus, Priority, Tenant, WebhookDelivery, Worker, WorkerState, utcnow
@@ -175,8 +177,10 @@ def test_a_waiting_job_past_its_deadline_expires_without_a_gpu(db_session, setti
     assert (report.expired, report.formed) == (1, 0)
     job = db_session.get(Job, rows[0].id, populate_existing=True)
     assert job.status == JobStatus.expired and job.error_code == "deadline_expired" and job.gpu_seconds is None
-    events = db_session.scalars(select(WebhookDelivery.event)).all()
-    assert events == ["job.expired"]
+    events = db_session.scalars(select(WebhookDelivery)).all()
+    assert [e.event for e in events] == ["job.expired"]
+    assert_event_matches_contract(json.loads(webhooks.envelope(events[0].event, events[0].created_at,
+                                                               events[0].payload, lambda key: f"https://x/{key}")))
 
 
 def test_one_dispatcher_holds_the_lease(db_session, settings, factory):

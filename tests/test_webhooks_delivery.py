@@ -9,6 +9,7 @@ from __future__ import annotations
 from sqlalchemy import select
 from svix.webhooks import Webhook as SvixWebhook
 
+from tests.fixtures.contract import assert_event_matches_contract
 from tests.fixtures.worker import Stack, free_port, wait_until
 from worker import chunks, dispatch, jobs, tenants
 from worker.jobs import JobSpec
@@ -51,6 +52,7 @@ def test_webhook_worker_delivers_signed_job_and_batch_events(stack: Stack, recei
     for item in receiver.accepted():
         SvixWebhook(secret).verify(item.body, item.headers)  # raises on a bad signature
         assert item.headers["webhook-id"].startswith("msg_")
+        assert_event_matches_contract(item.json())  # the OpenAPI document's webhooks section
     manifest = got[0].json()["data"]
     assert manifest["batch_id"] == batch_id
     assert [j["job_id"] for j in manifest["jobs"]] == job_ids

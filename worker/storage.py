@@ -214,7 +214,8 @@ class LocalStore(ResultStore):
     def verify(self, key: str, expires: int, sig: str, now: float | None = None) -> None:
         """Raise ``SignatureInvalid`` unless ``sig`` signs ``key`` until ``expires`` (not passed)."""
         now = time.time() if now is None else now
-        if not hmac.compare_digest(self._signature(check_key(key), int(expires)), sig):
+        expected = self._signature(check_key(key), int(expires)).encode()
+        if not hmac.compare_digest(expected, sig.encode("utf-8", "replace")):  # any text compares, none matches
             raise SignatureInvalid("sig: the download URL's signature does not match", field="sig")
         if int(expires) < now:
             raise SignatureInvalid(f"expires: the download URL expired at {int(expires)} (now {int(now)})",

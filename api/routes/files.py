@@ -10,11 +10,12 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, File, Header, UploadFile
+from fastapi import APIRouter, File, UploadFile
 from fastapi.responses import JSONResponse
 from sqlalchemy.exc import IntegrityError
 
 from api import idempotency
+from api.contract import READ_ONE, WITH_BODY, IdempotencyKey, errors, id_path
 from api.deps import SessionDep, SettingsDep, StoreDep, TenantDep
 from api.schemas import FileOut
 from worker import faults, jobs, queries
@@ -36,11 +37,19 @@ def clean_filename(filename: str | None) -> str | None:
     return cleaned or None
 
 
-@router.post("", status_code=201, response_model=FileOut,
-             responses={413: {"description": "too many bytes or pixels"}, 415: {"description": "not PNG/JPEG/WebP"}})
+IMAGE_TYPES = "image/png, image/jpeg, image/webp"
+
+
+@router.post("", status_code=201, response_model=FileOut, responses=errors(*WITH_BODY, 415),
+             summary="Upload an input image",
+             openapi_extra={"requestBody": {"content": {"multipart/form-data": {
+                 "encoding": {"file": {"contentType": IMAGE_TYPES}}}}}})
 def upload_file(tenant: TenantDep, session: SessionDep, settings: SettingsDep, store: StoreDep,
-                file: Annotated[UploadFile, File(description="PNG, JPEG or WebP image")],
-                idempotency_key: Annotated[str | None, Header()] = None) -> JSONResponse:
+                file: Annotated[UploadFile, File(description="a PNG, JPEG or WebP image, at most the "
+                                                 "max_upload_bytes, max_image_pixels and max_image_side_px settings")],
+                idempotency_key: IdempotencyKey = None) -> JSONResponse:
+    """Store an image for jobs to use (201 with its id). The same bytes uploaded again return
+    the same file. Checked as it arrives: format, size in bytes and pixels, EXIF orientation."""
     key = idempotency.check_key(idempotency_key)
     # One byte past the limit is enough for inspect_image to refuse the file: the request limit
     # leaves room for multipart framing, so the part itself may still be a little too long.
@@ -71,8 +80,9 @@ def upload_file(tenant: TenantDep, session: SessionDep, settings: SettingsDep, s
     return JSONResponse(body, status_code=201)
 
 
-@router.get("/{file_id}", response_model=FileOut)
-def get_file(file_id: str, tenant: TenantDep, session: SessionDep) -> FileOut:
+@router.get("/{file_id}", response_model=FileOut, responses=errors(*READ_ONE), summary="Get a file's metadata")
+def get_file(file_id: Annotated[str, id_path("file", "f_1")], tenant: TenantDep, session: SessionDep) -> FileOut:
+    """An uploaded image's id, size, format and checksum."""
     row = queries.get_file(session, tenant.id, file_id)
     if row is None:
         raise NotFound(f"file_id: file {file_id!r} not found", field="file_id")

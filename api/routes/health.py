@@ -17,8 +17,9 @@ router = APIRouter(tags=["health"])
 BROKER_TIMEOUT_S = 2.0
 
 
-@router.get("/healthz", response_model=Health)
+@router.get("/healthz", response_model=Health, summary="Liveness")
 def healthz() -> Health:
+    """The process answers (no dependency is checked)."""
     return Health(status="ok")
 
 
@@ -37,8 +38,10 @@ def _check_storage(request: Request) -> None:
     request.app.state.store.check()
 
 
-@router.get("/readyz", response_model=Health, responses={503: {"model": Health}})
+@router.get("/readyz", response_model=Health, summary="Readiness",
+            responses={503: {"model": Health, "description": "a dependency is unreachable: `checks` says which"}})
 def readyz(request: Request) -> JSONResponse:
+    """The database, the broker and object storage answer; 503 naming the ones that do not."""
     checks: dict[str, str] = {}
     for name, check in (("database", _check_database), ("broker", _check_broker), ("storage", _check_storage)):
         try:

@@ -3,13 +3,14 @@ the tenant's jobs, read one, cancel it."""
 
 from __future__ import annotations
 
-from datetime import datetime
 from typing import Annotated
 
-from fastapi import APIRouter, Header, Query
+from fastapi import APIRouter, Query
 from fastapi.responses import JSONResponse
 
 from api import idempotency, submission
+from api.contract import (AFTER, BATCH_FILTER, BEFORE, CREATE, CURSOR, READ, READ_ONE, CancelAfter, IdempotencyKey,
+                          Time, errors, id_path)
 from api.deps import SessionDep, SettingsDep, StoreDep, TenantDep
 from api.schemas import JobIn, JobList, JobOut, Task
 from api.views import job_out
@@ -26,11 +27,15 @@ def _not_found(job_id: str) -> NotFound:
     return NotFound(f"job_id: job {job_id!r} not found", field="job_id")
 
 
-@router.post("", status_code=202, response_model=JobOut)
+JOB_ID = id_path("job", "6f0c1d2e-3a4b-4c5d-8e9f-0a1b2c3d4e5f")
+
+
+@router.post("", status_code=202, response_model=JobOut, responses=errors(*CREATE), summary="Submit a job")
 def create_job(body: JobIn, tenant: TenantDep, session: SessionDep, settings: SettingsDep, store: StoreDep,
-               idempotency_key: Annotated[str | None, Header()] = None,
-               cancel_after: Annotated[str | None, Header(description="deadline: 90s, 5m, 1h or seconds")] = None,
-               ) -> JSONResponse:
+               idempotency_key: IdempotencyKey = None,
+               cancel_after: CancelAfter = None) -> JSONResponse:
+    """Queue one job; 202 with the job (status `queued`). Input images are uploaded first
+    (`POST /v1/files`). Its events go to `webhook_url`; poll `GET /v1/jobs/{job_id}` otherwise."""
     key = idempotency.check_key(idempotency_key)
     digest = idempotency.fingerprint(submission.fingerprint_payload(body, cancel_after))
     if (previous := idempotency.replay(session, tenant.id, key, ROUTE, digest)) is not None:
@@ -49,21 +54,23 @@ def create_job(body: JobIn, tenant: TenantDep, session: SessionDep, settings: Se
     return JSONResponse(out, status_code=202)
 
 
-@router.get("", response_model=JobList)
+@router.get("", response_model=JobList, responses=errors(*READ), summary="List jobs")
 def list_jobs(tenant: TenantDep, session: SessionDep, settings: SettingsDep, store: StoreDep,
-              status: JobStatus | None = None, task: Task | None = None,
-              batch_id: Annotated[str | None, Query(min_length=1, max_length=64)] = None,
-              created_after: datetime | None = None, created_before: datetime | None = None,
-              limit: Annotated[int, Query(ge=1, le=MAX_LIST_LIMIT)] = 50,
-              cursor: Annotated[str | None, Query(max_length=200)] = None) -> JobList:
-    """The tenant's jobs, newest first; ``created_after``/``created_before`` are exclusive."""
+              status: Annotated[JobStatus | None, Query(description="only jobs in this status")] = None,
+              task: Annotated[Task | None, Query(description="only jobs of this task")] = None,
+              batch_id: Annotated[str | None, BATCH_FILTER] = None,
+              created_after: Annotated[Time | None, AFTER] = None,
+              created_before: Annotated[Time | None, BEFORE] = None,
+              limit: Annotated[int, Query(ge=1, le=MAX_LIST_LIMIT, description="jobs per page")] = 50,
+              cursor: Annotated[str | None, CURSOR] = None) -> JobList:
+    """The tenant's jobs, newest first; `created_after`/`created_before` are exclusive."""
     page = queries.list_jobs(session, tenant.id, limit=limit, cursor=cursor, status=status, task=task,
                              batch_id=batch_id, created_after=created_after, created_before=created_before)
     return JobList(data=[job_out(j, store, settings) for j in page.rows], next_cursor=page.next_cursor)
 
 
-@router.get("/{job_id}", response_model=JobOut)
-def get_job(job_id: str, tenant: TenantDep, session: SessionDep, settings: SettingsDep, store: StoreDep) -> JobOut:
+@router.get("/{job_id}", response_model=JobOut, responses=errors(*READ_ONE), summary="Get a job")
+def get_job(job_id: Annotated[str, JOB_ID], tenant: TenantDep, session: SessionDep, settings: SettingsDep, store: StoreDep) -> JobOut:
     """The job with its result and, while queued or running, its queue position and ETA."""
     job = queries.get_job(session, tenant.id, job_id)
     if job is None:
@@ -71,10 +78,11 @@ def get_job(job_id: str, tenant: TenantDep, session: SessionDep, settings: Setti
     return job_out(job, store, settings, session)
 
 
-@router.post("/{job_id}/cancel", response_model=JobOut)
-def cancel_job(job_id: str, tenant: TenantDep, session: SessionDep, settings: SettingsDep,
+@router.post("/{job_id}/cancel", response_model=JobOut, responses=errors(*READ_ONE), summary="Cancel a job")
+def cancel_job(job_id: Annotated[str, JOB_ID], tenant: TenantDep, session: SessionDep, settings: SettingsDep,
                store: StoreDep) -> JobOut:
-    """Queued jobs are canceled at once; running ones stop at the next denoising step."""
+    """Queued jobs are canceled at once; running ones stop at the next denoising step. A job
+    already final is returned as it is."""
     job = jobs.cancel_job(session, tenant.id, job_id)
     if job is None:
         raise _not_found(job_id)

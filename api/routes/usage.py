@@ -8,6 +8,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query
 
+from api.contract import READ, errors
 from api.deps import SessionDep, TenantDep
 from api.schemas import Usage, UsageDay, UsageTotals
 from worker import queries
@@ -17,13 +18,14 @@ router = APIRouter(prefix="/v1/usage", tags=["usage"])
 MAX_RANGE_DAYS = 366
 
 
-@router.get("", response_model=Usage)
+@router.get("", response_model=Usage, responses=errors(*READ), summary="Get usage")
 def get_usage(tenant: TenantDep, session: SessionDep,
               first: Annotated[date | None, Query(alias="from", description="YYYY-MM-DD, UTC; default: "
                                                   "the first day of this month")] = None,
               last: Annotated[date | None, Query(alias="to", description="YYYY-MM-DD, UTC, inclusive; "
                                                  "default: the last day of this month")] = None) -> Usage:
-    """Jobs finished (any final status), images made and GPU-seconds used, per day and task."""
+    """Jobs finished (any final status), images made and GPU-seconds used, per day and task;
+    `from` to `to`, at most 366 days."""
     today = datetime.now(UTC).date()
     first = first or today.replace(day=1)
     last = last or today.replace(day=monthrange(today.year, today.month)[1])
