@@ -156,6 +156,11 @@ def replay_delivery(delivery_id: str, idempotency_key: str | None) -> Call:
     return Call("POST", f"{delivery_path(delivery_id)}/replay", idempotency_key=_key(idempotency_key))
 
 
+def share_batch(batch: str | Batch, expires_in_s: int | None) -> Call:
+    """No ``Idempotency-Key``: a share link is signed, not stored, so a retry only mints another."""
+    return Call("POST", f"{batch_path(batch)}/share", json=_drop_none({"expires_in_s": expires_in_s}))
+
+
 def webhook_ping(url: str, idempotency_key: str | None) -> Call:
     return Call("POST", "/v1/webhooks/test", json={"url": url}, idempotency_key=_key(idempotency_key))
 

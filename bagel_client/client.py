@@ -26,7 +26,8 @@ import httpx
 from bagel_client import calls
 from bagel_client.calls import UploadSource
 from bagel_client.errors import WaitTimeout
-from bagel_client.models import Batch, BatchItem, Delivery, File, GenerationParams, Job, JobStatus, Priority, Task
+from bagel_client.models import (Batch, BatchItem, Delivery, File, GenerationParams, Job, JobStatus, Priority,
+                                 Share, Task)
 from bagel_client.retries import RetryPolicy
 from bagel_client.waiting import Poller, ProgressCallback, timeout_message
 
@@ -218,6 +219,13 @@ class Client:
         ``<job id>.png`` in it); returns the path written."""
         current = job if isinstance(job, Job) else self.get_job(job)
         return calls.write_atomically(calls.download_path(current, dest), self.result_bytes(current))
+
+    # Sharing
+
+    def share_batch(self, batch: str | Batch, *, expires_in_s: int | None = None) -> Share:
+        """A link to the batch's gallery page (results, live progress, a zip of all) that works
+        without an API key until it expires: ``expires_in_s`` from 60 s to 30 days, default 7 days."""
+        return Share.from_json(self._json(calls.share_batch(batch, expires_in_s)))
 
     # Webhook deliveries
 

@@ -1,10 +1,11 @@
 """What the API returns and takes, as plain typed Python: frozen dataclasses for the answers
-(``File``, ``Job``, ``Batch``, ``Delivery`` and their parts) and TypedDicts for the inputs
-(``GenerationParams``, ``BatchItem``).
+(``File``, ``Job``, ``Batch``, ``Share``, ``Delivery`` and their parts) and TypedDicts for the
+inputs (``GenerationParams``, ``BatchItem``).
 
 Owns: reading the JSON bodies of ``api/schemas.py`` (``FileOut``, ``JobOut``, ``BatchOut``,
-``DeliveryOut``) into these types. Fields the SDK does not know yet are ignored, and every
-object keeps the body it was read from in ``raw``. Leaves the HTTP calls to the clients.
+``DeliveryOut``) and ``api/share.py`` (``ShareOut``) into these types. Fields the SDK does not
+know yet are ignored, and every object keeps the body it was read from in ``raw``. Leaves the
+HTTP calls to the clients.
 No pydantic: the SDK depends on httpx and standardwebhooks only.
 """
 
@@ -251,6 +252,20 @@ class Batch:
             job_ids=None if job_ids is None else list(job_ids), priority=body.get("priority", "batch"),
             deadline_at=parse_datetime(body.get("deadline_at")), gpu_seconds=float(body.get("gpu_seconds") or 0.0),
             queue=Queue.from_json(body.get("queue")), raw=body)
+
+
+@dataclass(frozen=True)
+class Share:
+    """A link to a batch's gallery page (``POST /v1/batches/{id}/share``): the results, live
+    progress and a zip download, for anyone holding ``url`` (no API key) until ``expires_at``."""
+
+    url: str
+    expires_at: datetime
+    raw: dict[str, Any] = field(repr=False, compare=False)
+
+    @classmethod
+    def from_json(cls, body: dict[str, Any]) -> Share:
+        return cls(url=body["url"], expires_at=datetime.fromisoformat(body["expires_at"]), raw=body)
 
 
 @dataclass(frozen=True)

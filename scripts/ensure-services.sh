@@ -2,6 +2,8 @@
 # Makes sure the services the test suite talks to are up on 127.0.0.1:
 #   PostgreSQL on 5432 (trust auth for user postgres) and Redis on 6379.
 # Starts them when installed but stopped; installs them with apt when missing and running as root.
+# Also installs Debian's chromium and chromium-driver when missing: the gallery test drives the
+# page in a real headless Chromium (/usr/bin/chromium through /usr/bin/chromedriver).
 # The S3-compatible server (SeaweedFS) is started by the test fixtures themselves.
 set -euo pipefail
 
@@ -42,3 +44,8 @@ if ! redis_up; then
   for _ in $(seq 50); do redis_up && break; sleep 0.1; done
 fi
 redis_up && log "Redis ready on 127.0.0.1:6379" || { log "Redis did not come up"; exit 1; }
+
+if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then
+  apt_install chromium chromium-driver
+fi
+log "Chromium ready: /usr/bin/chromium with /usr/bin/chromedriver"

@@ -127,6 +127,19 @@ class SignatureInvalid(ServiceError):
     code = "signature_invalid"
 
 
+class ShareLinkInvalid(SignatureInvalid):
+    """Raised when a batch gallery's share link is missing its token, or the token is malformed,
+    altered, or signed for another batch or with another key."""
+
+    code = "share_link_invalid"
+
+
+class ShareLinkExpired(SignatureInvalid):
+    """Raised when a batch gallery's share link is genuine but its expiry has passed."""
+
+    code = "share_link_expired"
+
+
 class SettingsError(ServiceError):
     """Raised at start-up when a setting is invalid; the message names the variable."""
 

@@ -1,12 +1,14 @@
-"""``bagel-jobs demo``: a real try-on batch through the HTTP API of a running stack.
+"""``bagel-jobs demo``: a real try-on batch through the HTTP API of a running stack, with the SDK.
 
 Owns: the demo client. It waits for ``/readyz``, gets a tenant (creates one in the configured
 database unless ``--api-key`` is given), draws a product picture (a mug, so no asset ships in
-the repo), uploads it, submits one try-on batch of four scene prompts (think on the first),
-shows a progress bar until the batch completes, waits for the ``batch.completed`` webhook on a
-local receiver and verifies its signature with the independent ``standardwebhooks`` package,
-then downloads the images and writes them with ``summary.json`` to the output folder. Talks
-to the service only over HTTP (plus the one-time tenant creation).
+the repo), and then uses the Python SDK (``bagel_client.Client``) as a customer would: uploads
+the picture, submits one try-on batch of four scene prompts (think on the first), waits with a
+progress bar until the batch completes, verifies the ``batch.completed`` webhook that reached a
+local receiver (``bagel_client.verify_webhook``), downloads the images and writes them with
+``summary.json`` to the output folder, and ends by printing a share link to the batch's gallery
+page (``share_batch``) on stdout. Talks to the service only over HTTP (plus the one-time tenant
+creation).
 """
 
 from __future__ import annotations
@@ -17,12 +19,13 @@ import logging
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import httpx
 from PIL import Image, ImageDraw
-from tqdm import tqdm
 
+from bagel_client import BatchItem, Client, verify_webhook
+from bagel_client.progress_bar import ProgressBar
 from worker.dev.receiver import WebhookReceiver
 
 if TYPE_CHECKING:
@@ -56,19 +59,20 @@ def product_image(size_px: int = 256) -> bytes:
     return buf.getvalue()
 
 
-def _wait_ready(client: httpx.Client, timeout_s: float) -> None:
+def _wait_ready(base_url: str, timeout_s: float) -> None:
+    """Until ``/readyz`` answers 200 (the SDK covers the API's ``/v1`` routes, not the probes)."""
     deadline = time.monotonic() + timeout_s
     last = "no answer"
     while time.monotonic() < deadline:
         try:
-            r = client.get("/readyz")
+            r = httpx.get(f"{base_url}/readyz", timeout=5.0)
             if r.status_code == 200:
                 return
             last = f"{r.status_code} {r.text[:200]}"
         except httpx.HTTPError as exc:
             last = str(exc)
         time.sleep(0.5)
-    raise RuntimeError(f"the API at {client.base_url} was not ready within {timeout_s:.0f} s ({last})")
+    raise RuntimeError(f"the API at {base_url} was not ready within {timeout_s:.0f} s ({last})")
 
 
 def _demo_tenant(settings: Settings) -> tuple[str, str]:
@@ -85,104 +89,69 @@ def _demo_tenant(settings: Settings) -> tuple[str, str]:
         engine.dispose()
 
 
-def _check(r: httpx.Response, what: str) -> dict[str, Any]:
-    if r.status_code >= 400:
-        raise RuntimeError(f"{what}: HTTP {r.status_code}: {r.text[:500]}")
-    return r.json()
-
-
-def _jobs_of(client: httpx.Client, batch_id: str) -> list[dict[str, Any]]:
-    items: list[dict[str, Any]] = []
-    page = 1
-    while True:
-        body = _check(client.get(f"/v1/batches/{batch_id}/jobs", params={"page": page}), "list jobs")
-        got = body["items"]
-        items.extend(got)
-        if not got or not body.get("next_page"):
-            return items
-        page = int(body["next_page"])
-
-
 def run_demo(settings: Settings, *, api_url: str | None, out_dir: str | Path, wait_ready_s: float,
              api_key: str | None = None, webhook_secret: str | None = None, steps: int | None = None,
              receiver_host: str = "127.0.0.1") -> int:
     """Run the demo; returns 0 when every job succeeded and the webhook verified."""
-    import standardwebhooks
-
     started = time.perf_counter()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     base = (api_url or settings.public_base_url).rstrip("/")
     if api_key is not None and not webhook_secret:
         raise RuntimeError("--webhook-secret is required with --api-key (to verify the webhook)")
-    with httpx.Client(base_url=base, timeout=30.0) as client, \
-            WebhookReceiver(host=receiver_host) as receiver:
-        # Ready first: the stack migrates the database before its API answers, so the demo
-        # tenant can only be written once /readyz says so.
-        _wait_ready(client, wait_ready_s)
-        if api_key is None:
-            api_key, webhook_secret = _demo_tenant(settings)
-            log.info("demo tenant created in %s", settings.masked_dump()["database_url"])
-        assert webhook_secret is not None
-        client.headers["authorization"] = f"Bearer {api_key}"
+    # Ready first: the stack migrates the database before its API answers, so the demo tenant
+    # can only be written once /readyz says so.
+    _wait_ready(base, wait_ready_s)
+    if api_key is None:
+        api_key, webhook_secret = _demo_tenant(settings)
+        log.info("demo tenant created in %s", settings.masked_dump()["database_url"])
+    assert webhook_secret is not None
+    with Client(base, api_key) as client, WebhookReceiver(host=receiver_host) as receiver:
         product = product_image()
         (out / "product.png").write_bytes(product)
-        file_id = _check(client.post("/v1/files", files={"file": ("product.png", product, "image/png")}),
-                         "upload")["id"]
-        params = {"num_timesteps": steps or DEMO_STEPS}
-        items = [{"prompt": scene, "seed": 1000 + i, "think": i == 0, "params": params}
-                 for i, scene in enumerate(SCENES)]
+        product_file = client.upload(product, filename="product.png")
+        items = [BatchItem(prompt=scene, seed=1000 + i, think=i == 0) for i, scene in enumerate(SCENES)]
         submitted = time.perf_counter()
-        batch = _check(client.post("/v1/batches", json={
-            "task": "tryon", "product_file": file_id, "items": items, "webhook_url": receiver.url,
-            "metadata": {"source": "bagel-jobs demo"}}, headers={"idempotency-key": f"demo-{time.time_ns()}"}),
-            "submit batch")
-        batch_id = batch["id"]
-        log.info("batch %s submitted: %d jobs", batch_id, len(items))
-        bar = tqdm(total=100, desc=f"batch {batch_id[:8]}", unit="%", file=sys.stderr,
-                   bar_format="{l_bar}{bar}| {n:.0f}/{total} {unit} [{elapsed}]")
-        while True:
-            state = _check(client.get(f"/v1/batches/{batch_id}"), "batch status")
-            bar.n = round(100 * float(state.get("progress", 0.0)), 1)
-            bar.set_postfix_str(" ".join(f"{k}={v}" for k, v in sorted(state.get("counts", {}).items()) if v))
-            bar.refresh()
-            if state.get("completed_at"):
-                break
-            time.sleep(POLL_S)
-        bar.n = 100
-        bar.close()
+        batch = client.tryon(product_file, items, params={"num_timesteps": steps or DEMO_STEPS},
+                             webhook_url=receiver.url, metadata={"source": "bagel-jobs demo"})
+        log.info("batch %s submitted: %d jobs", batch.id, batch.job_count)
+        bar = ProgressBar(f"batch {batch.id[:8]}")
+        try:
+            batch = client.wait(batch, progress=bar, poll_s=POLL_S, max_poll_s=POLL_S)
+        finally:
+            bar.close()
         batch_seconds = time.perf_counter() - submitted
         verified = False
         webhook_error = None
         try:
             hook = receiver.wait_for("batch.completed", timeout_s=WEBHOOK_WAIT_S)[0]
-            standardwebhooks.Webhook(webhook_secret).verify(hook.body, hook.headers)
+            verify_webhook(webhook_secret, hook.headers, hook.body)
             verified = True
         except Exception as exc:  # noqa: BLE001 - reported in summary.json, not fatal
             webhook_error = f"{type(exc).__name__}: {exc}"
             log.error("webhook not verified: %s", webhook_error)
-        jobs = _jobs_of(client, batch_id)
         summary_jobs = []
-        for job in sorted(jobs, key=lambda j: j.get("position", 0)):
-            result = job.get("result") or {}
-            entry = {"id": job.get("id"), "position": job.get("position"), "status": job.get("status"),
-                     "prompt": job.get("prompt"), "think": job.get("think"), "attempts": job.get("attempts"),
-                     "think_text": result.get("think_text"), "error": job.get("error"),
-                     "timings": job.get("timings")}
-            url = result.get("url")
-            if job.get("status") == "succeeded" and url:
-                r = client.get(url) if url.startswith("/") else httpx.get(url, timeout=30.0)
-                r.raise_for_status()
-                name = f"scene-{job.get('position', 0)}.png"
-                (out / name).write_bytes(r.content)
+        for job in client.batch_jobs(batch):
+            entry = {"id": job.id, "position": job.position, "status": job.status, "prompt": job.prompt,
+                     "think": job.think, "attempts": job.attempts,
+                     "think_text": job.result.think_text if job.result else None,
+                     "error": job.raw.get("error"), "timings": job.raw.get("timings")}
+            if job.status == "succeeded":
+                name = f"scene-{job.position}.png"
+                client.download(job, out / name)
                 entry["output_file"] = name
             summary_jobs.append(entry)
+        gallery = client.share_batch(batch)
     ok = verified and all(j["status"] == "succeeded" for j in summary_jobs) and len(summary_jobs) == len(SCENES)
-    summary = {"batch_id": batch_id, "api_url": base, "product_file_id": file_id,
+    summary = {"batch_id": batch.id, "api_url": base, "product_file_id": product_file.id,
                "jobs": summary_jobs, "webhook_verified": verified, "webhook_error": webhook_error,
+               "gallery_url": gallery.url, "gallery_expires_at": gallery.expires_at.isoformat(),
                "batch_seconds": round(batch_seconds, 3), "demo_seconds": round(time.perf_counter() - started, 3),
                "ok": ok}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     log.info("demo %s in %.1f s: %d job(s), webhook_verified=%s, results in %s", "succeeded" if ok else "FAILED",
              summary["demo_seconds"], len(summary_jobs), verified, out)
+    # The last line on stdout: the page to open (the log lines go to stderr).
+    sys.stdout.write(f"gallery: {gallery.url}\n")
+    sys.stdout.flush()
     return 0 if ok else 1
