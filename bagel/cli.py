@@ -4,9 +4,11 @@ Owns: argument parsing, turning flags into ``Request``/``GenerationParams``, rea
 pictures and writing PNG/text outputs, the progress bar over denoising steps, logging set-up,
 and the mapping of user errors to exit status 2 with a one-line message (no traceback).
 Leaves everything else to the library: ``Engine`` (``engine.py``), ``make_tiny`` (``tiny.py``),
+``make_adapter`` (``tiny_adapter.py``),
 ``verify_folder`` (``parity.py``), ``run_bench`` (``bench.py``).
 
     bagel make-tiny DIR [--seed N] [--size tiny|small|full] [--min-side-px N]
+    bagel make-adapter --checkpoint DIR --out DIR [--rank 4 --alpha 8 --targets q_proj,k_proj --seed 0 --zero-b]
     bagel verify DIR [--device cpu] [--case ID ...]
     bagel bench [--size tiny|small] [--scenario NAME ...] [--json report.json]
     bagel generate --model DIR --prompt P [--width W --height H] [--think] --out out.png
@@ -27,8 +29,10 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from bagel.adapter_format import ATTENTION_TARGETS, SUPPORTED_TARGETS
 from bagel.config import RENORM_TYPES, GenerationParams
 from bagel.errors import BagelError, CheckpointError, InputError
+from bagel.offload import OFFLOAD_MODES
 from bagel.quant import QUANT_MODES
 
 logger = logging.getLogger("bagel.cli")
@@ -64,6 +68,9 @@ def _add_engine_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt", required=True, help="text prompt / instruction / question")
     p.add_argument("--quantization", choices=QUANT_MODES, default="none",
                    help="quantize the LLM decoder linears while loading (bitsandbytes)")
+    p.add_argument("--offload", choices=OFFLOAD_MODES, default="none",
+                   help="layers: keep the decoder layers in host RAM and stream them to the GPU as they "
+                        "run (slower; for 8-12 GB GPUs)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (default: auto)")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="weight dtype (default: bfloat16 on CUDA, float32 on CPU)")
@@ -107,6 +114,20 @@ def build_parser() -> argparse.ArgumentParser:
                         "Engine.random('full') makes the same model on a GPU without the disk)")
     p.add_argument("--min-side-px", type=int, default=None,
                    help="lower the transforms' minimum picture side (fast CPU edits; real: 512)")
+
+    p = sub.add_parser("make-adapter", parents=[common], help="write a random LoRA adapter (PEFT's format)",
+                       description="Write a random LoRA adapter for a checkpoint with the peft library "
+                                   "(adapter_config.json + adapter_model.safetensors, PEFT's own files). "
+                                   "Only the checkpoint's JSON configs are read.")
+    p.add_argument("--checkpoint", required=True, type=Path, help="checkpoint folder (real BAGEL layout)")
+    p.add_argument("--out", required=True, type=Path, help="adapter folder to create")
+    p.add_argument("--rank", type=int, default=4)
+    p.add_argument("--alpha", type=float, default=8.0, help="lora_alpha (scale = alpha / rank)")
+    p.add_argument("--targets", default=",".join(ATTENTION_TARGETS),
+                   help="comma-separated targets: " + ", ".join(SUPPORTED_TARGETS) + ", or their last part "
+                        "(gate_proj: both experts'); default: %(default)s")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--zero-b", action="store_true", help="B = 0: an adapter that changes nothing")
 
     p = sub.add_parser("verify", parents=[common], help="check a checkpoint against DIR/golden/cases.json")
     p.add_argument("dir", type=Path)
@@ -198,7 +219,8 @@ def _run_engine(args: argparse.Namespace, task: str) -> int:
     kwargs = {"width": args.width, "height": args.height} if task == "generate" else {}
     request = Request(task=task, prompt=args.prompt, images=images, think=args.think, params=params, **kwargs)
     started = time.perf_counter()
-    engine = Engine.load(args.model, quantization=args.quantization, device=args.device, dtype=args.dtype)
+    engine = Engine.load(args.model, quantization=args.quantization, device=args.device, dtype=args.dtype,
+                         offload=args.offload)
     loaded = time.perf_counter()
     bar = _ProgressBar(enabled=not args.no_progress and task != "understand")
     try:
@@ -225,6 +247,17 @@ def _make_tiny(args: argparse.Namespace) -> int:
     folder = make_tiny(args.dir, seed=args.seed, size=args.size, min_side_px=args.min_side_px)
     _write(sys.stdout, f"wrote a {args.size} random checkpoint (seed {args.seed}) to {folder} "
                        f"in {time.perf_counter() - started:.1f} s")
+    return 0
+
+
+def _make_adapter(args: argparse.Namespace) -> int:
+    from bagel.tiny_adapter import make_adapter
+
+    targets = [name.strip() for name in args.targets.split(",") if name.strip()]
+    folder = make_adapter(args.checkpoint, args.out, rank=args.rank, alpha=args.alpha, targets=targets,
+                          seed=args.seed, zero_b=args.zero_b)
+    _write(sys.stdout, f"wrote a rank-{args.rank} LoRA adapter (seed {args.seed}{', B = 0' if args.zero_b else ''}) "
+                       f"to {folder}")
     return 0
 
 
@@ -272,6 +305,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "make-tiny":
             return _make_tiny(args)
+        if args.command == "make-adapter":
+            return _make_adapter(args)
         if args.command == "verify":
             return _verify(args)
         if args.command == "bench":

@@ -164,21 +164,21 @@ class Engine:
 
     @classmethod
     def load(cls, path: str | Path, quantization: str = "none", device: str | torch.device = "auto",
-             dtype: torch.dtype | str | None = None, *, mode: str = "batched",
+             dtype: torch.dtype | str | None = None, *, mode: str = "batched", offload: str = "none",
              memory_budget_bytes: int | None = None, attention: str | Attention = "auto") -> Engine:
         """Load a checkpoint folder. ``device="auto"``: CUDA when available, else CPU; ``dtype``
-        defaults to float32 on CPU and bfloat16 on CUDA. ``memory_budget_bytes``: the working
-        memory (weights excluded, see ``memory.py``) one batch may use; a larger batch is run
-        as consecutive sub-batches, a request that cannot fit alone raises
-        ``MemoryBudgetError``."""
+        defaults to float32 on CPU and bfloat16 on CUDA. ``offload="layers"``: decoder layers in
+        host memory, streamed to the device as they run (``offload.py``). ``memory_budget_bytes``:
+        the working memory (weights excluded, ``memory.py``) one batch may use; a larger batch
+        runs as sub-batches, a request that cannot fit alone raises ``MemoryBudgetError``."""
         dev = resolve_device(device)
         checkpoint = load_checkpoint(path, device=dev, dtype=_default_dtype(dev) if dtype is None else dtype,
-                                     quantization=quantization)
+                                     quantization=quantization, offload=offload)
         return cls(checkpoint, mode=mode, memory_budget_bytes=memory_budget_bytes, attention=attention)
 
     @classmethod
     def random(cls, size: str, *, device: str | torch.device = "auto", dtype: torch.dtype | str | None = None,
-               quantization: str = "none", seed: int = 0, mode: str = "batched",
+               quantization: str = "none", seed: int = 0, mode: str = "batched", offload: str = "none",
                memory_budget_bytes: int | None = None, attention: str | Attention = "auto") -> Engine:
         """An engine on a random checkpoint of ``tiny.py``'s preset ``size`` ("tiny", "small", or
         "full": BAGEL-7B-MoT's real shapes), made straight on the device without touching disk
@@ -187,7 +187,7 @@ class Engine:
         the same weights on a given device."""
         dev = resolve_device(device)
         checkpoint = random_checkpoint(size, device=dev, dtype=_default_dtype(dev) if dtype is None else dtype,
-                                       quantization=quantization, seed=seed)
+                                       quantization=quantization, seed=seed, offload=offload)
         return cls(checkpoint, mode=mode, memory_budget_bytes=memory_budget_bytes, attention=attention)
 
     @property

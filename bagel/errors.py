@@ -36,3 +36,18 @@ class MemoryBudgetError(BagelError):
     """Raised when a batch cannot fit the configured memory budget even one request at a time."""
 
     code = "memory_budget"
+
+
+class AdapterError(InputError):
+    """Raised when a LoRA adapter is refused: an unsupported ``adapter_config.json`` setting, a
+    tensor of a module the model has no supported target for, a wrong shape, a rank that
+    disagrees with ``r``, a missing ``lora_A``/``lora_B``, non-finite numbers, or an adapter
+    larger than the cache that would hold it. ``module`` names the module and ``key`` the config
+    key at fault, when there is one."""
+
+    code = "invalid_adapter"
+
+    def __init__(self, message: str, *, module: str | None = None, key: str | None = None) -> None:
+        super().__init__(message)
+        self.module = module
+        self.key = key

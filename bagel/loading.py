@@ -7,8 +7,9 @@ first, then one tensor at a time) with its file-backed implementation (``open_sa
 the strict streamed load of a source into ``BagelModel`` (``ema.safetensors``) and
 ``AutoEncoder`` (``ae.safetensors``), and the resulting ``LoadedCheckpoint``. Leaves the
 architecture to ``model.py``/``vae.py``, the JSON configs to ``config.py``, the tokenizer files
-to ``tokenizer.py``, the quantized modules to ``quant.py`` and the random source (random weights
-made straight on the device, for measurements without the real files) to ``tiny.py``.
+to ``tokenizer.py``, the quantized modules to ``quant.py``, the offload of the decoder layers to
+``offload.py`` and the random source (random weights made straight on the device, for
+measurements without the real files) to ``tiny.py``.
 
 How a load goes (``load_checkpoint`` for a folder; steps 2-6 are ``load_from_sources``, which
 ``tiny.random_checkpoint`` calls with random sources — one code path for both):
@@ -25,9 +26,12 @@ How a load goes (``load_checkpoint`` for a folder; steps 2-6 are ``load_from_sou
    of the meta tensor. No second full copy of the model is ever held; on CPU in the file's own
    dtype nothing is copied at all (the parameters stay views of the mapped file, paged in on
    first use), and a random source that makes its tensors on the device in the load dtype is
-   never copied either;
+   never copied either. With ``offload="layers"`` on CUDA each decoder layer moves to pinned
+   host memory as soon as its last tensor has arrived (``offload.LayerOffload``), so the
+   device holds the resident weights plus one layer at most while loading;
 6. recompute non-persistent buffers (rotary tables and the like) by calling ``reset_buffers()``
-   on every module that has one, then check that nothing is left on meta.
+   on every module that has one, then check that nothing is left on meta; with offload, start
+   streaming the layers (two device buffers, forward hooks on every layer).
 
 Quantized layers (``nf4``/``int8``): the q/k/v/o projections and the gate/up/down MLP of every
 decoder layer, for both experts (understanding and ``_moe_gen``). They hold ~90% of the 14 B
@@ -43,7 +47,7 @@ from __future__ import annotations
 import logging
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,6 +57,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
+from bagel import offload as offloading
 from bagel import quant
 from bagel.config import ModelConfig
 from bagel.errors import CheckpointError, InputError
@@ -116,7 +121,10 @@ def should_quantize(module_name: str) -> bool:
 @dataclass
 class LoadedCheckpoint:
     """A checkpoint on its device. ``weight_bytes``: bytes held by the parameters, buffers and
-    quantization statistics of ``model`` and ``vae`` together after the load."""
+    quantization statistics of ``model`` and ``vae`` together after the load (with offload,
+    the decoder layers' host copies included and the two device buffers not: those are
+    ``offloader.device_bytes``). ``offloader``: the streaming of the decoder layers when
+    ``offload`` is "layers", else None."""
 
     config: ModelConfig
     model: BagelModel
@@ -127,6 +135,8 @@ class LoadedCheckpoint:
     device: torch.device
     dtype: torch.dtype
     load_seconds: float
+    offload: str = "none"
+    offloader: offloading.LayerOffload | None = None
 
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
@@ -238,11 +248,13 @@ def open_safetensors(path: Path) -> Iterator[SafetensorsSource]:
 
 
 def stream_into(root: nn.Module, source: TensorSource, name_map: tuple[tuple[str, str], ...], *,
-                device: torch.device, dtype: torch.dtype) -> int:
-    """Strictly load the tensors of ``source`` into the meta-built ``root``, one at a time.
-    Returns the number of tensors loaded. Raises ``CheckpointError`` naming the source and the
-    first missing, unexpected or mis-shaped keys before any data is read, or when the source
-    delivers something other than what its shapes announced."""
+                device: torch.device, dtype: torch.dtype,
+                on_loaded: Callable[[nn.Module], None] | None = None) -> int:
+    """Strictly load the tensors of ``source`` into the meta-built ``root``, one at a time,
+    calling ``on_loaded(module)`` after each lands in its module. Returns the number of tensors
+    loaded. Raises ``CheckpointError`` naming the source and the first missing, unexpected or
+    mis-shaped keys before any data is read, or when the source delivers something other than
+    what its shapes announced."""
     slots = {key: (module, leaf, is_param) for key, module, leaf, is_param in tensor_slots(root)}
     where = source.location
     shapes = source.shapes()
@@ -276,14 +288,16 @@ def stream_into(root: nn.Module, source: TensorSource, name_map: tuple[tuple[str
         if quant.is_quantized(module) and leaf == "weight":
             quant.assign_quantized_weight(module, tensor, device, dtype)
             del tensor  # the float weight goes before the source makes the next tensor
-            continue
-        if tensor.is_floating_point():
-            tensor = tensor.to(dtype)
-        tensor = tensor.to(device)
-        if is_param:
-            module._parameters[leaf] = nn.Parameter(tensor, requires_grad=False)
         else:
-            module._buffers[leaf] = tensor
+            if tensor.is_floating_point():
+                tensor = tensor.to(dtype)
+            tensor = tensor.to(device)
+            if is_param:
+                module._parameters[leaf] = nn.Parameter(tensor, requires_grad=False)
+            else:
+                module._buffers[leaf] = tensor
+        if on_loaded is not None:
+            on_loaded(module)
     if len(delivered) != len(shapes):
         never = sorted(set(shapes) - delivered)
         raise CheckpointError(f"{where}: {len(never)} announced tensors never arrived: {_first(never)}")
@@ -316,50 +330,60 @@ def build_empty(config: ModelConfig) -> tuple[BagelModel, AutoEncoder]:
         return BagelModel(config), AutoEncoder(config.vae)
 
 
-def _load_arguments(quantization: str | None, device: torch.device | str,
-                    dtype: torch.dtype | str) -> tuple[str, torch.device, torch.dtype]:
-    """The checked quantization mode, device and dtype of a load (``InputError`` otherwise)."""
+def _load_arguments(quantization: str | None, device: torch.device | str, dtype: torch.dtype | str,
+                    offload: str | None) -> tuple[str, torch.device, torch.dtype, str]:
+    """The checked quantization mode, device, dtype and offload mode of a load (``InputError``
+    otherwise)."""
     quantization = quant.check_mode(quantization)
+    offload = offloading.check_mode(offload)
     if quantization != "none":
         quant.bitsandbytes_module(quantization)
-    return quantization, resolve_device(device), parse_dtype(dtype)
+    return quantization, resolve_device(device), parse_dtype(dtype), offload
 
 
 def load_from_sources(config: ModelConfig, tokenizer: Tokenizer, ema: TensorSource, ae: TensorSource, *,
                       label: str, device: torch.device | str = "cpu", dtype: torch.dtype | str = torch.float32,
-                      quantization: str = "none", started: float | None = None) -> LoadedCheckpoint:
+                      quantization: str = "none", offload: str = "none",
+                      started: float | None = None) -> LoadedCheckpoint:
     """Steps 2-6 of the module docstring: modules for ``config`` built on meta, quantized linears
     swapped in when asked, ``ema`` streamed into ``BagelModel`` and ``ae`` into ``AutoEncoder``
-    on ``device`` in ``dtype``. ``label`` names the checkpoint in the log line; ``started``
-    (a ``time.perf_counter()`` value) is when the load began, if before this call."""
+    on ``device`` in ``dtype``, the decoder layers kept in host memory with ``offload="layers"``.
+    ``label`` names the checkpoint in the log line; ``started`` (a ``time.perf_counter()``
+    value) is when the load began, if before this call."""
     started = time.perf_counter() if started is None else started
-    quantization, device, dtype = _load_arguments(quantization, device, dtype)
+    quantization, device, dtype, offload = _load_arguments(quantization, device, dtype, offload)
     model, vae = build_empty(config)
     quant.swap_linears(model, should_quantize, quantization, dtype)
-    n_ema = stream_into(model, ema, EMA_NAME_MAP, device=device, dtype=dtype)
+    offloader = offloading.LayerOffload(model, device) if offload == "layers" else None
+    n_ema = stream_into(model, ema, EMA_NAME_MAP, device=device, dtype=dtype,
+                        on_loaded=None if offloader is None else offloader.tensor_loaded)
     n_ae = stream_into(vae, ae, AE_NAME_MAP, device=device, dtype=dtype)
     _finish_buffers(model, device, ema.location)
     _finish_buffers(vae, device, ae.location)
     model.eval()
     vae.use_decoder_layout().eval()
+    if offloader is not None:
+        offloader.start(dtype)
     weight_bytes = quant.memory_bytes(model, vae)
     seconds = time.perf_counter() - started
-    logger.info("loaded %s: %d+%d tensors, %.1f MB of weights on %s as %s (quantization %s) in %.2f s",
+    logger.info("loaded %s: %d+%d tensors, %.1f MB of weights on %s as %s (quantization %s, offload %s) in %.2f s",
                 label, n_ema, n_ae, weight_bytes / 2**20, device, str(dtype).removeprefix("torch."),
-                quantization, seconds)
+                quantization, offload, seconds)
     return LoadedCheckpoint(config=config, model=model, vae=vae, tokenizer=tokenizer,
                             weight_bytes=weight_bytes, quantization=quantization, device=device,
-                            dtype=dtype, load_seconds=seconds)
+                            dtype=dtype, load_seconds=seconds, offload=offload, offloader=offloader)
 
 
 def load_checkpoint(folder: str | Path, *, device: torch.device | str = "cpu",
-                    dtype: torch.dtype | str = torch.float32,
-                    quantization: str = "none") -> LoadedCheckpoint:
+                    dtype: torch.dtype | str = torch.float32, quantization: str = "none",
+                    offload: str = "none") -> LoadedCheckpoint:
     """Load the checkpoint folder (real BAGEL-7B-MoT layout) onto ``device`` in ``dtype``,
-    quantizing the LLM decoder linears when ``quantization`` is "nf4" or "int8"."""
+    quantizing the LLM decoder linears when ``quantization`` is "nf4" or "int8" and keeping
+    the decoder layers in host memory, streamed to the device as they run, when ``offload``
+    is "layers" (``offload.py``)."""
     started = time.perf_counter()
     folder = Path(folder)
-    quantization, device, dtype = _load_arguments(quantization, device, dtype)
+    quantization, device, dtype, offload = _load_arguments(quantization, device, dtype, offload)
     config = ModelConfig.from_folder(folder)
     tokenizer = Tokenizer.from_dir(folder)
     if len(tokenizer) > config.llm.vocab_size:
@@ -367,32 +391,46 @@ def load_checkpoint(folder: str | Path, *, device: torch.device | str = "cpu",
                               f"than the tokenizer's {len(tokenizer)} tokens")
     with open_safetensors(folder / EMA_FILE) as ema, open_safetensors(folder / AE_FILE) as ae:
         return load_from_sources(config, tokenizer, ema, ae, label=str(folder), device=device, dtype=dtype,
-                                 quantization=quantization, started=started)
+                                 quantization=quantization, offload=offload, started=started)
+
+
+def _paper_tensor_bytes(module_name: str, module: nn.Module, quantization: str, item: int) -> Iterator[int]:
+    """Bytes of each tensor ``module`` (built on meta) holds after a load: NF4 packs 4 bits per
+    weight and keeps one float32 absmax per 64 weights and a 16-entry float32 code table, INT8
+    one byte per weight and one float32 scale per output row."""
+    quantized = quantization != "none" and type(module) is nn.Linear and should_quantize(module_name)
+    for leaf, param in [*module._parameters.items(), *module._buffers.items()]:
+        if param is None:
+            continue
+        n = param.numel()
+        if quantized and leaf == "weight":
+            if quantization == "nf4":
+                yield from (n // 2, (n // quant.NF4_BLOCKSIZE) * 4, 16 * 4)
+            else:
+                yield from (n, module.out_features * 4)
+        else:
+            yield n * (item if param.is_floating_point() else param.element_size())
 
 
 def paper_weight_bytes(config: ModelConfig, *, dtype: torch.dtype = torch.bfloat16,
                        quantization: str = "none") -> int:
     """Weight bytes a load of ``config`` would hold, computed from the meta-built modules (no
-    file needed): NF4 costs 4 bits per weight plus one float32 absmax per 64 weights, INT8 one
-    byte per weight plus one float32 scale per output row. Equals ``weight_bytes`` of a real
-    load (a test checks it), so it gives the figures for checkpoints too big to load here."""
+    file needed; sizes per tensor as ``_paper_tensor_bytes``). Equals ``weight_bytes`` of a
+    real load (a test checks it), so it gives the figures for checkpoints too big to load here."""
     quantization = quant.check_mode(quantization)
     model, vae = build_empty(config)
     item = torch.empty((), dtype=dtype).element_size()
-    total = 0
-    for module_name, module in [*model.named_modules(), *(("vae." + n, m) for n, m in vae.named_modules())]:
-        quantized = (quantization != "none" and type(module) is nn.Linear
-                     and should_quantize(module_name))
-        for leaf, param in [*module._parameters.items(), *module._buffers.items()]:
-            if param is None:
-                continue
-            n = param.numel()
-            if quantized and leaf == "weight":
-                if quantization == "nf4":  # + each layer's 16-entry float32 code table
-                    total += n // 2 + (n // quant.NF4_BLOCKSIZE) * 4 + 16 * 4
-                else:
-                    total += n + module.out_features * 4
-            else:
-                size = item if param.is_floating_point() else param.element_size()
-                total += n * size
-    return total
+    modules = [*model.named_modules(), *(("vae." + n, m) for n, m in vae.named_modules())]
+    return sum(size for name, module in modules for size in _paper_tensor_bytes(name, module, quantization, item))
+
+
+def paper_layer_tensor_bytes(config: ModelConfig, *, dtype: torch.dtype = torch.bfloat16,
+                             quantization: str = "none") -> list[int]:
+    """Bytes of each tensor one decoder layer holds after a load (every layer has the same):
+    what ``offload="layers"`` keeps on the host and copies to the device per layer."""
+    quantization = quant.check_mode(quantization)
+    model, _ = build_empty(config)
+    item = torch.empty((), dtype=dtype).element_size()
+    first = set(map(id, model.language_model.model.layers[0].modules()))
+    return [size for name, module in model.named_modules() if id(module) in first
+            for size in _paper_tensor_bytes(name, module, quantization, item)]

@@ -282,11 +282,12 @@ class RandomWeights:
 
 
 def random_checkpoint(size: str, *, device: torch.device | str = "cpu", dtype: torch.dtype | str = torch.float32,
-                      quantization: str = "none", seed: int = 0) -> LoadedCheckpoint:
+                      quantization: str = "none", seed: int = 0, offload: str = "none") -> LoadedCheckpoint:
     """A random checkpoint of preset ``size`` loaded onto ``device`` in ``dtype`` without touching
     disk: tokenizer and config built in memory, every tensor made on the device by
-    ``RandomWeights`` and streamed in (quantized on arrival when asked) by
-    ``loading.load_from_sources``, the same code path as a checkpoint folder's load."""
+    ``RandomWeights`` and streamed in (quantized on arrival when asked, its decoder layers
+    parked in host memory with ``offload="layers"``) by ``loading.load_from_sources``, the same
+    code path as a checkpoint folder's load."""
     started = time.perf_counter()
     preset = _preset(size)
     _check_seed(seed)
@@ -297,7 +298,7 @@ def random_checkpoint(size: str, *, device: torch.device | str = "cpu", dtype: t
     label = f"random {size} checkpoint (seed {seed})"
     weights = RandomWeights(config, tokenizer, seed=seed, device=device, dtype=dtype, label=label)
     return load_from_sources(config, tokenizer, weights.ema, weights.ae, label=label, device=device,
-                             dtype=dtype, quantization=quantization, started=started)
+                             dtype=dtype, quantization=quantization, offload=offload, started=started)
 
 
 def _write_json(path: Path, data: dict) -> None:

@@ -15,7 +15,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "gpu-check"
 CHECKS = ("versions", "attention", "load_bf16", "load_nf4", "load_int8", "outputs", "loop_syncs",
-          "batched_vs_naive", "tryon_memory", "oom_bisection")
+          "batched_vs_naive", "tryon_memory", "oom_bisection", "offload")
 TIMINGS = ("time_t2i", "time_edit", "time_tryon8_batched", "time_tryon8_naive", "time_tryon8_taylorseer",
            "time_think")
 ALL = (*CHECKS, *TIMINGS, *(f"{name}_nf4" for name in TIMINGS))
@@ -95,3 +95,27 @@ def test_a_bad_size_exits_2_naming_the_option(tmp_path):
     assert proc.returncode == 2
     assert "argument --size: invalid choice: 'huge'" in proc.stderr
     assert not list(tmp_path.iterdir())
+
+
+def test_the_offload_overlap_is_read_from_a_profiler_trace(monkeypatch):
+    """``copy_overlap`` on a hand-made chrome trace (the CUDA profile is not available on CPU):
+    two-tensor layer copies on stream 9, compute kernels on stream 7; the second layer's copy
+    runs while nothing computes."""
+    monkeypatch.syspath_prepend(str(ROOT / "scripts"))
+    from gpu_check.offload_check import copy_overlap
+
+    def memcpy(ts, dur, stream=9, nbytes=1000):
+        return {"ph": "X", "cat": "gpu_memcpy", "name": "Memcpy HtoD (Pinned -> Device)", "ts": ts, "dur": dur,
+                "args": {"stream": stream, "bytes": nbytes}}
+
+    def kernel(ts, dur, stream=7):
+        return {"ph": "X", "cat": "kernel", "name": "gemm", "ts": ts, "dur": dur, "args": {"stream": stream}}
+
+    events = [memcpy(0, 10), memcpy(10, 10), kernel(5, 10), memcpy(30, 10), memcpy(40, 10), kernel(60, 5),
+              memcpy(100, 1, stream=7, nbytes=8), kernel(45, 1, stream=9),
+              {"ph": "X", "cat": "cpu_op", "name": "aten::copy_", "ts": 0, "dur": 100, "args": {}}]
+    got = copy_overlap(events, tensors_per_layer=2)
+    assert (got["layer_copies"], got["overlapping_layer_copies"], got["memcpys"]) == (2, 1, 4)
+    assert got["overlapping_share"] == 0.5 and got["hidden_copy_time_share"] == 10 / 40
+    assert got["copied_bytes"] == 4000 and got["copy_gb_per_s"] == 4000 / 40 / 1e3
+    assert copy_overlap([kernel(0, 1)], tensors_per_layer=2) == {"layer_copies": 0}

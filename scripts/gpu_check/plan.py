@@ -19,7 +19,8 @@ per decoder forward, 25 ms per decode token (reading ~15 GB of weights at ~4 TB/
 rest is the eager forward's launches), 0.3 s per decoded megapixel (VAE decoder, encoder,
 picture conversion). After each measured batched run the FLOP rate of its quantization mode is
 replaced by the measured one (clamped to 0.1–1.5× nominal); a think run does the same for the
-per-token time. The CPU rates are rough (a dry run is far inside any deadline).
+per-token time. Offloaded layers cross PCIe at a nominal 20 GB/s (pinned copies; a PCIe 4.0 x16
+link gives ~25, 5.0 ~50). The CPU rates are rough (a dry run is far inside any deadline).
 """
 
 from __future__ import annotations
@@ -161,13 +162,14 @@ class Rates:
     load_s: float  # a load's fixed part
     load_bytes_per_s: float
     fixed_s: float  # per engine call
+    h2d_bytes_per_s: float  # pinned host → device copies (offloaded layers; PCIe)
 
 
 NOMINAL = {
     "cuda": Rates(flops_per_s=400e12, forward_s=0.010, token_s=0.025, megapixel_s=0.3, load_s=8.0,
-                  load_bytes_per_s=1.5e9, fixed_s=0.3),
+                  load_bytes_per_s=1.5e9, fixed_s=0.3, h2d_bytes_per_s=20e9),
     "cpu": Rates(flops_per_s=3e10, forward_s=0.004, token_s=0.006, megapixel_s=2.0, load_s=1.5,
-                 load_bytes_per_s=2e8, fixed_s=0.05),
+                 load_bytes_per_s=2e8, fixed_s=0.05, h2d_bytes_per_s=5e9),
 }
 QUANTIZED_LOAD_FACTOR = 1.5  # quantizing every decoder linear on arrival
 QUANTIZED_FLOP_FACTOR = 0.6  # nf4/int8 GEMMs dequantize or rescale around the matmul

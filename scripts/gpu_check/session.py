@@ -82,35 +82,36 @@ class LoadFacts:
 
 
 class EngineSlot:
-    """Holds at most one engine; ``get`` swaps engines, ``load`` always loads afresh."""
+    """Holds at most one engine; ``get`` swaps engines, ``load`` always loads afresh. An engine
+    is keyed by its quantization, dtype and offload mode."""
 
     def __init__(self, scale: Scale, device: torch.device) -> None:
         self.scale = scale
         self.device = device
         self.engine: Engine | None = None
-        self.key: tuple[str, torch.dtype] | None = None
-        self.failures: dict[tuple[str, torch.dtype], str] = {}
+        self.key: tuple[str, torch.dtype, str] | None = None
+        self.failures: dict[tuple[str, torch.dtype, str], str] = {}
 
     @property
     def work_dtype(self) -> torch.dtype:
         return torch.bfloat16 if self.device.type == "cuda" else torch.float32
 
-    def holds(self, quantization: str, dtype: torch.dtype | None = None) -> bool:
-        return self.key == (quantization, dtype or self.work_dtype)
+    def holds(self, quantization: str, dtype: torch.dtype | None = None, offload: str = "none") -> bool:
+        return self.key == (quantization, dtype or self.work_dtype, offload)
 
     def drop(self) -> None:
         self.engine, self.key = None, None
         free_memory(self.device)
 
-    def load(self, quantization: str, dtype: torch.dtype) -> LoadFacts:
+    def load(self, quantization: str, dtype: torch.dtype, offload: str = "none") -> LoadFacts:
         """Drop the engine held, load a fresh one and keep it; raises what the load raised."""
         self.drop()
         before = allocated_bytes(self.device)
-        key = (quantization, dtype)
+        key = (quantization, dtype, offload)
         started = time.perf_counter()
         try:
             checkpoint = random_checkpoint(self.scale.size, device=self.device, dtype=dtype,
-                                           quantization=quantization, seed=CHECKPOINT_SEED)
+                                           quantization=quantization, seed=CHECKPOINT_SEED, offload=offload)
             engine = Engine(lower_min_sides(checkpoint, self.scale.min_side_px))
         except Exception as exc:
             self.failures[key] = f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0]}"
@@ -123,15 +124,17 @@ class EngineSlot:
         return LoadFacts(quantization, dtype, seconds, engine.checkpoint.weight_bytes, before,
                          allocated_bytes(self.device))
 
-    def get(self, quantization: str = "none") -> Engine:
-        """The engine of ``quantization`` in the work dtype, loaded if another one is held."""
-        key = (quantization, self.work_dtype)
+    def get(self, quantization: str = "none", offload: str = "none") -> Engine:
+        """The engine of ``quantization`` (and ``offload``) in the work dtype, loaded if another
+        one is held."""
+        key = (quantization, self.work_dtype, offload)
         if self.key == key and self.engine is not None:
             return self.engine
         if key in self.failures:
             label = dtype_name(key[1]) if quantization == "none" else f"{quantization} ({dtype_name(key[1])})"
+            label += "" if offload == "none" else f", offload {offload}"
             raise Skip(f"the {label} engine did not load ({self.failures[key]})")
-        self.load(quantization, self.work_dtype)
+        self.load(quantization, self.work_dtype, offload)
         return self.engine
 
 

@@ -1,11 +1,11 @@
 """The checks of ``gpu-check`` in the order they run, each with its planned cost.
 
 Owns: the order (the issue's: versions, attention, loads, outputs, syncs, batched vs naive,
-try-on memory, OOM recovery, then the timings), the names ``--only`` accepts, and each check's
-planned seconds — priced by ``plan.Costs`` from the work the check does, so a plan follows the
-size and the rates measured so far. The loads run int8, nf4, then bf16, so the bf16 engine
-the next checks use stays loaded; the nf4 timings load nf4 again (planned). Leaves running
-them to ``runner.py``.
+try-on memory, OOM recovery, CPU offload, then the timings), the names ``--only`` accepts, and
+each check's planned seconds — priced by ``plan.Costs`` from the work the check does, so a plan
+follows the size and the rates measured so far. The loads run int8, nf4, then bf16, so the bf16
+engine the next checks use stays loaded; the offload check and the nf4 timings load nf4 again
+(planned). Leaves running them to ``runner.py``.
 """
 
 from __future__ import annotations
@@ -18,6 +18,8 @@ from gpu_check import scenarios
 from gpu_check.attention_check import check_attention
 from gpu_check.model_checks import (SYNC_STEPS, check_batched_vs_naive, check_load, check_loop_syncs,
                                     check_outputs, check_tryon_memory, check_versions)
+from gpu_check.offload_check import check_offload
+from gpu_check.offload_check import planned_seconds as offload_s
 from gpu_check.oom_check import INJECTED_JOBS, REAL_JOBS, STEPS, check_oom_bisection
 from gpu_check.plan import requests_work
 from gpu_check.record import Record
@@ -26,7 +28,7 @@ from gpu_check.timings import ORDER, timing_name, timing_steps
 
 LOADS = (("load_int8", "int8"), ("load_nf4", "nf4"), ("load_bf16", "none"))
 CHECKS = ("versions", "attention", *(name for name, _ in LOADS), "outputs", "loop_syncs", "batched_vs_naive",
-          "tryon_memory", "oom_bisection")
+          "tryon_memory", "oom_bisection", "offload")
 STEP_NAMES = (*CHECKS, *(timing_name(kind, q) for q, kinds in ORDER.items() for kind in kinds))
 ATTENTION_S = {"cuda": {"full": 20.0, "small": 2.0, "tiny": 1.0}, "cpu": {"full": 900.0, "small": 5.0, "tiny": 0.3}}
 
@@ -101,6 +103,7 @@ def build_steps(session: Session) -> list[Step]:
         Step("batched_vs_naive", partial(_naive_s, session), partial(check_batched_vs_naive, session)),
         Step("tryon_memory", partial(_memory_s, session), partial(check_tryon_memory, session)),
         Step("oom_bisection", partial(_oom_s, session), partial(check_oom_bisection, session)),
+        Step("offload", partial(offload_s, session), partial(check_offload, session)),
         *(Step(name, planned, run) for name, _, planned, run in timing_steps(session)),
     ]
     assert tuple(s.name for s in steps) == STEP_NAMES, "STEP_NAMES lists every step in order"

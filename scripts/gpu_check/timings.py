@@ -1,4 +1,4 @@
-"""Check 9: timings, in bf16 and then (with bitsandbytes) nf4, most important first.
+"""Check 10: timings, in bf16 and then (with bitsandbytes) nf4, most important first.
 
 Owns: what each timing runs, its planned cost, one warm-up on CUDA (the same requests with 2
 timesteps, or 4 think tokens: kernels chosen, allocator warmed), the measurement
