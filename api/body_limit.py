@@ -36,6 +36,7 @@ from worker.params import MAX_METADATA_BYTES, MAX_PROMPT_CHARS
 from worker.settings import Settings
 
 MULTIPART_OVERHEAD_BYTES = 64 * 1024
+ADAPTER_CONFIG_BYTES = 64 * 1024  # adapter_config.json
 # Room for one job's JSON: 6 bytes per prompt character is the longest form of a character of the
 # Basic Multilingual Plane (escaped as \uXXXX; UTF-8 takes at most 4), plus full metadata and 4 KiB
 # for file ids, sizes and parameters.
@@ -71,7 +72,11 @@ class BodyLimits:
                            f"{MULTIPART_OVERHEAD_BYTES:,} bytes of multipart framing)")
         batch = BodyLimit(settings.max_batch_items * JSON_ITEM_BYTES + JSON_ENVELOPE_BYTES, "body",
                           f"for a batch of up to {settings.max_batch_items:,} items")
-        return cls(by_route={("POST", "/v1/files"): upload, ("POST", "/v1/batches"): batch},
+        adapter = BodyLimit(settings.max_adapter_bytes + ADAPTER_CONFIG_BYTES + MULTIPART_OVERHEAD_BYTES, "weights",
+                            f"for adapters (the {settings.max_adapter_bytes:,} byte adapter limit plus its config "
+                            "and multipart framing)")
+        return cls(by_route={("POST", "/v1/files"): upload, ("POST", "/v1/batches"): batch,
+                             ("POST", "/v1/adapters"): adapter},
                    other=BodyLimit(JSON_ITEM_BYTES + JSON_ENVELOPE_BYTES, "body", "for this route"))
 
     def for_request(self, method: str, path: str) -> BodyLimit:

@@ -114,6 +114,7 @@ IdempotencyKey = Annotated[str | None, Header(
 
 TAGS = [
     {"name": "files", "description": "Input images: upload once, refer to them by id."},
+    {"name": "adapters", "description": "LoRA adapters (PEFT format) that jobs can run with."},
     {"name": "jobs", "description": "One generation, edit, try-on or question."},
     {"name": "batches", "description": "Many jobs at once (a product and its scenes), their manifest and cancel."},
     {"name": "usage", "description": "Jobs, images and GPU-seconds per day."},
@@ -127,6 +128,8 @@ _ID = "$response.body#/id"
 # stateful fuzzers follow them).
 LINKS: dict[str, dict[str, tuple[str, dict[str, str]]]] = {
     "upload_file": {"GetFile": ("get_file", {"file_id": _ID})},
+    "upload_adapter": {"GetAdapter": ("get_adapter", {"adapter_id": _ID}),
+                       "DeleteAdapter": ("delete_adapter", {"adapter_id": _ID})},
     "create_job": {"GetJob": ("get_job", {"job_id": _ID}), "CancelJob": ("cancel_job", {"job_id": _ID})},
     "create_batch": {"GetBatch": ("get_batch", {"batch_id": _ID}),
                      "ListBatchJobs": ("list_batch_jobs", {"batch_id": _ID}),

@@ -61,6 +61,20 @@ def _side(name: str, rule: str) -> Any:
                  f"max_output_side_px setting; {rule}", examples=[512])
 
 
+MAX_ADAPTER_SCALE = 4.0
+
+
+def _adapter() -> Any:
+    return Field(None, min_length=1, max_length=64, json_schema_extra={"pattern": ID_PATTERN},
+                 description="a LoRA adapter of this tenant (POST /v1/adapters) to run with, by id; null: the base "
+                 "model", examples=["3d9c2a1e-5b7f-4e8d-9a6c-1f2e3d4c5b6a"])
+
+
+def _adapter_scale() -> Any:
+    return Field(None, ge=0.0, le=MAX_ADAPTER_SCALE, description="how strongly the adapter applies (its "
+                 "B·A is scaled by this on top of alpha/r); default 1.0; only with adapter", examples=[1.0])
+
+
 def _webhook_url() -> Any:
     return Field(None, max_length=MAX_URL_CHARS, json_schema_extra={"pattern": URL_PATTERN},
                  description="https (or http) URL that gets this work's signed events; its address is checked "
@@ -128,6 +142,8 @@ class JobIn(Strict):
     seed: int | None = Field(None, ge=0, le=SEED_MAX, description="shorthand for params.seed")
     params: GenerationParamsIn | None = Field(None, description="hyper-parameters; unset ones take the task's "
                                               "defaults")
+    adapter: str | None = _adapter()
+    adapter_scale: float | None = _adapter_scale()
     webhook_url: str | None = _webhook_url()
     metadata: dict[str, Any] | None = _metadata("job")
     priority: Priority = _priority()
@@ -171,6 +187,8 @@ class BatchIn(Strict):
     width: int | None = _side("width", "generate items only")
     height: int | None = _side("height", "generate items only")
     params: GenerationParamsIn | None = Field(None, description="defaults for every item")
+    adapter: str | None = _adapter()
+    adapter_scale: float | None = _adapter_scale()
     webhook_url: str | None = _webhook_url()
     metadata: dict[str, Any] | None = _metadata("batch")
     priority: Priority = _priority()
@@ -274,7 +292,9 @@ class JobOut(BaseModel):
     think: bool = Field(description="whether it reasons before answering")
     width: int | None = Field(description="output width in px (null for understand); known from submission on")
     height: int | None = Field(description="output height in px (null for understand)")
-    params: dict[str, Any] = Field(description="every hyper-parameter it runs with, defaults filled in")
+    params: dict[str, Any] = Field(description="every hyper-parameter it runs with, defaults filled in "
+                                   "(adapter_scale too when it runs with an adapter)")
+    adapter: str | None = Field(None, description="the LoRA adapter it runs with; null: the base model")
     attempts: int = Field(description="GPU attempts started (outages spend none)")
     max_attempts: int = Field(description="attempts before it fails")
     cancel_requested: bool = Field(description="a cancel was asked for; a running job stops at its next step")

@@ -17,6 +17,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import replace
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -28,6 +29,7 @@ from worker.errors import (
     BatchTooLarge,
     InvalidInput,
     InvalidParameter,
+    UnknownAdapter,
     UnknownFile,
 )
 from worker.jobs import JobSpec
@@ -82,6 +84,25 @@ def _spec(settings: Settings, owned: dict[str, File], *, task: str, prompt: str,
                    width=out_w, height=out_h, metadata=params.check_metadata(metadata))
 
 
+def adapter_choice(session: Session, tenant_id: str, adapter: str | None,
+                   scale: float | None) -> tuple[str | None, dict[str, float]]:
+    """The adapter id to run with (the tenant's, else a 422 naming ``adapter``) and the params it
+    adds (``adapter_scale``, default 1.0); a scale without an adapter is refused."""
+    if adapter is None:
+        if scale is not None:
+            raise InvalidParameter("adapter_scale: only with an adapter", field="adapter_scale")
+        return None, {}
+    params.check_text(adapter, "adapter", allow_whitespace=False)
+    if queries.get_adapter(session, tenant_id, adapter) is None:
+        raise UnknownAdapter(f"adapter: adapter {adapter!r} not found (POST /v1/adapters registers one)",
+                             field="adapter")
+    return adapter, {"adapter_scale": 1.0 if scale is None else float(scale)}
+
+
+def _with_adapter(spec: JobSpec, adapter_id: str | None, extra: dict[str, float]) -> JobSpec:
+    return replace(spec, adapter_id=adapter_id, params={**spec.params, **extra}) if adapter_id else spec
+
+
 def _check_file_ids(file_ids: Sequence[str], field: str) -> None:
     """Ids are looked up in the database, which cannot take a NUL: refuse control characters first."""
     for i, file_id in enumerate(file_ids):
@@ -91,9 +112,10 @@ def _check_file_ids(file_ids: Sequence[str], field: str) -> None:
 def job_spec(session: Session, settings: Settings, tenant_id: str, body: JobIn) -> JobSpec:
     _check_file_ids(body.input_file_ids, "input_file_ids")
     owned = queries.files_by_ids(session, tenant_id, body.input_file_ids)
-    return _spec(settings, owned, task=body.task, prompt=body.prompt, file_ids=body.input_file_ids,
+    spec = _spec(settings, owned, task=body.task, prompt=body.prompt, file_ids=body.input_file_ids,
                  think=body.think, width=body.width, height=body.height, seed=body.seed,
                  user_params=_params_dict(body.params), metadata=body.metadata)
+    return _with_adapter(spec, *adapter_choice(session, tenant_id, body.adapter, body.adapter_scale))
 
 
 def batch_specs(session: Session, settings: Settings, tenant_id: str, body: BatchIn) -> list[JobSpec]:
@@ -124,7 +146,8 @@ def batch_specs(session: Session, settings: Settings, tenant_id: str, body: Batc
                 width=item.width if item.width is not None else (body.width if task == "generate" else None),
                 height=item.height if item.height is not None else (body.height if task == "generate" else None),
                 seed=item.seed, user_params=_params_dict(body.params, item.params), metadata=item.metadata))
-    return specs
+    adapter_id, extra = adapter_choice(session, tenant_id, body.adapter, body.adapter_scale)
+    return [_with_adapter(spec, adapter_id, extra) for spec in specs]
 
 
 def check_webhook(settings: Settings, url: str | None) -> str | None:

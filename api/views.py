@@ -43,7 +43,7 @@ def job_out(job: Job, store: ResultStore, settings: Settings, session: Session |
     return JobOut(
         id=job.id, batch_id=job.batch_id, position=job.position, task=job.task,
         status=JobStatus(job.status).value, prompt=job.prompt, input_file_ids=list(job.input_file_ids),
-        think=job.think, width=job.width, height=job.height, params=dict(job.params),
+        think=job.think, width=job.width, height=job.height, params=dict(job.params), adapter=job.adapter_id,
         attempts=job.attempts, max_attempts=job.max_attempts, cancel_requested=job.cancel_requested,
         error=ErrorInfo(code=job.error_code, message=job.error_message)
         if job.error_code and JobStatus(job.status) == JobStatus.failed else None,

@@ -91,7 +91,7 @@ def test_the_api_never_imports_torch_or_the_model() -> None:
     assert _offenders("api", "torch") == [] and _offenders("api", "bagel") == []
 
 
-TORCH_FREE_MODEL_MODULES = ("bagel.config", "bagel.sizes", "bagel.errors")
+TORCH_FREE_MODEL_MODULES = ("bagel.config", "bagel.sizes", "bagel.errors", "bagel.adapter_format")
 
 
 def test_only_the_gpu_module_imports_the_engine() -> None:

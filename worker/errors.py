@@ -72,6 +72,25 @@ class UnknownFile(InvalidInput):
     code = "unknown_file"
 
 
+class UnknownAdapter(InvalidInput):
+    """A job names an adapter the tenant does not have."""
+
+    code = "unknown_adapter"
+
+
+class InvalidAdapter(InvalidInput):
+    """An uploaded adapter does not fit the base model (a module it names, a shape, its rank) or
+    is not a PEFT LoRA adapter we can apply; the message names the module or key."""
+
+    code = "invalid_adapter"
+
+
+class AdapterInUse(ServiceError):
+    """An adapter that queued or running jobs still need cannot be deleted."""
+
+    code = "adapter_in_use"
+
+
 class InvalidWebhookUrl(InvalidInput):
     """Raised when a webhook URL has a bad scheme, embedded credentials, or targets a private,
     loopback or link-local address while those are not allowed."""

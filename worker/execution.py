@@ -46,6 +46,7 @@ from typing import TYPE_CHECKING
 from sqlalchemy import select
 
 from worker import chunks, dispatch, jobs
+from worker.adapters import adapter_source
 from worker.errors import BrokerUnavailable, DeviceFailure, ObjectNotFound, StorageUnavailable
 from worker.logs import log_context
 from worker.models import File, utcnow
@@ -87,6 +88,7 @@ class ClaimedJob:
     queued_at: datetime
     started_at: datetime
     deadline_at: datetime | None
+    adapter_id: str | None = None
 
 
 def backoff_s(base_s: float, attempt: int) -> float:
@@ -178,7 +180,7 @@ def _claim(rt: WorkerRuntime, session: Session) -> tuple[str | None, list[Claime
                    input_file_ids=list(j.input_file_ids or []), params=dict(j.params or {}), think=bool(j.think),
                    width=int(j.width or 1024), height=int(j.height or 1024), attempts=int(j.attempts),
                    deferrals=int(j.deferrals or 0), cost_key=j.cost_key, queued_at=j.queued_at,
-                   started_at=j.started_at, deadline_at=j.deadline_at)
+                   started_at=j.started_at, deadline_at=j.deadline_at, adapter_id=j.adapter_id)
         for j in rows]
 
 
@@ -242,6 +244,7 @@ def _run_claimed(rt: WorkerRuntime, chunk_id: str, claimed: list[ClaimedJob]) ->
     try:
         read_started = time.perf_counter()
         files, missing = _read_inputs(rt, claimed)
+        adapter = adapter_source(rt.session, rt.store, claimed[0].adapter_id, claimed[0].params)
         phases["input"] = time.perf_counter() - read_started
         holder = rt.holder()
         from worker.gpu import JobInput
@@ -253,8 +256,8 @@ def _run_claimed(rt: WorkerRuntime, chunk_id: str, claimed: list[ClaimedJob]) ->
         deadlines = {job.id: job.deadline_at for job in runnable if job.deadline_at is not None}
         with _ChunkMonitor(rt, [job.id for job in runnable], deadlines) as monitor:
             engine_started = time.perf_counter()
-            outputs = (holder.run(inputs, progress=monitor.progress, should_cancel=monitor.should_cancel)
-                       if inputs else [])
+            outputs = (holder.run(inputs, progress=monitor.progress, should_cancel=monitor.should_cancel,
+                                  adapter=adapter) if inputs else [])
             engine_s = time.perf_counter() - engine_started
             monitor.flush()
     except DeviceFailure as exc:

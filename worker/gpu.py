@@ -4,8 +4,9 @@ Owns: ``EngineHolder`` (loads ONE ``bagel.engine.Engine`` when the worker proces
 keeps it; generates the tiny demo checkpoint when no model path is set; chooses the engine's
 memory budget and installs the test-only fault of ``BAGEL_JOBS_FAULT_INJECTION``), turning
 plain job inputs into ``bagel.requests.Request`` objects, and running a chunk's requests
-through ``engine.run`` with progress and cooperative-cancel callbacks. Leaves claims, storage
-and state to ``execution.py``.
+through ``engine.run`` with progress and cooperative-cancel callbacks, with the chunk's LoRA
+adapter applied (unmerged; loaded ones kept in an LRU of ``adapter_cache_bytes``). Leaves
+claims, storage and state to ``execution.py``.
 
 Failure isolation, per job, within one chunk:
   * a bad input fails alone: a request that cannot be built fails before the run, and when the
@@ -15,6 +16,8 @@ Failure isolation, per job, within one chunk:
     (recursively, the device cache emptied first), so the jobs that fit still succeed; a
     single job that does not fit fails at once with ``gpu_out_of_memory``, its size and the
     memory named, and is never retried (it would not fit next time either);
+  * an adapter that does not fit the loaded model fails every job of its chunk with
+    ``invalid_adapter`` naming the module (the upload check could not see the model);
   * any other device error (``torch.AcceleratorError``, a ``RuntimeError`` "CUDA error: …")
     leaves the CUDA context unusable: it is raised as ``DeviceFailure`` and the holder refuses
     every later run; the caller gives the chunk back and ends the process.
@@ -35,8 +38,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 from PIL import Image
 
+from bagel.adapters import AdapterCache, LoadedAdapter, apply_adapter, load_adapter
 from bagel.config import GenerationParams
-from bagel.errors import BagelError, CheckpointError, InputError, MemoryBudgetError
+from bagel.errors import AdapterError, BagelError, CheckpointError, InputError, MemoryBudgetError
 from bagel.requests import CancelFn, ProgressFn, Request, Result
 from bagel.transforms import load_image
 from worker.errors import DeviceFailure, GpuOutOfMemory, SettingsError
@@ -45,6 +49,7 @@ from worker.params import DEMO_MIN_SIDE_PX
 
 if TYPE_CHECKING:
     from bagel.engine import Engine
+    from worker.adapters import AdapterSource
     from worker.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -93,6 +98,7 @@ class EngineHolder:
         self.load_seconds = 0.0
         self.budget_source = "none"
         self.device_failure: str | None = None
+        self.adapters = AdapterCache(settings.adapter_cache_bytes)
         self._lock = threading.Lock()
 
     def model_path(self) -> Path:
@@ -120,13 +126,14 @@ class EngineHolder:
                 path = self.model_path()
                 start = time.perf_counter()
                 try:
-                    engine = Engine.load(path, quantization=self.settings.quantization, device=self.settings.device)
+                    engine = Engine.load(path, quantization=self.settings.quantization, device=self.settings.device,
+                                         offload=self.settings.offload)
                 except CheckpointError:
                     log.error("checkpoint %s cannot be loaded; the worker refuses to start", path)
                     raise
                 self.load_seconds = time.perf_counter() - start
-                log.info("engine loaded from %s (quantization=%s, device=%s) in %.1f s", path,
-                         self.settings.quantization, engine.device, self.load_seconds)
+                log.info("engine loaded from %s (quantization=%s, offload=%s, device=%s) in %.1f s", path,
+                         self.settings.quantization, self.settings.offload, engine.device, self.load_seconds)
                 engine.memory_budget_bytes, self.budget_source = self._memory_budget(engine)
                 if engine.memory_budget_bytes is None:
                     log.info("GPU memory budget: none (%s)", self.budget_source)
@@ -158,14 +165,32 @@ class EngineHolder:
         """The engine's working-memory estimate (bytes) for running ``job`` on its own."""
         return self.load().memory_estimate([_build_request(job, {}, self.settings.max_image_pixels)]).total
 
-    def run(self, inputs: list[JobInput], *, progress: ProgressFn, should_cancel: CancelFn) -> list[JobOutput]:
-        """Run one chunk. Bad inputs and jobs that do not fit come back as per-job errors (see
-        the module docstring); a device error raises ``DeviceFailure``, here and on every later
-        call."""
+    def _adapter(self, engine: Engine, source: AdapterSource) -> LoadedAdapter:
+        return self.adapters.get(source.adapter_id, lambda: load_adapter(
+            (source.read_config(), source.read_weights()), engine.config, device=engine.device,
+            dtype=engine.checkpoint.dtype))
+
+    def run(self, inputs: list[JobInput], *, progress: ProgressFn, should_cancel: CancelFn,
+            adapter: AdapterSource | None = None) -> list[JobOutput]:
+        """Run one chunk, with ``adapter`` applied when given. Bad inputs and jobs that do not
+        fit come back as per-job errors (see the module docstring); a device error raises
+        ``DeviceFailure``, here and on every later call."""
         if self.device_failure is not None:
             raise DeviceFailure(f"the device failed earlier in this process ({self.device_failure}); "
                                 "it runs no more chunks")
         engine = self.load()
+        if adapter is None:
+            return self._run(engine, inputs, progress=progress, should_cancel=should_cancel)
+        try:
+            loaded = self._adapter(engine, adapter)
+        except AdapterError as exc:
+            log.error("adapter %s refused by the loaded model: %s", adapter.adapter_id, exc)
+            return [JobOutput(error_code=exc.code, error_message=f"adapter: {exc}") for _ in inputs]
+        with apply_adapter(engine.model, loaded, scale=adapter.scale):
+            return self._run(engine, inputs, progress=progress, should_cancel=should_cancel)
+
+    def _run(self, engine: Engine, inputs: list[JobInput], *, progress: ProgressFn,
+             should_cancel: CancelFn) -> list[JobOutput]:
         outputs: list[JobOutput | None] = [None] * len(inputs)
         requests: list[Request] = []
         positions: list[int] = []

@@ -63,13 +63,18 @@ class JobSpec:
     width: int | None = None
     height: int | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
+    adapter_id: str | None = None  # its scale is params["adapter_scale"]
 
     @property
     def chunk_key(self) -> str:
         """Jobs with equal keys can share a forward pass: same task, output size, steps, think,
-        and the same input pictures (a try-on's product) — a hash, compared by the dispatcher."""
-        raw = json.dumps([self.task, list(self.input_file_ids), self.width, self.height,
-                          self.params.get("num_timesteps"), self.think], separators=(",", ":"))
+        the same input pictures (a try-on's product) and the same adapter at the same scale (a
+        chunk never mixes adapters) — a hash, compared by the dispatcher."""
+        key = [self.task, list(self.input_file_ids), self.width, self.height, self.params.get("num_timesteps"),
+               self.think]
+        if self.adapter_id is not None:
+            key += [self.adapter_id, self.params.get("adapter_scale")]
+        raw = json.dumps(key, separators=(",", ":"))
         return hashlib.sha256(raw.encode()).hexdigest()[:32]
 
     @property
@@ -112,6 +117,7 @@ def submit(session: Session, tenant_id: str, specs: Sequence[JobSpec], *, batch:
     values = [dict(
         id=_uuid(), tenant_id=tenant_id, batch_id=batch_row.id if batch_row else None, chunk_id=None,
         position=position, task=spec.task, prompt=spec.prompt, input_file_ids=list(spec.input_file_ids),
+        adapter_id=spec.adapter_id,
         params=dict(spec.params), think=spec.think, width=spec.width, height=spec.height,
         status=JobStatus.queued, attempts=0, max_attempts=max_attempts, cancel_requested=False,
         progress_step=0, priority=priority, chunk_key=spec.chunk_key, cost_key=spec.cost_key,

@@ -19,6 +19,7 @@ from typing import Any
 
 from sqlalchemy import (
     JSON,
+    BigInteger,
     Boolean,
     DateTime,
     Enum,
@@ -163,6 +164,25 @@ class File(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
 
+class Adapter(Base):
+    """A tenant's PEFT LoRA adapter: two stored objects and what the upload check read from them."""
+
+    __tablename__ = "adapters"
+    __table_args__ = (UniqueConstraint("tenant_id", "name", name="uq_adapters_tenant_name"),)
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
+    name: Mapped[str] = mapped_column(String(100))
+    sha256: Mapped[str] = mapped_column(String(64))  # of the weights file
+    config_key: Mapped[str] = mapped_column(String(300))
+    weights_key: Mapped[str] = mapped_column(String(300))
+    rank: Mapped[int] = mapped_column(Integer)
+    alpha: Mapped[float] = mapped_column(Float)
+    target_modules: Mapped[list[str]] = mapped_column(JSON)
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
 class Batch(Base):
     __tablename__ = "batches"
 
@@ -224,6 +244,7 @@ class Job(Base):
     chunk_id: Mapped[str | None] = mapped_column(ForeignKey("chunks.id", ondelete="SET NULL"),
                                                  nullable=True, index=True)
     position: Mapped[int] = mapped_column(Integer, default=0)
+    adapter_id: Mapped[str | None] = mapped_column(ForeignKey("adapters.id", ondelete="SET NULL"), nullable=True)
     priority: Mapped[Priority] = mapped_column(_enum(Priority, "priority"), default=Priority.batch,
                                                 server_default=Priority.batch.value)
     chunk_key: Mapped[str] = mapped_column(String(64), default="")  # jobs with equal keys share a chunk

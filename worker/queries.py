@@ -23,7 +23,7 @@ from sqlalchemy import Select, and_, func, or_, select
 from sqlalchemy.orm import Session
 
 from worker.errors import InvalidParameter
-from worker.models import Batch, DeliveryStatus, File, Job, JobStatus, WebhookAttempt, WebhookDelivery
+from worker.models import Adapter, Batch, DeliveryStatus, File, Job, JobStatus, WebhookAttempt, WebhookDelivery
 from worker.params import check_text
 
 Row = TypeVar("Row", Job, Batch, WebhookDelivery)
@@ -171,6 +171,16 @@ def get_batch(session: Session, tenant_id: str, batch_id: str) -> Batch | None:
 
 def get_file(session: Session, tenant_id: str, file_id: str) -> File | None:
     return session.scalar(select(File).where(File.id == file_id, File.tenant_id == tenant_id))
+
+
+def get_adapter(session: Session, tenant_id: str, adapter_id: str) -> Adapter | None:
+    return session.scalar(select(Adapter).where(Adapter.id == adapter_id, Adapter.tenant_id == tenant_id))
+
+
+def list_adapters(session: Session, tenant_id: str) -> list[Adapter]:
+    """The tenant's adapters, newest first."""
+    return list(session.scalars(select(Adapter).where(Adapter.tenant_id == tenant_id)
+                                .order_by(Adapter.created_at.desc(), Adapter.id)).all())
 
 
 def files_by_sha256(session: Session, tenant_id: str, sha256: str) -> File | None:

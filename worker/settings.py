@@ -63,6 +63,9 @@ class Settings(BaseSettings):
     model_path: Path | None = Field(None, description="checkpoint folder; None → tiny demo checkpoint")
     quantization: Literal["none", "nf4", "int8"] = "none"
     device: str = "auto"
+    offload: Literal["none", "layers"] = Field(
+        "none", description="layers: keep the decoder layers in (pinned) host memory and stream them to the "
+        "GPU as they run — slower, for 8–12 GB GPUs with the RAM to spare (bagel/offload.py)")
 
     # GPU memory. The engine splits a batch whose working-memory estimate (``bagel/memory.py``,
     # weights excluded) exceeds the budget into sub-batches, and fails a job that cannot fit alone
@@ -87,6 +90,10 @@ class Settings(BaseSettings):
     max_image_pixels: int = Field(40_000_000, ge=1)
     max_image_side_px: int = Field(8192, ge=16)
     max_output_side_px: int = Field(1024, ge=16)
+    max_adapter_bytes: int = Field(512 * MIB, ge=1024, description="largest adapter_model.safetensors an "
+                                   "upload may carry (POST /v1/adapters)")
+    adapter_cache_bytes: int = Field(2 * GIB, ge=0, description="device memory a GPU worker keeps loaded "
+                                     "adapters in (least recently used evicted first)")
 
     # Execution.
     lease_s: int = Field(600, ge=1)

@@ -44,6 +44,7 @@ MULTIPART_CHUNK_BYTES = 8 * 1024 * 1024
 LIST_PAGE_SIZE = 1000  # S3's own maximum per ListObjectsV2 call
 INPUTS_PREFIX = "inputs/"
 RESULTS_PREFIX = "results/"
+ADAPTERS_PREFIX = "adapters/"
 
 _clients: dict[tuple[str | None, ...], Any] = {}
 _clients_lock = threading.Lock()
@@ -55,6 +56,12 @@ def input_key(tenant_id: str, sha256: str) -> str:
 
 def output_key(tenant_id: str, job_id: str, extension: str = "png") -> str:
     return f"{RESULTS_PREFIX}{tenant_id}/{job_id}.{extension}"
+
+
+def adapter_keys(tenant_id: str, sha256: str) -> tuple[str, str]:
+    """Where an adapter's ``adapter_config.json`` and ``adapter_model.safetensors`` are stored
+    (content-addressed by the weights' hash)."""
+    return f"{ADAPTERS_PREFIX}{tenant_id}/{sha256}.json", f"{ADAPTERS_PREFIX}{tenant_id}/{sha256}.safetensors"
 
 
 def key_owner(key: str) -> tuple[str, str] | None:
