@@ -58,7 +58,12 @@ def _wait_mid_batch(stack: Stack, sub: Submitted) -> None:
     def first_succeeded() -> int:
         return sum(row.status == "succeeded" for row in job_rows(stack, sub.job_ids))
 
-    succeeded = wait_until(first_succeeded, 120, 0.02, "the batch's first job to succeed")
+    try:
+        succeeded = wait_until(first_succeeded, 120, 0.02, "the batch's first job to succeed")
+    except AssertionError as exc:  # say where it stuck: the jobs and the last words of each process
+        rows = [(r.status, r.attempts, r.error_code) for r in job_rows(stack, sub.job_ids)]
+        logs = "\n".join(f"--- {p.name}\n" + "\n".join(p.log().splitlines()[-12:]) for p in stack.procs)
+        raise AssertionError(f"{exc}\njobs: {rows}\n{logs}") from exc
     assert succeeded < BATCH_JOBS, "the whole batch finished before the outage began"
 
 
