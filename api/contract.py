@@ -39,7 +39,7 @@ class ErrorDetail(BaseModel):
                       "`payload_too_large`, `image_too_large`, `batch_too_large`, `invalid_webhook_url`, "
                       "`address_not_allowed`, `unauthorized`, `not_found`, `object_not_found`, "
                       "`signature_invalid`, `share_link_invalid`, `share_link_expired`, `idempotency_conflict`, "
-                      "`delivery_pending`, `rate_limited`, `too_many_waiting`, `gpu_budget_exhausted`, `database_unavailable`, "
+                      "`delivery_pending`, `provenance_not_recorded`, `rate_limited`, `too_many_waiting`, `gpu_budget_exhausted`, `database_unavailable`, "
                       "`storage_unavailable`, `broker_unavailable`, `method_not_allowed`",
                       examples=["invalid_parameter"])
     message: str = Field(description="for a person: names the field, the limit and what was sent",
@@ -65,7 +65,8 @@ _MEANING: dict[int, tuple[str, dict[str, Any]]] = {
           {"WWW-Authenticate": {"description": "`Bearer`", "schema": {"type": "string"}}}),
     403: ("refused: a bad or expired signature, or the tenant's monthly GPU budget is spent", {}),
     404: ("not found among this tenant's resources", {}),
-    409: ("conflict: the Idempotency-Key was used for a different request, or the delivery is still pending", {}),
+    409: ("conflict: the Idempotency-Key was used for a different request, the delivery is still pending, or "
+          "the job's provenance is not recorded yet", {}),
     413: ("too large: the body (413 before it is read when Content-Length says so), an image's bytes or "
            "pixels, or a batch's item count", {}),
     415: ("not a PNG, JPEG or WebP image", {}),
@@ -130,7 +131,8 @@ LINKS: dict[str, dict[str, tuple[str, dict[str, str]]]] = {
     "upload_file": {"GetFile": ("get_file", {"file_id": _ID})},
     "upload_adapter": {"GetAdapter": ("get_adapter", {"adapter_id": _ID}),
                        "DeleteAdapter": ("delete_adapter", {"adapter_id": _ID})},
-    "create_job": {"GetJob": ("get_job", {"job_id": _ID}), "CancelJob": ("cancel_job", {"job_id": _ID})},
+    "create_job": {"GetJob": ("get_job", {"job_id": _ID}), "CancelJob": ("cancel_job", {"job_id": _ID}),
+                   "GetProvenance": ("get_provenance", {"job_id": _ID}), "RerunJob": ("rerun_job", {"job_id": _ID})},
     "create_batch": {"GetBatch": ("get_batch", {"batch_id": _ID}),
                      "ListBatchJobs": ("list_batch_jobs", {"batch_id": _ID}),
                      "GetManifest": ("get_manifest", {"batch_id": _ID}),

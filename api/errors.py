@@ -36,6 +36,7 @@ STATUS_BY_ERROR: tuple[tuple[type[errors.ServiceError], int], ...] = (
     (errors.IdempotencyConflict, 409),
     (errors.DeliveryPending, 409),
     (errors.AdapterInUse, 409),
+    (errors.ProvenanceNotRecorded, 409),
     (errors.GpuBudgetExhausted, 403),
     (errors.LimitExceeded, 429),
     (errors.TransientError, 503),

@@ -280,7 +280,7 @@ class JobOut(BaseModel):
                    "url_expires_at": "2026-11-28T13:00:09Z", "content_type": "image/png", "text": None,
                    "think_text": None, "expired": False},
         "metadata": {"sku": "MUG-01"}, "webhook_url": None, "created_at": "2026-11-28T12:00:00Z",
-        "priority": "batch", "deadline_at": None, "queue": None}]})
+        "priority": "batch", "deadline_at": None, "queue": None, "rerun_of": None}]})
 
     id: str = Field(description="the job's id")
     batch_id: str | None = Field(description="its batch; null for a single job")
@@ -308,6 +308,8 @@ class JobOut(BaseModel):
     priority: Priority = Field(description="interactive or batch")
     deadline_at: datetime | None = Field(description="it expires if not finished by then")
     queue: QueueOut | None = Field(None, description="position and ETA while queued or running")
+    rerun_of: str | None = Field(None, description="the job this one re-runs (POST /v1/jobs/{job_id}/rerun); null "
+                                 "for a job submitted on its own")
 
 
 class BatchOut(BaseModel):

@@ -2,11 +2,11 @@
 
 Owns: the edge checks that need the database or the settings — input files the tenant owns,
 image counts per task, batch size, output size, webhook URL policy — the merge of batch
-defaults into items, and the deadline (``deadline_s`` in the body, the ``Cancel-After``
-header). The tenant's limits are ``worker.limits``' (their HTTP form: ``api/errors.py``).
-Nothing here talks to the broker: the committed jobs wait in the database for the dispatcher
-(``worker.scheduler``). Leaves the per-parameter rules to ``worker.params`` and the state
-change to ``worker.jobs``.
+defaults into items, a re-run's request (``rerun_spec``), and the deadline (``deadline_s`` in
+the body, the ``Cancel-After`` header). The tenant's limits are ``worker.limits``' (their HTTP
+form: ``api/errors.py``). Nothing here talks to the broker: the committed jobs wait in the
+database for the dispatcher (``worker.scheduler``). Leaves the per-parameter rules to
+``worker.params`` and the state change to ``worker.jobs``.
 
 Every error is raised before anything is stored or enqueued; its field is the full path in the
 body (``items[3].params.num_timesteps``).
@@ -33,7 +33,7 @@ from worker.errors import (
     UnknownFile,
 )
 from worker.jobs import JobSpec
-from worker.models import File
+from worker.models import File, Job
 from worker.settings import Settings
 
 CANCEL_AFTER_FIELD = "header.Cancel-After"
@@ -148,6 +148,24 @@ def batch_specs(session: Session, settings: Settings, tenant_id: str, body: Batc
                 seed=item.seed, user_params=_params_dict(body.params, item.params), metadata=item.metadata))
     adapter_id, extra = adapter_choice(session, tenant_id, body.adapter, body.adapter_scale)
     return [_with_adapter(spec, adapter_id, extra) for spec in specs]
+
+
+def rerun_spec(session: Session, settings: Settings, tenant_id: str, job: Job,
+               overrides: dict[str, Any]) -> JobSpec:
+    """The same request as ``job`` — task, prompt, input pictures, think, size, adapter and scale,
+    metadata and every resolved parameter, its seed among them — with ``overrides`` (a few
+    parameters) on top, checked again as a new submission is: the input files must still be the
+    tenant's, the adapter still registered."""
+    owned = queries.files_by_ids(session, tenant_id, job.input_file_ids)
+    user_params = {name: value for name, value in job.params.items() if name in params.LIMITS}
+    sized = job.task == "generate"  # an edit's size follows from its input picture again
+    spec = _spec(settings, owned, task=job.task, prompt=job.prompt, file_ids=list(job.input_file_ids),
+                 think=job.think, width=job.width if sized else None, height=job.height if sized else None,
+                 seed=None, user_params={**user_params, **overrides}, metadata=job.meta)
+    scale = job.params.get("adapter_scale")
+    if scale is not None and job.adapter_id is None:
+        raise UnknownAdapter(f"adapter: the adapter job {job.id!r} ran with was deleted", field="adapter")
+    return replace(_with_adapter(spec, *adapter_choice(session, tenant_id, job.adapter_id, scale)), rerun_of=job.id)
 
 
 def check_webhook(settings: Settings, url: str | None) -> str | None:

@@ -54,6 +54,7 @@ def job_out(job: Job, store: ResultStore, settings: Settings, session: Session |
         result=_result(job, store, settings), metadata=dict(job.meta or {}), webhook_url=job.webhook_url,
         created_at=job.created_at, priority=Priority(job.priority), deadline_at=job.deadline_at,
         queue=_queue(eta.job_queue(session, settings, job)) if session is not None else None,
+        rerun_of=job.rerun_of,
     )
 
 

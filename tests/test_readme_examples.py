@@ -1,7 +1,7 @@
 """The README's request bodies, as written, are accepted by the API on both stacks: every
 ``curl … $API/v1/… -d '{…}'`` body is read from README.md and sent (the product file id filled in
-with a real upload, the adapter id with a real adapter made by ``bagel make-adapter``), so an
-example a user copies cannot drift into a 4xx."""
+with a real upload, the adapter id with a real adapter made by ``bagel make-adapter``, a job id
+with a job submitted first), so an example a user copies cannot drift into a 4xx."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from tests.fixtures.services import ApiStack
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 # `$API/v1/<path> … -d '<json>'`, the path and the body on the same command (the body may span lines).
-BODY = re.compile(r"\$API(/v1/[a-z/]+)[^'\n]*-d '(\{.*?\})'", re.DOTALL)
+BODY = re.compile(r"\$API(/v1/(?:[a-z/]|<job id>)+)[^'\n]*-d '(\{.*?\})'", re.DOTALL)
 
 
 def _adapter_id(client: TestClient, api_stack: ApiStack, service_model: Path, folder: Path) -> str:
@@ -32,15 +32,17 @@ def _adapter_id(client: TestClient, api_stack: ApiStack, service_model: Path, fo
 def test_the_readme_request_bodies_are_accepted_as_written(api_stack: ApiStack, service_model: Path,
                                                            tmp_path: Path) -> None:
     examples = BODY.findall(README.read_text())
-    assert sorted(path for path, _ in examples) == ["/v1/batches", "/v1/batches", "/v1/jobs", "/v1/webhooks/test"]
+    assert sorted(path for path, _ in examples) == ["/v1/batches", "/v1/batches", "/v1/jobs", "/v1/jobs/<job id>/rerun",
+                                                    "/v1/webhooks/test"]
     product = api_stack.upload_png((64, 64))
     # The default webhook policy (the fixture's settings allow private targets).
     strict = api_stack.settings.model_copy(update={"webhook_allow_private": False})
     with TestClient(create_app(strict)) as client:
         adapter = _adapter_id(client, api_stack, service_model, tmp_path / "adapter")
+        job = client.post("/v1/jobs", json={"task": "generate", "prompt": "a mug"}, headers=api_stack.auth()).json()
         for path, text in examples:
             body = json.loads(text.replace("<file id>", product).replace("<adapter id>", adapter))
-            r = client.post(path, json=body, headers=api_stack.auth())
+            r = client.post(path.replace("<job id>", job["id"]), json=body, headers=api_stack.auth())
             assert r.status_code == 202, (path, r.text)
             if path == "/v1/batches":
                 batch = r.json()

@@ -134,6 +134,14 @@ class DeliveryPending(ServiceError):
     code = "delivery_pending"
 
 
+class ProvenanceNotRecorded(ServiceError):
+    """Raised when a job's provenance is asked for before a GPU worker recorded it: the job is
+    still waiting or running, or it ended without running on the engine (canceled, expired,
+    or failed before it)."""
+
+    code = "provenance_not_recorded"
+
+
 class ObjectNotFound(ServiceError):
     """Raised when a storage key does not exist."""
 

@@ -4,7 +4,8 @@ Owns: the body of the ``bagel_jobs.run_chunk`` task. It claims the chunk's queue
 lease, reads their input images from storage (once per file), runs them through the GPU module
 in one call (progress written every ``progress_every_steps`` steps, the lease renewed by a heartbeat
 thread, cancel requests polled between steps), uploads outputs to deterministic keys and records each outcome
-through ``worker.jobs`` (which writes the webhook outbox rows in the same transaction).
+through ``worker.jobs`` (which writes the webhook outbox rows in the same transaction), each with
+its reproducibility record (``provenance.py``).
 
 Failure policy: a permanent error (bad input, a job that does not fit in GPU memory on its own)
 fails the job at once; a transient one of the job's own (an engine crash) puts it back to
@@ -45,7 +46,7 @@ from typing import TYPE_CHECKING
 
 from sqlalchemy import select
 
-from worker import chunks, dispatch, jobs
+from worker import chunks, dispatch, jobs, provenance
 from worker.adapters import adapter_source
 from worker.errors import BrokerUnavailable, DeviceFailure, ObjectNotFound, StorageUnavailable
 from worker.logs import log_context
@@ -335,9 +336,11 @@ def _record(rt: WorkerRuntime, job: ClaimedJob, out: JobOutput, shares: _Shares)
     """Store and record one job's outcome; returns 'done', 'release' (the worker is stopping)
     or 'kept' (the upload failed: the output is kept for ``_upload_when_back``)."""
     with log_context(job_id=job.id, batch_id=job.batch_id, tenant_id=job.tenant_id):
+        record = provenance.record(rt.holder().provenance(), job, out, rt.worker_id)
         if out.error_code is not None:
             until_database(rt, lambda s: jobs.fail_job(s, job.id, rt.worker_id, out.error_code,
-                                                       out.error_message or out.error_code), "recording a failure")
+                                                       out.error_message or out.error_code, provenance=record),
+                           "recording a failure")
             log.info("job %s failed permanently: %s", job.id, out.error_code)
             return "done"
         if out.canceled:
@@ -368,7 +371,8 @@ def _record(rt: WorkerRuntime, job: ClaimedJob, out: JobOutput, shares: _Shares)
         ok = until_database(rt, lambda s: jobs.complete_job(
             s, job.id, rt.worker_id, output_key=key, output_text=out.text, think_text=out.think_text,
             model_seconds=shares.engine_s, gpu_seconds=shares.gpu_s + phases["upload"],
-            phase_seconds={name: round(v, 4) for name, v in phases.items()}), "recording a result")
+            phase_seconds={name: round(v, 4) for name, v in phases.items()}, provenance=record),
+            "recording a result")
         if ok:
             log.info("job %s succeeded in %.3f s of model time (its share of the chunk)", job.id, shares.engine_s)
         else:

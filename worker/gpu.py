@@ -2,7 +2,8 @@
 
 Owns: ``EngineHolder`` (loads ONE ``bagel.engine.Engine`` when the worker process starts and
 keeps it; generates the tiny demo checkpoint when no model path is set; chooses the engine's
-memory budget and installs the test-only fault of ``BAGEL_JOBS_FAULT_INJECTION``), turning
+memory budget and installs the test-only fault of ``BAGEL_JOBS_FAULT_INJECTION``; hashes the
+checkpoint once, at load, and states the engine's half of each job's provenance), turning
 plain job inputs into ``bagel.requests.Request`` objects, and running a chunk's requests
 through ``engine.run`` with progress and cooperative-cancel callbacks, with the chunk's LoRA
 adapter applied (unmerged; loaded ones kept in an LRU of ``adapter_cache_bytes``). Leaves
@@ -29,6 +30,7 @@ import gc
 import hashlib
 import io
 import logging
+import platform
 import threading
 import time
 from dataclasses import dataclass, field, fields
@@ -41,6 +43,7 @@ from PIL import Image
 from bagel.adapters import AdapterCache, LoadedAdapter, apply_adapter, load_adapter
 from bagel.config import GenerationParams
 from bagel.errors import AdapterError, BagelError, CheckpointError, InputError, MemoryBudgetError
+from bagel.identity import noise_source, runtime_versions, weights_identity
 from bagel.requests import CancelFn, ProgressFn, Request, Result
 from bagel.transforms import load_image
 from worker.errors import DeviceFailure, GpuOutOfMemory, SettingsError
@@ -98,6 +101,7 @@ class EngineHolder:
         self.load_seconds = 0.0
         self.budget_source = "none"
         self.device_failure: str | None = None
+        self._facts: dict[str, Any] = {}  # what ``provenance`` reports, fixed at load
         self.adapters = AdapterCache(settings.adapter_cache_bytes)
         self._lock = threading.Lock()
 
@@ -132,8 +136,10 @@ class EngineHolder:
                     log.error("checkpoint %s cannot be loaded; the worker refuses to start", path)
                     raise
                 self.load_seconds = time.perf_counter() - start
-                log.info("engine loaded from %s (quantization=%s, offload=%s, device=%s) in %.1f s", path,
-                         self.settings.quantization, self.settings.offload, engine.device, self.load_seconds)
+                self._facts = _engine_facts(engine, path)
+                log.info("engine loaded from %s (weights %s, quantization=%s, offload=%s, device=%s) in %.1f s",
+                         path, self._facts["weights_sha256"][:16], self.settings.quantization, self.settings.offload,
+                         engine.device, self.load_seconds)
                 engine.memory_budget_bytes, self.budget_source = self._memory_budget(engine)
                 if engine.memory_budget_bytes is None:
                     log.info("GPU memory budget: none (%s)", self.budget_source)
@@ -144,6 +150,12 @@ class EngineHolder:
                     install_fault(engine, parse_fault(self.settings.fault_injection))
                 self.engine = engine
             return self.engine
+
+    def provenance(self) -> dict[str, Any]:
+        """The loaded engine's half of a job's reproducibility record (``worker.provenance``):
+        what it loaded, how, and on which software and device (computed once, at load)."""
+        self.load()
+        return dict(self._facts)
 
     def _memory_budget(self, engine: Engine) -> tuple[int | None, str]:
         """The working memory one run may use, and where the number comes from: the setting;
@@ -280,6 +292,21 @@ class _ChunkRun:
                    f"working memory, {memory}")
         log.error("job %s: %s", job.job_id, message)
         return JobOutput(error_code=GpuOutOfMemory.code, error_message=message)
+
+
+def _engine_facts(engine: Engine, path: Path) -> dict[str, Any]:
+    """The loaded checkpoint's identity (a hash of its files, ``bagel.identity``), the load's
+    options, the device and the versions: the same for every job this process runs."""
+    device = engine.device
+    return {
+        "weights_sha256": weights_identity(path), "model": path.name,
+        "quantization": engine.checkpoint.quantization, "offload": engine.checkpoint.offload,
+        "dtype": str(engine.dtype).removeprefix("torch."), "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.machine(),
+        "torch_threads": torch.get_num_threads(), **runtime_versions(engine.checkpoint.quantization),
+        "noise_source": noise_source(device) + "; edit and try-on jobs set context_seed from their input "
+                        "picture's bytes (worker.gpu.picture_context_seed)",
+    }
 
 
 def describe_job(job: JobInput, request: Request) -> str:

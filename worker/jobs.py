@@ -64,6 +64,7 @@ class JobSpec:
     height: int | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
     adapter_id: str | None = None  # its scale is params["adapter_scale"]
+    rerun_of: str | None = None  # the job this one re-runs (``POST /v1/jobs/{id}/rerun``)
 
     @property
     def chunk_key(self) -> str:
@@ -117,7 +118,7 @@ def submit(session: Session, tenant_id: str, specs: Sequence[JobSpec], *, batch:
     values = [dict(
         id=_uuid(), tenant_id=tenant_id, batch_id=batch_row.id if batch_row else None, chunk_id=None,
         position=position, task=spec.task, prompt=spec.prompt, input_file_ids=list(spec.input_file_ids),
-        adapter_id=spec.adapter_id,
+        adapter_id=spec.adapter_id, rerun_of=spec.rerun_of,
         params=dict(spec.params), think=spec.think, width=spec.width, height=spec.height,
         status=JobStatus.queued, attempts=0, max_attempts=max_attempts, cancel_requested=False,
         progress_step=0, priority=priority, chunk_key=spec.chunk_key, cost_key=spec.cost_key,
@@ -209,26 +210,28 @@ def cancel_requested_ids(session: Session, job_ids: Iterable[str]) -> set[str]:
 def complete_job(session: Session, job_id: str, worker_id: str, *, output_key: str | None = None,
                  output_text: str | None = None, think_text: str | None = None,
                  model_seconds: float, gpu_seconds: float | None = None,
-                 phase_seconds: dict[str, float] | None = None) -> bool:
+                 phase_seconds: dict[str, float] | None = None, provenance: dict[str, Any] | None = None) -> bool:
     """``running`` → ``succeeded`` if ``worker_id`` still holds the lease; in the same transaction
     the ``job.succeeded`` outbox row and, when this finishes the batch, ``batch.completed``.
     ``gpu_seconds`` (its share of the chunk, added to what earlier attempts used) and
-    ``phase_seconds`` are the job's accounting."""
+    ``phase_seconds`` are the job's accounting; ``provenance`` its reproducibility record."""
     now = utcnow()
     done = _transition(session, job_id, worker_id, JobStatus.succeeded, now, output_key=output_key,
                        output_text=output_text, think_text=think_text, model_seconds=model_seconds,
                        gpu_seconds=func.coalesce(Job.gpu_seconds, 0.0) + (gpu_seconds or 0.0),
-                       phase_seconds=phase_seconds or {},
+                       phase_seconds=phase_seconds or {}, provenance=provenance,
                        error_code=None, error_message=None, progress_step=Job.progress_total)
     if done:
         log.info("job %s succeeded in %.2f s of model time", job_id, model_seconds)
     return done
 
 
-def fail_job(session: Session, job_id: str, worker_id: str, code: str, message: str) -> bool:
-    """``running`` → ``failed`` if ``worker_id`` still holds the lease, with ``job.failed``."""
+def fail_job(session: Session, job_id: str, worker_id: str, code: str, message: str, *,
+             provenance: dict[str, Any] | None = None) -> bool:
+    """``running`` → ``failed`` if ``worker_id`` still holds the lease, with ``job.failed``;
+    ``provenance``: the record of an engine run that failed the job."""
     done = _transition(session, job_id, worker_id, JobStatus.failed, utcnow(),
-                       error_code=code, error_message=message)
+                       error_code=code, error_message=message, provenance=provenance)
     if done:
         log.error("job %s failed: %s: %s", job_id, code, message)
     return done

@@ -245,6 +245,8 @@ class Job(Base):
                                                  nullable=True, index=True)
     position: Mapped[int] = mapped_column(Integer, default=0)
     adapter_id: Mapped[str | None] = mapped_column(ForeignKey("adapters.id", ondelete="SET NULL"), nullable=True)
+    # The job this one re-runs (POST /v1/jobs/{id}/rerun); cleared if that job is deleted.
+    rerun_of: Mapped[str | None] = mapped_column(ForeignKey("jobs.id", ondelete="SET NULL"), nullable=True)
     priority: Mapped[Priority] = mapped_column(_enum(Priority, "priority"), default=Priority.batch,
                                                 server_default=Priority.batch.value)
     chunk_key: Mapped[str] = mapped_column(String(64), default="")  # jobs with equal keys share a chunk
@@ -284,6 +286,8 @@ class Job(Base):
     output_text: Mapped[str | None] = mapped_column(Text, nullable=True)
     think_text: Mapped[str | None] = mapped_column(Text, nullable=True)
     result_expired_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    # What made the output (``worker.provenance``), written by the GPU worker that finished it.
+    provenance: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
 
     meta: Mapped[dict[str, Any]] = mapped_column("metadata", JSON, default=dict)
     webhook_url: Mapped[str | None] = mapped_column(Text, nullable=True)
