@@ -28,10 +28,10 @@ from sqlalchemy import func, select
 from tests.fixtures.worker import Stack, submit_jobs, wait_until
 from worker import chunks, jobs, tenants
 from worker.faults import Fault, parse_fault
-from worker.models import File, utcnow
+from worker.models import Adapter, File, utcnow
 from worker.orphans import SweepReport, sweep_orphans
 from worker.reconciler import reconcile_once
-from worker.storage import ResultStore, input_key, make_store, output_key
+from worker.storage import ResultStore, adapter_keys, input_key, make_store, output_key
 
 PAUSE_FAULT = "pause_after_object_write:600"  # far longer than the test: the API dies in the pause
 
@@ -137,7 +137,7 @@ def test_an_upload_killed_before_its_commit_leaves_an_orphan_that_the_reconciler
                                                       "BAGEL_JOBS_ORPHAN_SWEEP_INTERVAL_S": "0.5"})
     wait_until(lambda: not store.exists(crashed_key), 60, 0.1, "the orphan to be swept")
     # the sweep that deleted it judged the whole listing: the file and the result stayed
-    reconciler.wait_log("orphan sweep: deleted 1 input(s) and 0 result(s) that no row holds")
+    reconciler.wait_log("orphan sweep: deleted 1 input(s), 0 result(s) and 0 adapter file(s) that no row holds")
     assert sorted(o.key for o in store.list_objects("")) == sorted([kept_key, result_key])
 
 
@@ -158,10 +158,16 @@ def test_a_sweep_deletes_only_old_objects_that_no_row_holds(stack: Stack, tmp_pa
         jobs.complete_job(s, expired, "w", output_key=output_key(tenant_id, expired), model_seconds=0.1)
         jobs.mark_result_expired(s, expired)
         jobs.fail_job(s, failed, "w", "invalid_input", "uploaded, then failed")
+    with stack.session() as s:  # an adapter's two files, named by its row
+        s.add(Adapter(tenant_id=tenant_id, name="kept", sha256=_sha(b"adapter"), config_key="", weights_key="",
+                      rank=4, alpha=8.0, target_modules=["q_proj"], size_bytes=7, created_at=utcnow()))
+        s.commit()
     held = [named, stray, output_key(tenant_id, succeeded), output_key(tenant_id, running),
-            output_key(tenant_id, queued), output_key(tenant_id, queued, "txt")]
+            output_key(tenant_id, queued), output_key(tenant_id, queued, "txt"),
+            *adapter_keys(tenant_id, _sha(b"adapter"))]
     orphans = [orphan_input, output_key(tenant_id, succeeded, "txt"), output_key(tenant_id, failed),
-               output_key(tenant_id, expired), output_key(tenant_id, str(uuid.uuid4()))]
+               output_key(tenant_id, expired), output_key(tenant_id, str(uuid.uuid4())),
+               *adapter_keys(tenant_id, _sha(b"an upload that died before its commit"))]
     for key in held[1:] + orphans:
         store.put(key, b"bytes", "application/octet-stream")
 
@@ -170,7 +176,7 @@ def test_a_sweep_deletes_only_old_objects_that_no_row_holds(stack: Stack, tmp_pa
     assert all(store.exists(key) for key in held + orphans)
 
     report = sweep_orphans(stack.session, store, grace_s=0)
-    assert report == SweepReport(inputs=1, results=4)
+    assert report == SweepReport(inputs=1, results=4, adapters=2)
     assert sorted(o.key for o in store.list_objects("")) == sorted(held)
     assert sweep_orphans(stack.session, store, grace_s=0) == SweepReport()  # a second reconciler: nothing left
 

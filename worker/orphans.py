@@ -4,16 +4,18 @@ Owns: deciding which objects are orphans, and ``sweep_orphans``, which the recon
 ``orphan_sweep_interval_s``. An object is an orphan when it is older than ``orphan_grace_s`` and
 - under ``inputs/``: no ``File`` row names its tenant and content (an upload whose API died, or
   whose transaction failed, between the object write and the commit);
+- under ``adapters/``: no ``Adapter`` row names its tenant and weights hash (an adapter upload
+  that died before its commit, or an adapter deleted while its files could not be);
 - under ``results/``: its job does not hold it — the job is gone, its result expired, or it ended
   without recording it (its worker lost the lease after the upload). The result key of a job
   still queued or running is kept: a worker may be about to record it.
 A younger object may belong to a write whose row is still being committed, so it is never
 judged. Keys outside the layout of ``storage.py`` are left alone.
 
-Safe with several reconcilers: deleting a deleted object is a no-op. Inputs are content-addressed,
-so an upload of the same bytes may rewrite an orphan and commit its row while the sweep decides:
-the sweep reads an input before deleting it, looks for a row again after the delete, and puts the
-same bytes back if one appeared. (What remains is an upload that wrote before the delete and
+Safe with several reconcilers: deleting a deleted object is a no-op. Inputs and adapters are
+content-addressed, so an upload of the same bytes may rewrite an orphan and commit its row while
+the sweep decides: the sweep reads such an object before deleting it, looks for a row again after
+the delete, and puts the same bytes back if one appeared. (What remains is an upload that wrote before the delete and
 commits after that second look, a few milliseconds, for content whose earlier upload died more
 than the grace period ago; uploading it again repairs it.) Leaves listing and deleting to
 ``storage.py`` and the schedule to ``reconciler.py``.
@@ -31,8 +33,8 @@ from typing import TYPE_CHECKING
 from sqlalchemy import select
 
 from worker.errors import ObjectNotFound
-from worker.models import ACTIVE_STATUSES, File, Job, JobStatus, utcnow
-from worker.storage import INPUTS_PREFIX, RESULTS_PREFIX, StoredObject, key_owner
+from worker.models import ACTIVE_STATUSES, Adapter, File, Job, JobStatus, utcnow
+from worker.storage import ADAPTERS_PREFIX, INPUTS_PREFIX, RESULTS_PREFIX, StoredObject, content_type_for, key_owner
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session
@@ -49,13 +51,15 @@ class SweepReport:
     """What one sweep did (logged, and asserted on by tests)."""
 
     inputs: int = 0  # orphan inputs deleted
+    adapters: int = 0  # orphan adapter files deleted
     results: int = 0  # orphan results deleted
     young: int = 0  # objects within the grace period, not judged
-    restored: int = 0  # inputs put back: a file row appeared while they were deleted
+    restored: int = 0  # inputs or adapter files put back: a row appeared while they were deleted
 
 
 def sweep_orphans(session: Callable[[], Session], store: ResultStore, grace_s: float) -> SweepReport:
-    """Delete the orphans older than ``grace_s`` seconds under ``inputs/`` and ``results/``."""
+    """Delete the orphans older than ``grace_s`` seconds under ``inputs/``, ``adapters/`` and
+    ``results/``."""
     report = SweepReport()
     cutoff = utcnow() - timedelta(seconds=grace_s)
     for page in _pages(store.list_objects(INPUTS_PREFIX)):
@@ -64,6 +68,12 @@ def sweep_orphans(session: Callable[[], Session], store: ResultStore, grace_s: f
             orphans = old - _named_inputs(s, old)
         for key in sorted(orphans):
             _delete_input(session, store, key, report)
+    for page in _pages(store.list_objects(ADAPTERS_PREFIX)):
+        old = _older_than(page, cutoff, report)
+        with session() as s:
+            orphans = old - _named_adapter_files(s, old)
+        for key in sorted(orphans):
+            _delete_adapter_file(session, store, key, report)
     for page in _pages(store.list_objects(RESULTS_PREFIX)):
         old = _older_than(page, cutoff, report)
         with session() as s:
@@ -72,10 +82,10 @@ def sweep_orphans(session: Callable[[], Session], store: ResultStore, grace_s: f
             store.delete(key)
             report.results += 1
             log.debug("orphan sweep: deleted result %s", key)
-    if report.inputs or report.results or report.restored:
-        log.info("orphan sweep: deleted %d input(s) and %d result(s) that no row holds, older than %g s "
-                 "(%d younger object(s) kept, %d put back)", report.inputs, report.results, grace_s,
-                 report.young, report.restored)
+    if report.inputs or report.results or report.adapters or report.restored:
+        log.info("orphan sweep: deleted %d input(s), %d result(s) and %d adapter file(s) that no row holds, "
+                 "older than %g s (%d younger object(s) kept, %d put back)", report.inputs, report.results,
+                 report.adapters, grace_s, report.young, report.restored)
     return report
 
 
@@ -101,6 +111,38 @@ def _named_inputs(s: Session, keys: set[str]) -> set[str]:
         File.tenant_id.in_({tenant for tenant, _ in pairs}), File.sha256.in_({sha for _, sha in pairs}))).all()
     named = {(r.tenant_id, r.sha256) for r in rows}
     return {key for key, owner in owners.items() if owner is None or owner in named}
+
+
+def _named_adapter_files(s: Session, keys: set[str]) -> set[str]:
+    """The adapter file keys an adapter row names, and those outside the layout."""
+    owners = {key: key_owner(key) for key in keys}
+    pairs = {owner for owner in owners.values() if owner is not None}
+    if not pairs:
+        return set(keys)
+    rows = s.execute(select(Adapter.tenant_id, Adapter.sha256).where(
+        Adapter.tenant_id.in_({t for t, _ in pairs}), Adapter.sha256.in_({sha for _, sha in pairs}))).all()
+    named = {(r.tenant_id, r.sha256) for r in rows}
+    return {key for key, owner in owners.items() if owner is None or owner in named}
+
+
+def _delete_adapter_file(session: Callable[[], Session], store: ResultStore, key: str, report: SweepReport) -> None:
+    try:
+        data = store.get(key)
+    except ObjectNotFound:
+        return  # another reconciler swept it first
+    store.delete(key)
+    owner = key_owner(key)
+    assert owner is not None, "only keys of the layout are judged"
+    tenant_id, sha256 = owner
+    with session() as s:  # an upload of the same adapter may have committed its row meanwhile
+        row = s.scalar(select(Adapter.id).where(Adapter.tenant_id == tenant_id, Adapter.sha256 == sha256))
+    if row is None:
+        report.adapters += 1
+        log.debug("orphan sweep: deleted adapter file %s", key)
+        return
+    store.put(key, data, content_type_for(key))
+    report.restored += 1
+    log.warning("orphan sweep: adapter file %s got its row %s while it was swept; put back", key, row)
 
 
 def _held_results(s: Session, keys: set[str]) -> set[str]:

@@ -65,14 +65,14 @@ def adapter_keys(tenant_id: str, sha256: str) -> tuple[str, str]:
 
 
 def key_owner(key: str) -> tuple[str, str] | None:
-    """What a key of the layout names: ``(tenant, sha256)`` for an input, ``(tenant, job id)``
-    for a result; None for any other key."""
+    """What a key of the layout names: ``(tenant, sha256)`` for an input or an adapter's file,
+    ``(tenant, job id)`` for a result; None for any other key."""
     parts = key.split("/")
     if len(parts) != 3 or not all(parts):
         return None
     if f"{parts[0]}/" == INPUTS_PREFIX:
         return parts[1], parts[2]
-    if f"{parts[0]}/" == RESULTS_PREFIX and "." in parts[2]:
+    if f"{parts[0]}/" in (RESULTS_PREFIX, ADAPTERS_PREFIX) and "." in parts[2]:
         return parts[1], parts[2].rsplit(".", 1)[0]
     return None
 
@@ -120,6 +120,8 @@ def content_type_for(key: str) -> str:
         return "image/jpeg"
     if key.endswith(".webp"):
         return "image/webp"
+    if key.endswith(".json"):
+        return "application/json"
     return "application/octet-stream"
 
 
