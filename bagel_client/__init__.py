@@ -4,7 +4,9 @@ torch, nothing of the server.
 
 Upload pictures, submit jobs and batches (``tryon``: one product, many scenes), wait with a
 progress callback, download results, list, cancel, share a batch's gallery page
-(``share_batch``), and verify webhooks (``verify_webhook``).
+(``share_batch``), and verify webhooks (``verify_webhook``). Register LoRA adapters
+(``upload_adapter``) and run jobs with one (``adapter=``); read what made a job's output
+(``get_provenance``) and submit it again (``rerun``).
 Every creating call carries an ``Idempotency-Key`` (a new uuid4 unless given, the same across
 the SDK's retries of that call); refusals that say "later" (429, 502–504, with their
 ``Retry-After``) and connection errors are retried; the API's errors arrive as ``ApiError``
@@ -17,13 +19,14 @@ and the standard library). The ``bagel-jobs submit`` command (``bagel_client.cli
 from bagel_client.async_client import AsyncClient
 from bagel_client.client import Client
 from bagel_client.errors import ApiError, BagelError, ResultUnavailable, WaitTimeout, WebhookVerificationError
-from bagel_client.models import (Batch, BatchItem, Delivery, DeliveryAttempt, Event, File, GenerationParams, Job,
-                                 JobError, Progress, Queue, Result, Share, Timings)
+from bagel_client.models import (Adapter, Batch, BatchItem, Delivery, DeliveryAttempt, Event, File, GenerationParams,
+                                 Job, JobError, Progress, Provenance, Queue, Result, Share, Timings)
 from bagel_client.retries import RetryPolicy
 from bagel_client.webhooks import verify_webhook
 
 __all__ = [
-    "ApiError", "AsyncClient", "BagelError", "Batch", "BatchItem", "Client", "Delivery", "DeliveryAttempt", "Event",
-    "File", "GenerationParams", "Job", "JobError", "Progress", "Queue", "Result", "ResultUnavailable",
-    "RetryPolicy", "Share", "Timings", "WaitTimeout", "WebhookVerificationError", "verify_webhook",
+    "Adapter", "ApiError", "AsyncClient", "BagelError", "Batch", "BatchItem", "Client", "Delivery", "DeliveryAttempt",
+    "Event", "File", "GenerationParams", "Job", "JobError", "Progress", "Provenance", "Queue", "Result",
+    "ResultUnavailable", "RetryPolicy", "Share", "Timings", "WaitTimeout", "WebhookVerificationError",
+    "verify_webhook",
 ]

@@ -3,8 +3,8 @@
 
 Owns: sending the requests ``bagel_client.calls`` describes with the retries of
 ``bagel_client.retries`` (``asyncio.sleep`` between them), and the async loops: paging, polling,
-the try-on helper. Reading and writing local files (uploads, downloads) runs in a thread, so
-the event loop never blocks on the disk.
+the try-on helper. Reading and writing local files (uploads, adapters, downloads) runs in a
+thread, so the event loop never blocks on the disk.
 
     async with AsyncClient() as client:       # BAGEL_API_URL, BAGEL_API_KEY
         job = await client.submit_job("tryon", "on a beach", input_files=[await client.upload("bag.png")])
@@ -26,10 +26,10 @@ from typing import Any, Literal, overload
 import httpx
 
 from bagel_client import calls
-from bagel_client.calls import UploadSource
+from bagel_client.calls import AdapterSource, UploadSource
 from bagel_client.errors import WaitTimeout
-from bagel_client.models import (Batch, BatchItem, Delivery, File, GenerationParams, Job, JobStatus, Priority,
-                                 Share, Task)
+from bagel_client.models import (Adapter, Batch, BatchItem, Delivery, File, GenerationParams, Job, JobStatus,
+                                 Priority, Provenance, Share, Task)
 from bagel_client.retries import RetryPolicy
 from bagel_client.waiting import Poller, ProgressCallback, timeout_message
 
@@ -60,7 +60,8 @@ class AsyncClient:
             retry += 1
             try:
                 response = await self._http.request(call.method, call.url, params=call.params, json=call.json,
-                                                    files=call.files, headers=call.headers(self._api_key))
+                                                    files=call.files, data=call.data,
+                                                    headers=call.headers(self._api_key))
             except httpx.TransportError as exc:
                 delay = self.retry.after_error(retry, exc, call.what)
             else:
@@ -83,34 +84,57 @@ class AsyncClient:
     async def get_file(self, file_id: str) -> File:
         return File.from_json(await self._json(calls.get(calls.file_path(file_id))))
 
+    # Adapters
+
+    async def upload_adapter(self, name: str, source: AdapterSource) -> Adapter:
+        """Register a LoRA adapter: PEFT's folder or a ``(config, weights)`` pair (see
+        ``Client.upload_adapter``)."""
+        call = await asyncio.to_thread(calls.upload_adapter, name, source)
+        return Adapter.from_json(await self._json(call))
+
+    async def list_adapters(self) -> list[Adapter]:
+        """The tenant's adapters, newest first."""
+        return [Adapter.from_json(a) for a in (await self._json(calls.get("/v1/adapters")))["data"]]
+
+    async def get_adapter(self, adapter_id: str) -> Adapter:
+        return Adapter.from_json(await self._json(calls.get(calls.adapter_path(adapter_id))))
+
+    async def delete_adapter(self, adapter: str | Adapter) -> None:
+        """Delete the adapter and its files; a 409 ``ApiError`` while queued or running jobs use it."""
+        await self._send(calls.Call("DELETE", calls.adapter_path(adapter)))
+
     # Submitting
 
     async def submit_job(self, task: Task, prompt: str, *, input_files: Sequence[str | File] = (),
                          think: bool = False, width: int | None = None, height: int | None = None,
                          seed: int | None = None, params: GenerationParams | None = None,
+                         adapter: str | Adapter | None = None, adapter_scale: float | None = None,
                          webhook_url: str | None = None, metadata: Mapping[str, Any] | None = None,
                          priority: Priority | None = None, deadline_s: int | None = None,
                          idempotency_key: str | None = None) -> Job:
-        """One job; ``input_files``: uploaded files or their ids (edit and try-on: the picture)."""
+        """One job; ``input_files``: uploaded files or their ids (edit and try-on: the picture);
+        ``adapter``: a LoRA adapter (or its id) to run with, at ``adapter_scale`` (default 1.0)."""
         return Job.from_json(await self._json(calls.submit_job(
             task, prompt, input_files=input_files, think=think, width=width, height=height, seed=seed,
-            params=params, webhook_url=webhook_url, metadata=metadata, priority=priority, deadline_s=deadline_s,
-            idempotency_key=idempotency_key)))
+            params=params, adapter=adapter, adapter_scale=adapter_scale, webhook_url=webhook_url, metadata=metadata,
+            priority=priority, deadline_s=deadline_s, idempotency_key=idempotency_key)))
 
     async def submit_batch(self, items: Sequence[BatchItem], *, task: Task | None = None,
                            product_file: str | File | None = None, think: bool | None = None,
                            width: int | None = None, height: int | None = None, params: GenerationParams | None = None,
+                           adapter: str | Adapter | None = None, adapter_scale: float | None = None,
                            webhook_url: str | None = None, metadata: Mapping[str, Any] | None = None,
                            priority: Priority | None = None, deadline_s: int | None = None,
                            idempotency_key: str | None = None) -> Batch:
-        """Many jobs at once; the batch's fields are every item's defaults."""
+        """Many jobs at once; the batch's fields (``adapter`` included) are every item's defaults."""
         return Batch.from_json(await self._json(calls.submit_batch(
             items, task=task, product_file=product_file, think=think, width=width, height=height, params=params,
-            webhook_url=webhook_url, metadata=metadata, priority=priority, deadline_s=deadline_s,
-            idempotency_key=idempotency_key)))
+            adapter=adapter, adapter_scale=adapter_scale, webhook_url=webhook_url, metadata=metadata,
+            priority=priority, deadline_s=deadline_s, idempotency_key=idempotency_key)))
 
     async def tryon(self, product: UploadSource | File, prompts: Sequence[str | BatchItem], *,
                     seed: int | None = None, think: bool | None = None, params: GenerationParams | None = None,
+                    adapter: str | Adapter | None = None, adapter_scale: float | None = None,
                     webhook_url: str | None = None, metadata: Mapping[str, Any] | None = None,
                     priority: Priority | None = None, deadline_s: int | None = None,
                     idempotency_key: str | None = None) -> Batch:
@@ -118,8 +142,9 @@ class AsyncClient:
         items = calls.tryon_items(prompts, seed)
         product_file = product if isinstance(product, File) else await self.upload(product)
         return await self.submit_batch(items, task="tryon", product_file=product_file, think=think, params=params,
-                                       webhook_url=webhook_url, metadata=metadata, priority=priority,
-                                       deadline_s=deadline_s, idempotency_key=idempotency_key)
+                                       adapter=adapter, adapter_scale=adapter_scale, webhook_url=webhook_url,
+                                       metadata=metadata, priority=priority, deadline_s=deadline_s,
+                                       idempotency_key=idempotency_key)
 
     # Reading and listing
 
@@ -205,6 +230,21 @@ class AsyncClient:
             await asyncio.sleep(delay)
             current = await (self.get_batch(current.id) if isinstance(current, Batch) else self.get_job(current.id))
         return current
+
+    # Provenance and re-run
+
+    async def get_provenance(self, job: str | Job) -> Provenance:
+        """What made a finished job's output (see ``Client.get_provenance``); a 409
+        ``provenance_not_recorded`` ``ApiError`` until a GPU worker finished it."""
+        return Provenance.from_json(await self._json(calls.get(f"{calls.job_path(job)}/provenance")))
+
+    async def rerun(self, job: str | Job, *, seed: int | None = None, num_timesteps: int | None = None,
+                    cfg_text_scale: float | None = None, cfg_img_scale: float | None = None,
+                    idempotency_key: str | None = None) -> Job:
+        """The job's request again as a new job linked by ``rerun_of`` (see ``Client.rerun``)."""
+        return Job.from_json(await self._json(calls.rerun(
+            job, seed=seed, num_timesteps=num_timesteps, cfg_text_scale=cfg_text_scale, cfg_img_scale=cfg_img_scale,
+            idempotency_key=idempotency_key)))
 
     # Results
 

@@ -2,10 +2,11 @@
 ``AsyncClient``, so the two differ only in how they wait for I/O.
 
 Owns: the endpoint paths, the request bodies (fields left as None are not sent, so the
-service's defaults apply), reading an upload's bytes, a fresh ``Idempotency-Key`` (uuid4) for
-every creating call unless the caller gives one, the API's address and key (arguments or
-environment), and where a download is written. Leaves retries to ``bagel_client.retries``,
-``wait``'s schedule to ``bagel_client.waiting`` and the answers' shapes to ``bagel_client.models``.
+service's defaults apply), reading an upload's bytes (an image, or a LoRA adapter's two PEFT
+files), a fresh ``Idempotency-Key`` (uuid4) for every creating call the API deduplicates unless
+the caller gives one, the API's address and key (arguments or environment), and where a download
+is written. Leaves retries to ``bagel_client.retries``, ``wait``'s schedule to
+``bagel_client.waiting`` and the answers' shapes to ``bagel_client.models``.
 """
 
 from __future__ import annotations
@@ -21,9 +22,13 @@ from typing import IO, Any, TypeAlias
 from urllib.parse import quote
 
 from bagel_client.errors import ResultUnavailable
-from bagel_client.models import Batch, BatchItem, File, GenerationParams, Job, Priority, Task
+from bagel_client.models import Adapter, Batch, BatchItem, File, GenerationParams, Job, Priority, Task
 
 UploadSource: TypeAlias = "str | os.PathLike[str] | bytes | IO[bytes]"
+# A LoRA adapter: the folder PEFT's save_pretrained wrote, or its (config, weights) files.
+AdapterSource: TypeAlias = "str | os.PathLike[str] | tuple[UploadSource, UploadSource]"
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
 USER_AGENT = "bagel-client (httpx)"
 API_URL_ENV = "BAGEL_API_URL"
 API_KEY_ENV = "BAGEL_API_KEY"
@@ -37,14 +42,16 @@ _MAGIC = ((b"\x89PNG\r\n\x1a\n", "image/png"), (b"\xff\xd8\xff", "image/jpeg"))
 @dataclass(frozen=True)
 class Call:
     """One request: method, path (relative to the API) or absolute URL, query, JSON or
-    multipart body, and the idempotency key of a creating call. ``authenticated`` False:
-    the URL is its own credential (a result download), so no API key goes with it."""
+    multipart body (``files`` and its form fields, ``data``), and the idempotency key of a
+    creating call. ``authenticated`` False: the URL is its own credential (a result download),
+    so no API key goes with it."""
 
     method: str
     url: str
     params: dict[str, Any] | None = None
     json: dict[str, Any] | None = None
     files: dict[str, tuple[str, bytes, str]] | None = None
+    data: dict[str, str] | None = None
     idempotency_key: str | None = None
     authenticated: bool = True
 
@@ -68,7 +75,7 @@ def _key(idempotency_key: str | None) -> str:
     return idempotency_key if idempotency_key is not None else str(uuid.uuid4())
 
 
-def id_of(target: str | File | Job | Batch) -> str:
+def id_of(target: str | File | Job | Batch | Adapter) -> str:
     return target if isinstance(target, str) else target.id
 
 
@@ -94,13 +101,37 @@ def upload(source: UploadSource, filename: str | None, idempotency_key: str | No
                 idempotency_key=_key(idempotency_key))
 
 
+def upload_adapter(name: str, source: AdapterSource) -> Call:
+    """The multipart POST of a LoRA adapter: ``source`` is the folder PEFT's ``save_pretrained``
+    wrote (``adapter_config.json`` and ``adapter_model.safetensors``) or a ``(config, weights)``
+    pair of paths, bytes or binary file objects. No ``Idempotency-Key``: the route takes none,
+    and the name is unique per tenant, so a repeat cannot register a second adapter (a retry
+    whose first send did land is refused with a 422 on ``name``)."""
+    if isinstance(source, tuple):
+        config, weights = source
+    else:
+        folder = Path(source)
+        if not folder.is_dir():
+            raise ValueError(f"adapter: {folder} is not a folder (give the folder PEFT's save_pretrained wrote, "
+                             "or a (config, weights) pair)")
+        missing = [n for n in (ADAPTER_CONFIG, ADAPTER_WEIGHTS) if not (folder / n).is_file()]
+        if missing:
+            raise ValueError(f"adapter: {folder} has no {' and no '.join(missing)}")
+        config, weights = folder / ADAPTER_CONFIG, folder / ADAPTER_WEIGHTS
+    return Call("POST", "/v1/adapters", data={"name": name}, files={
+        "config": read_upload(config, ADAPTER_CONFIG), "weights": read_upload(weights, ADAPTER_WEIGHTS)})
+
+
 def submit_job(task: Task, prompt: str, *, input_files: Sequence[str | File], think: bool, width: int | None,
-               height: int | None, seed: int | None, params: GenerationParams | None, webhook_url: str | None,
+               height: int | None, seed: int | None, params: GenerationParams | None,
+               adapter: str | Adapter | None, adapter_scale: float | None, webhook_url: str | None,
                metadata: Mapping[str, Any] | None, priority: Priority | None, deadline_s: int | None,
                idempotency_key: str | None) -> Call:
     body = _drop_none({"task": task, "prompt": prompt, "input_file_ids": [id_of(f) for f in input_files] or None,
                        "think": think or None, "width": width, "height": height, "seed": seed,
-                       "params": dict(params) if params else None, "webhook_url": webhook_url,
+                       "params": dict(params) if params else None,
+                       "adapter": None if adapter is None else id_of(adapter), "adapter_scale": adapter_scale,
+                       "webhook_url": webhook_url,
                        "metadata": dict(metadata) if metadata is not None else None, "priority": priority,
                        "deadline_s": deadline_s})
     return Call("POST", "/v1/jobs", json=body, idempotency_key=_key(idempotency_key))
@@ -108,11 +139,14 @@ def submit_job(task: Task, prompt: str, *, input_files: Sequence[str | File], th
 
 def submit_batch(items: Sequence[BatchItem], *, task: Task | None, product_file: str | File | None,
                  think: bool | None, width: int | None, height: int | None, params: GenerationParams | None,
-                 webhook_url: str | None, metadata: Mapping[str, Any] | None, priority: Priority | None,
-                 deadline_s: int | None, idempotency_key: str | None) -> Call:
+                 adapter: str | Adapter | None, adapter_scale: float | None, webhook_url: str | None,
+                 metadata: Mapping[str, Any] | None, priority: Priority | None, deadline_s: int | None,
+                 idempotency_key: str | None) -> Call:
     body = _drop_none({"task": task, "product_file": None if product_file is None else id_of(product_file),
                        "items": [dict(item) for item in items], "think": think, "width": width, "height": height,
-                       "params": dict(params) if params else None, "webhook_url": webhook_url,
+                       "params": dict(params) if params else None,
+                       "adapter": None if adapter is None else id_of(adapter), "adapter_scale": adapter_scale,
+                       "webhook_url": webhook_url,
                        "metadata": dict(metadata) if metadata is not None else None, "priority": priority,
                        "deadline_s": deadline_s})
     return Call("POST", "/v1/batches", json=body, idempotency_key=_key(idempotency_key))
@@ -146,6 +180,18 @@ def job_path(job: str | Job) -> str:
 
 def batch_path(batch: str | Batch) -> str:
     return f"/v1/batches/{quote(id_of(batch), safe='')}"
+
+
+def adapter_path(adapter: str | Adapter) -> str:
+    return f"/v1/adapters/{quote(id_of(adapter), safe='')}"
+
+
+def rerun(job: str | Job, *, seed: int | None, num_timesteps: int | None, cfg_text_scale: float | None,
+          cfg_img_scale: float | None, idempotency_key: str | None) -> Call:
+    """The job's request again as a new job; only the overrides given are sent."""
+    body = _drop_none({"seed": seed, "num_timesteps": num_timesteps, "cfg_text_scale": cfg_text_scale,
+                       "cfg_img_scale": cfg_img_scale})
+    return Call("POST", f"{job_path(job)}/rerun", json=body, idempotency_key=_key(idempotency_key))
 
 
 def delivery_path(delivery_id: str) -> str:

@@ -53,6 +53,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--think", action="store_true", help="think before drawing (every item)")
     p.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
                    help="another BAGEL hyper-parameter, the value as JSON (e.g. cfg_img_scale=2.0); repeatable")
+    p.add_argument("--adapter", metavar="ID", help="a LoRA adapter of yours to run every item with "
+                   "(upload it with the SDK's upload_adapter or POST /v1/adapters)")
+    p.add_argument("--adapter-scale", type=float, metavar="X", help="how strongly the adapter applies (default 1.0)")
     p.add_argument("--webhook-url", help="where batch.completed is POSTed")
     p.add_argument("--priority", choices=["interactive", "batch"])
     p.add_argument("--deadline-s", type=int, help="jobs not finished this many seconds after submission expire")
@@ -125,7 +128,8 @@ def run_tryon(args: argparse.Namespace) -> int:
     with client:
         try:
             batch = client.tryon(args.product, prompts, seed=args.seed, think=args.think or None,
-                                 params=params or None, webhook_url=args.webhook_url, priority=args.priority,
+                                 params=params or None, adapter=args.adapter, adapter_scale=args.adapter_scale,
+                                 webhook_url=args.webhook_url, priority=args.priority,
                                  deadline_s=args.deadline_s, idempotency_key=args.idempotency_key)
             sys.stdout.write(json.dumps({"batch_id": batch.id, "job_ids": batch.job_ids}) + "\n")
             sys.stdout.flush()

@@ -2,7 +2,9 @@
 
 Owns: sending the requests ``bagel_client.calls`` describes, with the retries of
 ``bagel_client.retries`` (sleeping between them), and the loops on top: paging through
-listings, polling in ``wait``, the try-on helper. ``AsyncClient`` is the same with ``await``.
+listings, polling in ``wait``, the try-on helper. Also LoRA adapters (upload, list, read,
+delete; ``adapter=`` on submissions), a job's provenance and its re-run. ``AsyncClient`` is the
+same with ``await``.
 
     with Client("http://127.0.0.1:8000", "bj_…") as client:
         batch = client.tryon("bag.png", ["on a marble counter", "on a beach at sunset"])
@@ -24,10 +26,10 @@ from typing import Any, Literal, overload
 import httpx
 
 from bagel_client import calls
-from bagel_client.calls import UploadSource
+from bagel_client.calls import AdapterSource, UploadSource
 from bagel_client.errors import WaitTimeout
-from bagel_client.models import (Batch, BatchItem, Delivery, File, GenerationParams, Job, JobStatus, Priority,
-                                 Share, Task)
+from bagel_client.models import (Adapter, Batch, BatchItem, Delivery, File, GenerationParams, Job, JobStatus,
+                                 Priority, Provenance, Share, Task)
 from bagel_client.retries import RetryPolicy
 from bagel_client.waiting import Poller, ProgressCallback, timeout_message
 
@@ -60,7 +62,8 @@ class Client:
             retry += 1
             try:
                 response = self._http.request(call.method, call.url, params=call.params, json=call.json,
-                                              files=call.files, headers=call.headers(self._api_key))
+                                              files=call.files, data=call.data,
+                                              headers=call.headers(self._api_key))
             except httpx.TransportError as exc:
                 delay = self.retry.after_error(retry, exc, call.what)
             else:
@@ -82,34 +85,57 @@ class Client:
     def get_file(self, file_id: str) -> File:
         return File.from_json(self._json(calls.get(calls.file_path(file_id))))
 
+    # Adapters
+
+    def upload_adapter(self, name: str, source: AdapterSource) -> Adapter:
+        """Register a LoRA adapter under ``name`` (unique per tenant): the folder PEFT's
+        ``save_pretrained`` wrote, or a ``(config, weights)`` pair of paths, bytes or binary file
+        objects. The API checks it against the base model (a 422 names the module at fault)."""
+        return Adapter.from_json(self._json(calls.upload_adapter(name, source)))
+
+    def list_adapters(self) -> list[Adapter]:
+        """The tenant's adapters, newest first."""
+        return [Adapter.from_json(a) for a in self._json(calls.get("/v1/adapters"))["data"]]
+
+    def get_adapter(self, adapter_id: str) -> Adapter:
+        return Adapter.from_json(self._json(calls.get(calls.adapter_path(adapter_id))))
+
+    def delete_adapter(self, adapter: str | Adapter) -> None:
+        """Delete the adapter and its files; a 409 ``ApiError`` while queued or running jobs use it."""
+        self._send(calls.Call("DELETE", calls.adapter_path(adapter)))
+
     # Submitting
 
     def submit_job(self, task: Task, prompt: str, *, input_files: Sequence[str | File] = (), think: bool = False,
                    width: int | None = None, height: int | None = None, seed: int | None = None,
-                   params: GenerationParams | None = None, webhook_url: str | None = None,
+                   params: GenerationParams | None = None, adapter: str | Adapter | None = None,
+                   adapter_scale: float | None = None, webhook_url: str | None = None,
                    metadata: Mapping[str, Any] | None = None, priority: Priority | None = None,
                    deadline_s: int | None = None, idempotency_key: str | None = None) -> Job:
-        """One job; ``input_files``: uploaded files or their ids (edit and try-on: the picture)."""
+        """One job; ``input_files``: uploaded files or their ids (edit and try-on: the picture);
+        ``adapter``: a LoRA adapter (or its id) to run with, at ``adapter_scale`` (default 1.0)."""
         return Job.from_json(self._json(calls.submit_job(
             task, prompt, input_files=input_files, think=think, width=width, height=height, seed=seed,
-            params=params, webhook_url=webhook_url, metadata=metadata, priority=priority, deadline_s=deadline_s,
-            idempotency_key=idempotency_key)))
+            params=params, adapter=adapter, adapter_scale=adapter_scale, webhook_url=webhook_url, metadata=metadata,
+            priority=priority, deadline_s=deadline_s, idempotency_key=idempotency_key)))
 
     def submit_batch(self, items: Sequence[BatchItem], *, task: Task | None = None,
                      product_file: str | File | None = None, think: bool | None = None, width: int | None = None,
                      height: int | None = None, params: GenerationParams | None = None,
+                     adapter: str | Adapter | None = None, adapter_scale: float | None = None,
                      webhook_url: str | None = None, metadata: Mapping[str, Any] | None = None,
                      priority: Priority | None = None, deadline_s: int | None = None,
                      idempotency_key: str | None = None) -> Batch:
-        """Many jobs at once; the batch's fields are every item's defaults. The answer lists
-        ``job_ids`` in item order."""
+        """Many jobs at once; the batch's fields (``adapter`` included) are every item's defaults.
+        The answer lists ``job_ids`` in item order."""
         return Batch.from_json(self._json(calls.submit_batch(
             items, task=task, product_file=product_file, think=think, width=width, height=height, params=params,
-            webhook_url=webhook_url, metadata=metadata, priority=priority, deadline_s=deadline_s,
-            idempotency_key=idempotency_key)))
+            adapter=adapter, adapter_scale=adapter_scale, webhook_url=webhook_url, metadata=metadata,
+            priority=priority, deadline_s=deadline_s, idempotency_key=idempotency_key)))
 
     def tryon(self, product: UploadSource | File, prompts: Sequence[str | BatchItem], *, seed: int | None = None,
-              think: bool | None = None, params: GenerationParams | None = None, webhook_url: str | None = None,
+              think: bool | None = None, params: GenerationParams | None = None, adapter: str | Adapter | None = None,
+              adapter_scale: float | None = None, webhook_url: str | None = None,
               metadata: Mapping[str, Any] | None = None, priority: Priority | None = None,
               deadline_s: int | None = None, idempotency_key: str | None = None) -> Batch:
         """One product picture in many scenes: uploads ``product`` once (unless it is an uploaded
@@ -117,8 +143,9 @@ class Client:
         items = calls.tryon_items(prompts, seed)
         product_file = product if isinstance(product, File) else self.upload(product)
         return self.submit_batch(items, task="tryon", product_file=product_file, think=think, params=params,
-                                 webhook_url=webhook_url, metadata=metadata, priority=priority,
-                                 deadline_s=deadline_s, idempotency_key=idempotency_key)
+                                 adapter=adapter, adapter_scale=adapter_scale, webhook_url=webhook_url,
+                                 metadata=metadata, priority=priority, deadline_s=deadline_s,
+                                 idempotency_key=idempotency_key)
 
     # Reading and listing
 
@@ -202,6 +229,24 @@ class Client:
             time.sleep(delay)
             current = self.get_batch(current.id) if isinstance(current, Batch) else self.get_job(current.id)
         return current
+
+    # Provenance and re-run
+
+    def get_provenance(self, job: str | Job) -> Provenance:
+        """What made a finished job's output (weights identity, versions, device, every parameter,
+        the output's SHA-256); a 409 ``provenance_not_recorded`` ``ApiError`` until a GPU worker
+        finished it, or when it never ran."""
+        return Provenance.from_json(self._json(calls.get(f"{calls.job_path(job)}/provenance")))
+
+    def rerun(self, job: str | Job, *, seed: int | None = None, num_timesteps: int | None = None,
+              cfg_text_scale: float | None = None, cfg_img_scale: float | None = None,
+              idempotency_key: str | None = None) -> Job:
+        """Submit the job's request again as a new single job (``rerun_of`` names the first): the
+        same task, prompt, inputs, adapter and parameters, its seed included, with the overrides
+        given; the same worker set-up makes the same PNG."""
+        return Job.from_json(self._json(calls.rerun(
+            job, seed=seed, num_timesteps=num_timesteps, cfg_text_scale=cfg_text_scale, cfg_img_scale=cfg_img_scale,
+            idempotency_key=idempotency_key)))
 
     # Results
 

@@ -1,9 +1,10 @@
 """What the API returns and takes, as plain typed Python: frozen dataclasses for the answers
-(``File``, ``Job``, ``Batch``, ``Share``, ``Delivery`` and their parts) and TypedDicts for the
-inputs (``GenerationParams``, ``BatchItem``).
+(``File``, ``Job``, ``Batch``, ``Share``, ``Delivery``, ``Adapter``, ``Provenance`` and their
+parts) and TypedDicts for the inputs (``GenerationParams``, ``BatchItem``).
 
 Owns: reading the JSON bodies of ``api/schemas.py`` (``FileOut``, ``JobOut``, ``BatchOut``,
-``DeliveryOut``) and ``api/share.py`` (``ShareOut``) into these types. Fields the SDK does not
+``DeliveryOut``), ``api/share.py`` (``ShareOut``), ``api/routes/adapters.py`` (``AdapterOut``)
+and ``api/routes/provenance.py`` (``Provenance``) into these types. Fields the SDK does not
 know yet are ignored, and every object keeps the body it was read from in ``raw``. Leaves the
 HTTP calls to the clients.
 No pydantic: the SDK depends on httpx and standardwebhooks only.
@@ -156,7 +157,9 @@ class Queue:
 
 @dataclass(frozen=True)
 class Job:
-    """One job (``GET /v1/jobs/{id}``): one image, or one answer for ``understand``."""
+    """One job (``GET /v1/jobs/{id}``): one image, or one answer for ``understand``. ``adapter``:
+    the LoRA adapter it runs with (its scale is ``params["adapter_scale"]``), None for the base
+    model; ``rerun_of``: the job it re-runs, None for a job submitted on its own."""
 
     id: str
     batch_id: str | None
@@ -169,6 +172,7 @@ class Job:
     width: int | None
     height: int | None
     params: dict[str, Any]
+    adapter: str | None
     attempts: int
     max_attempts: int
     cancel_requested: bool
@@ -182,6 +186,7 @@ class Job:
     priority: str
     deadline_at: datetime | None
     queue: Queue | None
+    rerun_of: str | None
     raw: dict[str, Any] = field(repr=False, compare=False)
 
     @property
@@ -197,15 +202,16 @@ class Job:
             id=body["id"], batch_id=body.get("batch_id"), position=body.get("position", 0), task=body["task"],
             status=body["status"], prompt=body["prompt"], input_file_ids=list(body.get("input_file_ids") or []),
             think=bool(body.get("think")), width=body.get("width"), height=body.get("height"),
-            params=dict(body.get("params") or {}), attempts=body.get("attempts", 0),
-            max_attempts=body.get("max_attempts", 0), cancel_requested=bool(body.get("cancel_requested")),
+            params=dict(body.get("params") or {}), adapter=body.get("adapter"),
+            attempts=body.get("attempts", 0), max_attempts=body.get("max_attempts", 0),
+            cancel_requested=bool(body.get("cancel_requested")),
             error=None if error is None else JobError(code=error["code"], message=error.get("message")),
             progress=Progress(step=body["progress"]["step"], total=body["progress"]["total"]),
             timings=Timings.from_json(body["timings"]),
             result=None if result is None else Result.from_json(result), metadata=dict(body.get("metadata") or {}),
             webhook_url=body.get("webhook_url"), created_at=datetime.fromisoformat(body["created_at"]),
             priority=body.get("priority", "batch"), deadline_at=parse_datetime(body.get("deadline_at")),
-            queue=Queue.from_json(body.get("queue")), raw=body)
+            queue=Queue.from_json(body.get("queue")), rerun_of=body.get("rerun_of"), raw=body)
 
 
 @dataclass(frozen=True)
@@ -266,6 +272,92 @@ class Share:
     @classmethod
     def from_json(cls, body: dict[str, Any]) -> Share:
         return cls(url=body["url"], expires_at=datetime.fromisoformat(body["expires_at"]), raw=body)
+
+
+@dataclass(frozen=True)
+class Adapter:
+    """A tenant's LoRA adapter (``POST /v1/adapters``), checked against the base model; jobs and
+    batches name it by ``id``. ``size_bytes`` and ``sha256`` are those of its weights file;
+    B·A is scaled by ``alpha / rank`` (and a job's ``adapter_scale``)."""
+
+    id: str
+    name: str
+    rank: int
+    alpha: float
+    target_modules: list[str]
+    size_bytes: int
+    sha256: str
+    created_at: datetime
+    raw: dict[str, Any] = field(repr=False, compare=False)
+
+    @classmethod
+    def from_json(cls, body: dict[str, Any]) -> Adapter:
+        return cls(id=body["id"], name=body["name"], rank=body["rank"], alpha=float(body["alpha"]),
+                   target_modules=list(body.get("target_modules") or []), size_bytes=body["size_bytes"],
+                   sha256=body["sha256"], created_at=datetime.fromisoformat(body["created_at"]), raw=body)
+
+
+@dataclass(frozen=True)
+class Provenance:
+    """What made a finished job's output (``GET /v1/jobs/{id}/provenance``): the checkpoint's
+    identity (``weights_sha256``), how it was loaded and where it ran, the versions, every
+    parameter as run (``params``, seed included), the noise source and the output's SHA-256
+    (None when the job failed). README "Provenance and re-run" says what each field means."""
+
+    job_id: str
+    status: str
+    rerun_of: str | None
+    recorded_at: datetime | None
+    record_version: int
+    weights_sha256: str
+    model: str
+    quantization: str
+    offload: str
+    dtype: str
+    device: str
+    device_name: str
+    torch_threads: int
+    engine_version: str
+    python_version: str
+    torch_version: str
+    cuda_version: str | None
+    cudnn_version: str | None
+    bitsandbytes_version: str | None
+    noise_source: str
+    task: str
+    params: dict[str, Any]
+    seed: int | None
+    think: bool
+    think_text_sha256: str | None
+    think_text: str | None
+    taylorseer: bool
+    adapter_id: str | None
+    adapter_scale: float | None
+    width: int | None
+    height: int | None
+    worker_id: str
+    hostname: str
+    output_sha256: str | None
+    raw: dict[str, Any] = field(repr=False, compare=False)
+
+    @classmethod
+    def from_json(cls, body: dict[str, Any]) -> Provenance:
+        return cls(
+            job_id=body["job_id"], status=body["status"], rerun_of=body.get("rerun_of"),
+            recorded_at=parse_datetime(body.get("recorded_at")), record_version=body.get("record_version", 1),
+            weights_sha256=body["weights_sha256"], model=body.get("model", ""),
+            quantization=body.get("quantization", "none"), offload=body.get("offload", "none"),
+            dtype=body.get("dtype", ""), device=body.get("device", ""), device_name=body.get("device_name", ""),
+            torch_threads=body.get("torch_threads", 0), engine_version=body.get("engine_version", ""),
+            python_version=body.get("python_version", ""), torch_version=body.get("torch_version", ""),
+            cuda_version=body.get("cuda_version"), cudnn_version=body.get("cudnn_version"),
+            bitsandbytes_version=body.get("bitsandbytes_version"), noise_source=body.get("noise_source", ""),
+            task=body["task"], params=dict(body.get("params") or {}), seed=body.get("seed"),
+            think=bool(body.get("think")), think_text_sha256=body.get("think_text_sha256"),
+            think_text=body.get("think_text"), taylorseer=bool(body.get("taylorseer")),
+            adapter_id=body.get("adapter_id"), adapter_scale=body.get("adapter_scale"), width=body.get("width"),
+            height=body.get("height"), worker_id=body.get("worker_id", ""), hostname=body.get("hostname", ""),
+            output_sha256=body.get("output_sha256"), raw=body)
 
 
 @dataclass(frozen=True)

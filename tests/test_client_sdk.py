@@ -6,13 +6,17 @@ Covered: the SDK imports nothing but httpx, standardwebhooks and the standard li
 in a throwaway virtual environment holding only those); a try-on batch through ``Client`` with
 progress, downloads and its ``batch.completed`` webhook verified (a tampered body refused); one
 job through ``AsyncClient``; a 429 retried after the API's ``Retry-After``; ``ApiError`` fields;
-cursor listings, idempotency keys and cancel; the ``submit tryon`` command's images, manifest
-and exit codes; and the README's "Using it from Python" example, run as written.
+cursor listings, idempotency keys and cancel; a LoRA adapter uploaded (PEFT's folder, or its two
+files as bytes and a file object), listed, read, used by a try-on batch and deleted; a finished
+job's provenance and a re-run that makes the same PNG (both clients), a 409 provenance before a
+worker ran the job; the ``submit tryon`` command's images, manifest, exit codes and ``--adapter``;
+and the README's "Using it from Python" example, run as written.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import io
 import json
 import logging
@@ -28,8 +32,10 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from bagel.identity import weights_identity
 from bagel_client import ApiError, AsyncClient, Client, RetryPolicy, WebhookVerificationError, verify_webhook
 from bagel_client.errors import ResultUnavailable
+from tests.fixtures.adapters import make_test_adapter
 from tests.fixtures.worker import ROOT, Stack
 from worker import tenants
 from worker.dev.demo import product_image
@@ -42,6 +48,7 @@ SCENES = ["on a marble counter, morning light", "on a beach at sunset", "in a sn
 WAIT_S = 240.0
 SDK_DEPENDENCIES = ("httpx", "standardwebhooks")
 SERVER_MODULES = ("api", "worker", "bagel", "torch", "sqlalchemy", "fastapi", "pydantic", "celery", "PIL", "numpy")
+SQLITE_ONLY = pytest.mark.parametrize("stack_base", ["sqlite"], indirect=True)
 
 
 def _tenant(stack: Stack) -> tuple[str, str, str]:
@@ -293,6 +300,103 @@ def test_listings_follow_cursors_keys_replay_and_cancel_stops_a_queued_job(stack
 
 
 # ---------------------------------------------------------------------------------------------
+# Adapters, provenance and re-runs
+
+
+@SQLITE_ONLY
+def test_the_sync_client_manages_an_adapter_tries_on_with_it_and_reruns_a_job(stack: Stack, service_model: Path,
+                                                                                tmp_path: Path) -> None:
+    for role in ("api", "gpu", "reconciler"):
+        stack.start(role)
+    _, key, _ = _tenant(stack)
+    folder = make_test_adapter(service_model, tmp_path / "adapter", rank=4, seed=1)
+    with Client(stack.api_url(), key) as client:
+        adapter = client.upload_adapter("brand-a", folder)
+        listed, read = client.list_adapters(), client.get_adapter(adapter.id)
+        batch = client.tryon(_product(tmp_path), SCENES[:2], seed=1, params={"num_timesteps": STEPS},
+                             adapter=adapter, adapter_scale=0.5)
+        final = client.wait(batch, timeout_s=WAIT_S, poll_s=0.05)
+        jobs = client.batch_jobs(final)
+        png = client.result_bytes(jobs[0])
+        provenance = client.get_provenance(jobs[0])
+        again = client.wait(client.rerun(jobs[0]), timeout_s=WAIT_S, poll_s=0.05)
+        png_again = client.result_bytes(again)
+        client.delete_adapter(adapter)
+        remaining = client.list_adapters()
+        with pytest.raises(ApiError) as gone:
+            client.get_adapter(adapter.id)
+
+    weights = (folder / "adapter_model.safetensors").read_bytes()
+    assert (adapter.name, adapter.rank, adapter.size_bytes) == ("brand-a", 4, len(weights))
+    assert adapter.sha256 == hashlib.sha256(weights).hexdigest() and adapter.target_modules
+    assert listed == [adapter] and read == adapter
+    assert final.counts["succeeded"] == 2
+    assert [(j.adapter, j.params["adapter_scale"], j.rerun_of) for j in jobs] == [(adapter.id, 0.5, None)] * 2
+
+    assert (provenance.job_id, provenance.status, provenance.rerun_of) == (jobs[0].id, "succeeded", None)
+    assert provenance.weights_sha256 == weights_identity(service_model)
+    assert (provenance.adapter_id, provenance.adapter_scale) == (adapter.id, 0.5)
+    assert provenance.params == jobs[0].params and provenance.seed == 1 and provenance.task == "tryon"
+    assert provenance.output_sha256 == hashlib.sha256(png).hexdigest() and provenance.recorded_at is not None
+
+    assert (again.rerun_of, again.adapter, again.batch_id, again.status) == (jobs[0].id, adapter.id, None,
+                                                                             "succeeded")
+    assert again.params == jobs[0].params and png_again == png  # the same PNG, bit for bit
+    assert remaining == [] and (gone.value.status, gone.value.code) == (404, "not_found")
+
+
+@SQLITE_ONLY
+def test_the_async_client_uploads_an_adapter_and_reruns_a_job(stack: Stack, service_model: Path,
+                                                              tmp_path: Path) -> None:
+    for role in ("api", "gpu", "reconciler"):
+        stack.start(role)
+    _, key, _ = _tenant(stack)
+    folder = make_test_adapter(service_model, tmp_path / "adapter", rank=4, seed=2)
+    config = (folder / "adapter_config.json").read_bytes()
+    weights = io.BytesIO((folder / "adapter_model.safetensors").read_bytes())
+
+    async def scenario() -> tuple[object, ...]:
+        async with AsyncClient(stack.api_url(), key) as client:
+            adapter = await client.upload_adapter("brand-b", (config, weights))
+            job = await client.submit_job("generate", "a red mug on a desk", width=32, height=32, seed=3,
+                                          params={"num_timesteps": STEPS}, adapter=adapter.id)
+            first = await client.wait(job, timeout_s=WAIT_S, poll_s=0.05)
+            same = await client.wait(await client.rerun(first), timeout_s=WAIT_S, poll_s=0.05)
+            other = await client.rerun(first, seed=4, idempotency_key="redo-4")
+            replayed = await client.rerun(first, seed=4, idempotency_key="redo-4")
+            other = await client.wait(other, timeout_s=WAIT_S, poll_s=0.05)
+            pngs = [await client.result_bytes(j) for j in (first, same, other)]
+            provenance = await client.get_provenance(same)
+            return adapter, first, same, other, replayed, pngs, provenance
+
+    adapter, first, same, other, replayed, pngs, provenance = asyncio.run(scenario())
+    assert adapter.rank == 4 and first.adapter == same.adapter == other.adapter == adapter.id
+    assert same.rerun_of == other.rerun_of == first.id and replayed.id == other.id  # the key replays
+    assert other.params == {**first.params, "seed": 4}
+    assert pngs[1] == pngs[0] != pngs[2]  # the same request, the same PNG; another seed, another
+    assert provenance.rerun_of == first.id and provenance.output_sha256 == hashlib.sha256(pngs[1]).hexdigest()
+
+
+def test_provenance_is_refused_until_a_worker_ran_the_job_and_a_rerun_of_a_queued_job_is_queued(
+        stack: Stack) -> None:
+    stack.start("api")  # no GPU worker: the jobs stay queued
+    _, key, _ = _tenant(stack)
+    with Client(stack.api_url(), key) as client:
+        job = client.submit_job("generate", "a red mug", width=32, height=32, seed=3)
+        with pytest.raises(ApiError) as not_recorded:
+            client.get_provenance(job)
+        redo = client.rerun(job.id, num_timesteps=3, cfg_text_scale=5.0)
+        with pytest.raises(ApiError) as invalid:
+            client.rerun(job, seed=-1)
+
+    assert (not_recorded.value.status, not_recorded.value.code) == (409, "provenance_not_recorded")
+    assert not_recorded.value.field == "job_id" and "queued" in not_recorded.value.message
+    assert (redo.rerun_of, redo.status, redo.adapter) == (job.id, "queued", None)
+    assert redo.params == {**job.params, "num_timesteps": 3, "cfg_text_scale": 5.0}
+    assert (invalid.value.status, invalid.value.field) == (422, "seed")
+
+
+# ---------------------------------------------------------------------------------------------
 # The command line and the README
 
 
@@ -336,6 +440,10 @@ def test_submit_tryon_exits_1_when_a_job_does_not_succeed(stack: Stack, tmp_path
     manifest = json.loads((tmp_path / "results" / "manifest.json").read_text())
     assert [(j["status"], j["file"]) for j in manifest["jobs"]] == [("expired", None)] * len(SCENES)
     assert "0 of 3 succeeded" in run.stderr
+
+    refused = _submit_cli(stack, key, tmp_path, "--adapter", "no-such-adapter", "--adapter-scale", "0.5")
+    assert refused.returncode == 1 and refused.stdout == ""
+    assert "422" in refused.stderr and "adapter" in refused.stderr, refused.stderr
 
 
 def readme_example(readme: str) -> str:
