@@ -86,10 +86,11 @@ class AsyncClient:
 
     # Adapters
 
-    async def upload_adapter(self, name: str, source: AdapterSource) -> Adapter:
+    async def upload_adapter(self, name: str, source: AdapterSource, *,
+                             idempotency_key: str | None = None) -> Adapter:
         """Register a LoRA adapter: PEFT's folder or a ``(config, weights)`` pair (see
         ``Client.upload_adapter``)."""
-        call = await asyncio.to_thread(calls.upload_adapter, name, source)
+        call = await asyncio.to_thread(calls.upload_adapter, name, source, idempotency_key)
         return Adapter.from_json(await self._json(call))
 
     async def list_adapters(self) -> list[Adapter]:

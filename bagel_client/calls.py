@@ -101,12 +101,11 @@ def upload(source: UploadSource, filename: str | None, idempotency_key: str | No
                 idempotency_key=_key(idempotency_key))
 
 
-def upload_adapter(name: str, source: AdapterSource) -> Call:
+def upload_adapter(name: str, source: AdapterSource, idempotency_key: str | None = None) -> Call:
     """The multipart POST of a LoRA adapter: ``source`` is the folder PEFT's ``save_pretrained``
     wrote (``adapter_config.json`` and ``adapter_model.safetensors``) or a ``(config, weights)``
-    pair of paths, bytes or binary file objects. No ``Idempotency-Key``: the route takes none,
-    and the name is unique per tenant, so a repeat cannot register a second adapter (a retry
-    whose first send did land is refused with a 422 on ``name``)."""
+    pair of paths, bytes or binary file objects. With an ``Idempotency-Key`` (a new one unless
+    given), so a retry whose first send did land gets the stored adapter back."""
     if isinstance(source, tuple):
         config, weights = source
     else:
@@ -119,7 +118,8 @@ def upload_adapter(name: str, source: AdapterSource) -> Call:
             raise ValueError(f"adapter: {folder} has no {' and no '.join(missing)}")
         config, weights = folder / ADAPTER_CONFIG, folder / ADAPTER_WEIGHTS
     return Call("POST", "/v1/adapters", data={"name": name}, files={
-        "config": read_upload(config, ADAPTER_CONFIG), "weights": read_upload(weights, ADAPTER_WEIGHTS)})
+        "config": read_upload(config, ADAPTER_CONFIG), "weights": read_upload(weights, ADAPTER_WEIGHTS)},
+        idempotency_key=_key(idempotency_key))
 
 
 def submit_job(task: Task, prompt: str, *, input_files: Sequence[str | File], think: bool, width: int | None,

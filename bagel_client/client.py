@@ -87,11 +87,11 @@ class Client:
 
     # Adapters
 
-    def upload_adapter(self, name: str, source: AdapterSource) -> Adapter:
+    def upload_adapter(self, name: str, source: AdapterSource, *, idempotency_key: str | None = None) -> Adapter:
         """Register a LoRA adapter under ``name`` (unique per tenant): the folder PEFT's
         ``save_pretrained`` wrote, or a ``(config, weights)`` pair of paths, bytes or binary file
         objects. The API checks it against the base model (a 422 names the module at fault)."""
-        return Adapter.from_json(self._json(calls.upload_adapter(name, source)))
+        return Adapter.from_json(self._json(calls.upload_adapter(name, source, idempotency_key)))
 
     def list_adapters(self) -> list[Adapter]:
         """The tenant's adapters, newest first."""

@@ -5,8 +5,8 @@ Owns: the retry policy shared by ``Client`` and ``AsyncClient``. Retried: 429 (a
 it is briefly unavailable), and connection errors and timeouts. Every request the SDK makes
 may be sent twice safely: reads, cancels and deletes (idempotent by nature, a repeated delete
 at worst a 404) and creating POSTs, which carry an ``Idempotency-Key`` that stays the same
-across the retries of one call, so the service creates at most one file, job or batch for it;
-an adapter upload needs none, its name being unique per tenant (a repeat is a 422 on ``name``).
+across the retries of one call, so the service creates at most one file, adapter, job or batch
+for it.
 
 A ``Retry-After`` header is honoured: the SDK waits that long (not less), unless it is longer
 than ``max_retry_after_s``, in which case waiting less would only be refused again and the

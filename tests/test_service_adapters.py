@@ -2,7 +2,8 @@
 the base model and stores it; jobs and batches name it; a real GPU worker (tiny engine) applies it
 unmerged, never mixing adapters in a chunk, keeping loaded adapters in its LRU.
 
-Covered: a PEFT-made adapter registers (rank, targets, size), is listed and read; a module the
+Covered: a PEFT-made adapter registers (rank, targets, size), is listed and read, and an upload
+repeated with its Idempotency-Key returns the stored adapter (another body with it: 409); a module the
 base does not have, a wrong shape and a rank mismatch are 422s naming the module, with nothing
 stored; a name used twice is a 422; an unknown adapter or a scale without one is refused at
 submit; two tenants' jobs with different adapters, submitted together, run in separate chunks in
@@ -39,8 +40,9 @@ def _tenant(stack: Stack, name: str) -> httpx.Client:
     return httpx.Client(base_url=stack.api_url(), headers={"Authorization": f"Bearer {key}"}, timeout=TIMEOUT_S)
 
 
-def _upload(api: httpx.Client, folder: Path, name: str) -> httpx.Response:
-    return api.post("/v1/adapters", data={"name": name}, files={
+def _upload(api: httpx.Client, folder: Path, name: str, key: str | None = None) -> httpx.Response:
+    headers = {"Idempotency-Key": key} if key else {}
+    return api.post("/v1/adapters", data={"name": name}, headers=headers, files={
         "config": ("adapter_config.json", (folder / "adapter_config.json").read_bytes(), "application/json"),
         "weights": ("adapter_model.safetensors", (folder / "adapter_model.safetensors").read_bytes(),
                     "application/octet-stream")})
@@ -90,6 +92,9 @@ def test_an_upload_is_checked_against_the_base_model_and_stored(stack: Stack, se
     assert api.get(f"/v1/adapters/{adapter['id']}").json() == adapter
     assert [a["id"] for a in api.get("/v1/adapters").json()["data"]] == [adapter["id"]]
     assert _upload(api, folder, "brand-a-style").json()["error"]["field"] == "name"  # the name is taken
+    again = _upload(api, folder, "keyed", key="upload-1")
+    assert again.status_code == 201 and _upload(api, folder, "keyed", key="upload-1").json() == again.json()
+    assert _upload(api, folder, "other-name", key="upload-1").status_code == 409  # the key, another request
 
     def module_of(header: dict) -> str:
         return next(k for k in header if k != "__metadata__" and ".lora_A." in k)

@@ -49,8 +49,9 @@ def base_config(settings: Settings) -> ModelConfig | None:
 
 def register(session: Session, store: ResultStore, settings: Settings, tenant_id: str, name: str,
              config_bytes: bytes, weights_bytes: bytes) -> Adapter:
-    """Check and store an upload; the new row (committed). ``InvalidAdapter`` names the module or
-    key at fault; a name the tenant already uses is a 422 on ``name``."""
+    """Check and store an upload; the new row, flushed, for the caller to commit (with its
+    idempotency record). ``InvalidAdapter`` names the module or key at fault; a name the tenant
+    already uses is a 422 on ``name``."""
     check_text(name, "name", allow_whitespace=False)
     if not 1 <= len(name) <= MAX_NAME_CHARS:
         raise InvalidParameter(f"name: {len(name)} characters is outside 1..{MAX_NAME_CHARS}", field="name")
@@ -70,7 +71,7 @@ def register(session: Session, store: ResultStore, settings: Settings, tenant_id
                   size_bytes=len(weights_bytes), created_at=utcnow())
     session.add(row)
     try:
-        session.commit()
+        session.flush()
     except IntegrityError:
         session.rollback()
         raise InvalidParameter(f"name: the tenant already has an adapter named {name!r}", field="name") from None

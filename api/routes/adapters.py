@@ -7,14 +7,17 @@ Leaves the checks and the storage to ``worker.adapters`` and the file format to
 
 from __future__ import annotations
 
+import hashlib
 from datetime import datetime
 from typing import Annotated
 
 from fastapi import APIRouter, File, Form, Response, UploadFile
+from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
+from api import idempotency
 from api.body_limit import ADAPTER_CONFIG_BYTES
-from api.contract import AUTHED, ID_PATTERN, READ, READ_ONE, errors, id_path
+from api.contract import ID_PATTERN, READ, READ_ONE, WITH_BODY, IdempotencyKey, errors, id_path
 from api.deps import SessionDep, SettingsDep, StoreDep, TenantDep
 from worker import adapters, queries
 from worker.adapters import SUPPORTED_TARGETS
@@ -22,6 +25,7 @@ from worker.errors import NotFound
 from worker.models import Adapter
 
 router = APIRouter(prefix="/v1/adapters", tags=["adapters"])
+ROUTE = "POST /v1/adapters"
 ADAPTER_ID = id_path("adapter", "3d9c2a1e-5b7f-4e8d-9a6c-1f2e3d4c5b6a")
 MAX_CONFIG_BYTES = ADAPTER_CONFIG_BYTES
 UPLOAD_TEXT = (
@@ -65,7 +69,7 @@ def _not_found(adapter_id: str) -> NotFound:
     return NotFound(f"adapter_id: adapter {adapter_id!r} not found", field="adapter_id")
 
 
-@router.post("", status_code=201, response_model=AdapterOut, responses=errors(*AUTHED, 400, 413, 422),
+@router.post("", status_code=201, response_model=AdapterOut, responses=errors(*WITH_BODY),
              summary="Upload a LoRA adapter", description=UPLOAD_TEXT)
 def upload_adapter(tenant: TenantDep, session: SessionDep, settings: SettingsDep, store: StoreDep,
                    name: Annotated[str, Form(min_length=1, max_length=adapters.MAX_NAME_CHARS,
@@ -73,10 +77,19 @@ def upload_adapter(tenant: TenantDep, session: SessionDep, settings: SettingsDep
                                              description="your name for it, unique per tenant")],
                    config: Annotated[UploadFile, File(description="adapter_config.json as PEFT writes it")],
                    weights: Annotated[UploadFile, File(description="adapter_model.safetensors as PEFT writes it")],
-                   ) -> AdapterOut:
+                   idempotency_key: IdempotencyKey = None) -> JSONResponse:
+    key = idempotency.check_key(idempotency_key)
     config_bytes = config.file.read(MAX_CONFIG_BYTES + 1)
     weights_bytes = weights.file.read(settings.max_adapter_bytes + 1)
-    return _out(adapters.register(session, store, settings, tenant.id, name, config_bytes, weights_bytes))
+    digest = idempotency.fingerprint({"name": name, "config": hashlib.sha256(config_bytes).hexdigest(),
+                                      "weights": hashlib.sha256(weights_bytes).hexdigest()})
+    if (previous := idempotency.replay(session, tenant.id, key, ROUTE, digest)) is not None:
+        return previous
+    row = adapters.register(session, store, settings, tenant.id, name, config_bytes, weights_bytes)
+    body = _out(row).model_dump(mode="json")
+    if (winner := idempotency.commit_with_record(session, tenant.id, key, ROUTE, digest, 201, body)) is not None:
+        return winner
+    return JSONResponse(body, status_code=201)
 
 
 @router.get("", response_model=AdapterList, responses=errors(*READ), summary="List adapters")
