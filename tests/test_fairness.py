@@ -48,8 +48,11 @@ def _finish_times(stack: Stack, job_ids: list[str]) -> list[float]:
 def test_a_small_submission_is_not_stuck_behind_a_big_backlog(stack: Stack, small_priority: str) -> None:
     if stack.kind != "pg-redis-s3":
         pytest.skip("the fairness run uses PostgreSQL and Redis")
-    stack.start("gpu")
-    stack.start("gpu")
+    # One compute thread per GPU worker: two workers then fill the two cores without starving the
+    # dispatcher's process, as on a GPU, where the compute does not take the CPU the scheduler needs
+    # (with torch's default of a thread per core each, its passes could wait seconds for a core).
+    for _ in range(2):
+        stack.start("gpu", extra_env={"OMP_NUM_THREADS": "1"})
     stack.start("reconciler", extra_env={"BAGEL_JOBS_CHUNK_SIZE": str(CHUNK)})
     big = submit_jobs(stack, BIG, steps=STEPS, px=PX, prompt="big")
     # steady state: the workers' first chunks (warm-up) long done, the window full of the big backlog
