@@ -22,9 +22,9 @@ from worker.models import Chunk, Job
 
 BIG = 400
 SMALL = 8
-# Chunks of real work (~1 s on 2 cores; at 64 px an idle machine ran them in 0.4 s), so that the
-# fixed costs of a hop — a dispatcher pass, the broker, a claim — stay small beside a chunk, as
-# they are on a GPU (seconds per chunk).
+# Chunks of real work (~0.45 s with one compute thread per worker; 64-px ones took half that), so
+# that the fixed costs of a hop — a dispatcher pass, the broker, a claim — stay small beside a
+# chunk, as they are on a GPU (seconds per chunk).
 STEPS, PX = 8, 128
 CHUNK = 8  # the default chunk size: the small tenant's 8 jobs are one chunk
 
