@@ -65,15 +65,15 @@ def sweep_orphans(session: Callable[[], Session], store: ResultStore, grace_s: f
     for page in _pages(store.list_objects(INPUTS_PREFIX)):
         old = _older_than(page, cutoff, report)
         with session() as s:
-            orphans = old - _named_inputs(s, old)
+            orphans = old - _named(s, old, File)
         for key in sorted(orphans):
-            _delete_input(session, store, key, report)
+            _delete_content(session, store, key, report, File)
     for page in _pages(store.list_objects(ADAPTERS_PREFIX)):
         old = _older_than(page, cutoff, report)
         with session() as s:
-            orphans = old - _named_adapter_files(s, old)
+            orphans = old - _named(s, old, Adapter)
         for key in sorted(orphans):
-            _delete_adapter_file(session, store, key, report)
+            _delete_content(session, store, key, report, Adapter)
     for page in _pages(store.list_objects(RESULTS_PREFIX)):
         old = _older_than(page, cutoff, report)
         with session() as s:
@@ -101,48 +101,17 @@ def _older_than(page: list[StoredObject], cutoff: datetime, report: SweepReport)
     return old
 
 
-def _named_inputs(s: Session, keys: set[str]) -> set[str]:
-    """The input keys a file row names, and those outside the layout (not ours to judge)."""
+def _named(s: Session, keys: set[str], model: type[File] | type[Adapter]) -> set[str]:
+    """The content-addressed keys (inputs: ``File``; adapter files: ``Adapter``) a row names by
+    tenant and sha256, and those outside the layout (not ours to judge)."""
     owners = {key: key_owner(key) for key in keys}
     pairs = {owner for owner in owners.values() if owner is not None}
     if not pairs:
         return set(keys)
-    rows = s.execute(select(File.tenant_id, File.sha256).where(
-        File.tenant_id.in_({tenant for tenant, _ in pairs}), File.sha256.in_({sha for _, sha in pairs}))).all()
+    rows = s.execute(select(model.tenant_id, model.sha256).where(
+        model.tenant_id.in_({tenant for tenant, _ in pairs}), model.sha256.in_({sha for _, sha in pairs}))).all()
     named = {(r.tenant_id, r.sha256) for r in rows}
     return {key for key, owner in owners.items() if owner is None or owner in named}
-
-
-def _named_adapter_files(s: Session, keys: set[str]) -> set[str]:
-    """The adapter file keys an adapter row names, and those outside the layout."""
-    owners = {key: key_owner(key) for key in keys}
-    pairs = {owner for owner in owners.values() if owner is not None}
-    if not pairs:
-        return set(keys)
-    rows = s.execute(select(Adapter.tenant_id, Adapter.sha256).where(
-        Adapter.tenant_id.in_({t for t, _ in pairs}), Adapter.sha256.in_({sha for _, sha in pairs}))).all()
-    named = {(r.tenant_id, r.sha256) for r in rows}
-    return {key for key, owner in owners.items() if owner is None or owner in named}
-
-
-def _delete_adapter_file(session: Callable[[], Session], store: ResultStore, key: str, report: SweepReport) -> None:
-    try:
-        data = store.get(key)
-    except ObjectNotFound:
-        return  # another reconciler swept it first
-    store.delete(key)
-    owner = key_owner(key)
-    assert owner is not None, "only keys of the layout are judged"
-    tenant_id, sha256 = owner
-    with session() as s:  # an upload of the same adapter may have committed its row meanwhile
-        row = s.scalar(select(Adapter.id).where(Adapter.tenant_id == tenant_id, Adapter.sha256 == sha256))
-    if row is None:
-        report.adapters += 1
-        log.debug("orphan sweep: deleted adapter file %s", key)
-        return
-    store.put(key, data, content_type_for(key))
-    report.restored += 1
-    log.warning("orphan sweep: adapter file %s got its row %s while it was swept; put back", key, row)
 
 
 def _held_results(s: Session, keys: set[str]) -> set[str]:
@@ -157,7 +126,10 @@ def _held_results(s: Session, keys: set[str]) -> set[str]:
             if owner is None or owner[1] in active or key in held}
 
 
-def _delete_input(session: Callable[[], Session], store: ResultStore, key: str, report: SweepReport) -> None:
+def _delete_content(session: Callable[[], Session], store: ResultStore, key: str, report: SweepReport,
+                    model: type[File] | type[Adapter]) -> None:
+    """Delete a content-addressed orphan (an input or an adapter file), and put the same bytes
+    back if an upload of them committed its row meanwhile."""
     try:
         data = store.get(key)  # content-addressed: any copy of it is these bytes
     except ObjectNotFound:
@@ -167,11 +139,15 @@ def _delete_input(session: Callable[[], Session], store: ResultStore, key: str, 
     assert owner is not None, "only keys of the layout are judged"
     tenant_id, sha256 = owner
     with session() as s:  # an upload of the same bytes may have committed its row meanwhile
-        row = s.scalar(select(File).where(File.tenant_id == tenant_id, File.sha256 == sha256))
+        row = s.scalar(select(model).where(model.tenant_id == tenant_id, model.sha256 == sha256))
+    what = "input" if model is File else "adapter file"
     if row is None:
-        report.inputs += 1
-        log.debug("orphan sweep: deleted input %s", key)
+        if model is File:
+            report.inputs += 1
+        else:
+            report.adapters += 1
+        log.debug("orphan sweep: deleted %s %s", what, key)
         return
-    store.put(key, data, row.content_type)
+    store.put(key, data, row.content_type if isinstance(row, File) else content_type_for(key))
     report.restored += 1
-    log.warning("orphan sweep: input %s got its file row %s while it was swept; put back", key, row.id)
+    log.warning("orphan sweep: %s %s got its row %s while it was swept; put back", what, key, row.id)
