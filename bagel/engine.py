@@ -13,13 +13,19 @@ request; and running a list of requests as numbered steps:
   5. append each think text to its request's main context;
   6. draw the initial noise and denoise every image, requests with the same schedule in one
      packed forward per step with all their CFG branches (``loops.py``);
-  7. decode latents to pictures and assemble the results.
+  7. decode latents to pictures and assemble the results;
+  8. quality gate: for every request with ``gate_questions`` and a picture, ask the
+     understanding path each question about that picture and score the first answer token's
+     yes / no probabilities (``gate.py``): the result pictures resized as input pictures are,
+     an input picture's SigLIP rows reused, every question of the run prefilled together and
+     answered by one decode forward.
 
 Contexts per task (the reference's ``interleave_inference``): understand — [think prompt],
 pictures (ViT only), question. Generate — main [think prompt], prompt; text-free CFG = [think
 prompt]; image-free CFG = main before the think text. Edit — main [think prompt], picture
 (VAE block, then ViT block), instruction; text-free CFG = everything before the instruction;
-image-free CFG = [think prompt], instruction.
+image-free CFG = [think prompt], instruction. Gate question — the request's input pictures
+(ViT only), its result picture (ViT only), question: understand's context for those pictures.
 
 Sizes: a generate request's width and height are snapped to the nearest multiple of the
 16-px latent stride (at least 16); a side beyond ``max_image_side_px`` (max_latent_size·16,
@@ -31,26 +37,28 @@ reasoning included), ``max_think_tokens`` a generate/edit think text; both count
 per context item, decode step and CFG branch — the reference's shape, kept as the baseline
 of the throughput benchmark. Batched and naive results agree within float tolerance.
 
-Memory: with ``memory_budget_bytes`` set, a batch whose estimate (``memory.py``; weights
-excluded) exceeds the budget runs as consecutive sub-batches that fit, and a request that
-cannot fit alone raises ``MemoryBudgetError`` before any model work. ``memory_estimate``
-states a batch's estimate by part; the difference for one more request is its cost.
+Memory: with ``memory_budget_bytes`` set, a batch whose estimate (each request's counts from
+``plans.py``, in bytes by ``memory.py``; weights excluded, the gate included) exceeds the
+budget runs as consecutive sub-batches that fit, and a request that cannot fit alone raises
+``MemoryBudgetError`` before any model work. ``memory_estimate`` states a batch's estimate by
+part; the difference for one more request is its cost.
 
 ``Result.stats``: ``seed``, ``model_seconds`` (the whole ``run``), ``llm_forwards`` and
 ``context_encodes`` (this request's share: a forward counts for every request with rows in
-it, a picture's encode for the first request that uses it), ``run_llm_forwards``,
-``run_context_encodes`` and ``run_denoise_forward_tokens`` (the batch the request ran in: the
-whole call, or its sub-batch under a memory budget, or itself in naive mode), ``run_batches``
-and ``denoise_seconds`` (wall time of every denoising loop of the call, summed);
-``phase_<name>_seconds`` for the call's phases ``encode``, ``prefill``, ``think`` (generated
-text: think and answers), ``denoise`` and ``decode`` (VAE decode and pictures), whole-call
-wall times like ``model_seconds``.
+it, a picture's encode for the first request that uses it — a gated result picture's SigLIP
+encode included), ``run_llm_forwards``, ``run_context_encodes``, ``run_denoise_forward_tokens``
+and ``run_gate_llm_forwards`` (the gate's share of ``run_llm_forwards``) of the batch the
+request ran in (the whole call, or its sub-batch under a memory budget, or itself in naive
+mode), ``run_batches`` and ``denoise_seconds`` (wall time of every denoising loop of the call,
+summed); ``phase_<name>_seconds`` for the call's phases ``encode``, ``prefill``, ``think``
+(generated text: think and answers), ``denoise``, ``decode`` (VAE decode and pictures) and
+``gate`` (only in a run with gate questions), whole-call wall times like ``model_seconds``.
 
 Departures from the reference: batching and prefix sharing as above; understanding requests
 skip the image-free context the reference builds but never reads; posterior noise is shared
 by requests that use the same picture and the same seed, ``context_seed`` or injected noise,
 so their whole picture context is prefilled once; the VAE encoder runs once per picture
-whatever the number of noises (the reference encodes per request).
+whatever the number of noises (the reference encodes per request); the quality gate is ours.
 """
 
 from __future__ import annotations
@@ -61,26 +69,33 @@ import logging
 import secrets
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from PIL import Image
 
-from bagel import transforms
+from bagel import gate, transforms
 from bagel.attention import Attention, resolve_attention
 from bagel.config import ModelConfig
-from bagel.contexts import (ContextPath, ContextStore, Counters, LatentInput, TextItem, VaeItem, VitInput,
-                            VitItem)
+from bagel.contexts import (
+    ContextStore,
+    Counters,
+    LatentInput,
+    TextItem,
+    VaeItem,
+    VitInput,
+    VitItem,
+)
 from bagel.errors import InputError
 from bagel.kv_cache import KVCache
 from bagel.loading import LoadedCheckpoint, load_checkpoint, resolve_device
+from bagel.loops import ImageJob, TextJob, decode_texts, denoise, reply_text
 from bagel.memory import Footprint, MemoryEstimate, MemoryModel, split_to_budget
+from bagel.plans import Picture, Plan, footprint
 from bagel.prompts import think_system_prompt
 from bagel.requests import CancelFn, ProgressFn, Request, Result
 from bagel.sampler import make_schedule
 from bagel.tiny import random_checkpoint
-from bagel.loops import ImageJob, TextJob, branch_names, decode_texts, denoise, reply_text
 
 logger = logging.getLogger(__name__)
 
@@ -107,37 +122,6 @@ def _tensor_key(t: torch.Tensor) -> str:
     return h.hexdigest()
 
 
-@dataclass
-class _Picture:
-    """An input picture after the reference's resizes."""
-
-    key: str
-    vae_image: Image.Image  # VAE-resized RGB picture
-    vit: VitInput
-
-
-@dataclass
-class _Plan:
-    """One validated request and everything computed for it on the way."""
-
-    index: int
-    request: Request
-    seed: int
-    generator: torch.Generator
-    pictures: list[_Picture]
-    out_hw: tuple[int, int] | None = None  # output picture (H, W) px for generate/edit
-    latent_key: str | None = None
-    main: ContextPath = ()
-    text_uncond: ContextPath = ()
-    img_uncond: ContextPath | None = ()
-    think_text: str | None = None
-    reply: str | None = None
-    text_job: TextJob | None = None
-    image_job: ImageJob | None = None
-    canceled: bool = False
-    trace: dict = field(default_factory=dict)
-
-
 class Engine:
     """BAGEL inference on one device. Thread-compatible, not thread-safe: one ``run`` at a time."""
 
@@ -158,6 +142,7 @@ class Engine:
         self.memory_budget_bytes = memory_budget_bytes
         self.attention = resolve_attention(attention, checkpoint.device, checkpoint.dtype)
         self.model.language_model.model.attention = self.attention
+        self._answer_ids: gate.AnswerIds | None = None  # the gate's yes/no tokens, found on first use
         self._memory_model = MemoryModel(checkpoint.config, checkpoint.dtype, max_rows_per_forward,
                                          page_size=self.attention.page_size,
                                          gathers_keys=self.attention.gathers_keys)
@@ -224,7 +209,7 @@ class Engine:
             raise InputError(f"{field_name}: {value} px exceeds the {limit} px maximum side")
         return min(limit, max(stride, (value + stride // 2) // stride * stride))
 
-    def _picture(self, img: Image.Image, field_name: str) -> _Picture:
+    def _picture(self, img: Image.Image, field_name: str) -> Picture:
         consts = self.config.constants
         if not isinstance(img, Image.Image):
             raise InputError(f"{field_name}: a decoded PIL picture is required, got {type(img).__name__}")
@@ -238,9 +223,9 @@ class Engine:
             raise InputError(f"{field_name}: {exc}") from exc
         except (OSError, ValueError) as exc:
             raise InputError(f"{field_name}: cannot be read as a picture ({exc})") from exc
-        return _Picture(_image_key(rgb), vae_img, VitInput(patches, pos))
+        return Picture(_image_key(rgb), vae_img, VitInput(patches, pos))
 
-    def _plan(self, i: int, req: Request) -> _Plan:
+    def _plan(self, i: int, req: Request) -> Plan:
         where = f"requests[{i}]"
         if not isinstance(req, Request):
             raise InputError(f"{where}: a bagel.requests.Request is required, got {type(req).__name__}")
@@ -248,7 +233,7 @@ class Engine:
         seed = p.seed if p.seed is not None else secrets.randbits(63)
         gen = torch.Generator(device=self.device).manual_seed(seed)
         pictures = [self._picture(img, f"{where}.images[{k}]") for k, img in enumerate(req.images)]
-        plan = _Plan(i, req, seed, gen, pictures)
+        plan = Plan(i, req, seed, gen, pictures)
         n_tokens = len(self.tokenizer.encode(req.prompt)) + 2
         think = p.max_think_tokens + 2 if req.think else 0
         limit = self.config.llm.max_position_embeddings
@@ -277,6 +262,8 @@ class Engine:
             if tuple(req.init_noise.shape) != expected:
                 raise InputError(f"{where}.init_noise: shape {tuple(req.init_noise.shape)} given, expected "
                                  f"{expected} for a {plan.out_hw[1]}x{plan.out_hw[0]} px output")
+        if req.gate_questions:
+            self._gate_ids()  # a tokenizer the gate cannot score with fails here, before any model work
         return plan
 
     # ---- the run ------------------------------------------------------------------------
@@ -335,7 +322,7 @@ class Engine:
         logger.info("ran %d requests in %.2f s (%s)", len(plans), seconds, "naive" if naive else "batched")
         return results, [p.trace for p in plans]
 
-    def _execute(self, plans: list[_Plan], progress: ProgressFn | None, should_cancel: CancelFn | None,
+    def _execute(self, plans: list[Plan], progress: ProgressFn | None, should_cancel: CancelFn | None,
                  *, naive: bool, record: bool) -> list[tuple[Result, Counters]]:
         cfg = self.config.llm
         counters = Counters()
@@ -368,6 +355,12 @@ class Engine:
             self._denoise(plans, store, cache, counters, progress, should_cancel, naive, record)  # 6.
         with self._phase(counters, "decode"):
             results = [self._result(plan, record) for plan in plans]  # 7.
+        forwards = counters.run_llm_forwards
+        if any(plan.request.gate_questions for plan in plans):  # no "gate" phase in a run without it
+            with self._phase(counters, "gate"):
+                self._gate(plans, results, store, cache, counters, naive)  # 8.
+        for result in results:
+            result.stats["run_gate_llm_forwards"] = counters.run_llm_forwards - forwards
         return [(result, counters) for result in results]
 
     @contextlib.contextmanager
@@ -384,53 +377,13 @@ class Engine:
                 torch.cuda.synchronize(self.device)
             counters.phase_seconds[name] = counters.phase_seconds.get(name, 0.0) + time.perf_counter() - started
 
-    def _capacity_estimate(self, plans: list[_Plan]) -> int:
+    def _capacity_estimate(self, plans: list[Plan]) -> int:
         """KV slots the run reserves: every request's own tokens, shared pictures once, and the
         denoising scratch."""
         return self._memory_model.kv_slots([self._footprint(plan) for plan in plans])
 
-    def _footprint(self, plan: _Plan) -> Footprint:
-        """What ``plan`` adds to a run (see ``memory.py``); its picture blocks are ``shared_kv``
-        under a key that equal pictures with equal posterior noise (and think flag) share."""
-        req, p, stride = plan.request, plan.request.params, self.latent_stride_px
-        own = 2 * (len(self.tokenizer.encode(req.prompt)) + 4) + 64
-        if req.think:
-            own += 3 * (p.max_think_tokens + 2) + 64
-        if req.task == "understand":
-            own += p.max_new_tokens + 2
-        picture_rows = sum(pic.vit.patches.shape[0] + 2 for pic in plan.pictures)
-        shared_key = (tuple(pic.key for pic in plan.pictures), req.think)
-        loop_rows, latent_elems, out_px, in_px, q = 0, 0, 0, 0, 0
-        if req.task == "edit":
-            pic = plan.pictures[0]
-            w, h = pic.vae_image.size
-            picture_rows += (h // stride) * (w // stride) + 2
-            in_px = w * h
-            noise_id = (("context_seed", req.context_seed) if req.context_seed is not None
-                        else ("noise", id(req.posterior_noise)) if req.posterior_noise is not None
-                        else ("seed", plan.seed))
-            shared_key = (*shared_key, noise_id)
-        if plan.out_hw is not None:
-            h, w = plan.out_hw[0] // stride, plan.out_hw[1] // stride
-            q = h * w + 2
-            schedule = make_schedule(p.num_timesteps, p.timestep_shift, p.cfg_interval)
-            has_img_context = req.task == "edit" or req.think
-            branches = {name for on in schedule.cfg_on for name in branch_names(p, on, has_img_context)}
-            loop_rows = len(branches) * q
-            latent_elems = h * w * self.config.constants.latent_patch_size ** 2 * self.config.vae.z_channels
-            out_px = plan.out_hw[0] * plan.out_hw[1]
-        context = own + picture_rows
-        prefill = own + picture_rows
-        widest = max((q, context + q), (prefill, prefill), key=lambda s: s[0] * s[1])
-        # cache allocations: each of (at most) three contexts' items — think prompt, a VAE and a
-        # ViT block per picture, the prompt — plus the think text, the decode and one scratch
-        # run per CFG branch of the denoising step
-        blocks = loop_rows // max(q, 1)
-        allocations = 3 * (2 + 2 * len(plan.pictures)) + 2 + blocks
-        taylor_rows = (p.taylorseer_order + 1) * (q - 2) * blocks if p.taylorseer and blocks else 0
-        return Footprint(own, loop_rows, widest, prefill, latent_elems, out_px, in_px,
-                         shared_kv=((repr(shared_key), picture_rows),),
-                         loop_segments=((q, context + q),) * blocks, allocations=allocations, taylor_rows=taylor_rows)
+    def _footprint(self, plan: Plan) -> Footprint:
+        return footprint(plan, self.tokenizer, self.config)
 
     def memory_estimate(self, requests: list[Request]) -> MemoryEstimate:
         """Estimated peak working memory (bytes, weights excluded) of ``run(requests)`` in one
@@ -440,11 +393,11 @@ class Engine:
 
     # ---- step 2: pictures -----------------------------------------------------------------
 
-    def _encode_pictures(self, plans: list[_Plan], store: ContextStore, counters: Counters) -> None:
+    def _encode_pictures(self, plans: list[Plan], store: ContextStore, counters: Counters) -> None:
         """One VAE encoder pass per distinct edit picture, then one posterior sample per distinct
         noise of it (a latent key names picture + noise, so equal draws share one context)."""
         consts, vae_cfg = self.config.constants, self.config.vae
-        by_picture: dict[str, list[tuple[_Plan, torch.Tensor]]] = {}
+        by_picture: dict[str, list[tuple[Plan, torch.Tensor]]] = {}
         for plan in plans:
             for pic in plan.pictures:
                 store.vit_inputs.setdefault(pic.key, pic.vit)
@@ -465,7 +418,7 @@ class Engine:
             by_picture.setdefault(pic.key, []).append((plan, noise))
         p = consts.latent_patch_size
         for entries in by_picture.values():
-            distinct: dict[str, tuple[_Plan, torch.Tensor]] = {}
+            distinct: dict[str, tuple[Plan, torch.Tensor]] = {}
             for plan, noise in entries:
                 distinct.setdefault(plan.latent_key, (plan, noise))
             pic = entries[0][0].pictures[0]
@@ -478,7 +431,7 @@ class Engine:
             for k, key in enumerate(distinct):
                 store.latents[key] = LatentInput(transforms.pack_latent(latents[k:k + 1].float(), p), pos)
 
-    def _build_paths(self, plans: list[_Plan]) -> None:
+    def _build_paths(self, plans: list[Plan]) -> None:
         for plan in plans:
             req = plan.request
             head = (TextItem(think_system_prompt(req.task)),) if req.think else ()
@@ -498,7 +451,7 @@ class Engine:
 
     # ---- step 4: text ---------------------------------------------------------------------
 
-    def _decode(self, plans: list[_Plan], store: ContextStore, cache: KVCache, counters: Counters,
+    def _decode(self, plans: list[Plan], store: ContextStore, cache: KVCache, counters: Counters,
                 should_cancel: CancelFn | None, progress: ProgressFn | None, naive: bool, record: bool) -> None:
         jobs = []
         for plan in plans:
@@ -539,7 +492,7 @@ class Engine:
 
     # ---- step 6: images -------------------------------------------------------------------
 
-    def _denoise(self, plans: list[_Plan], store: ContextStore, cache: KVCache, counters: Counters,
+    def _denoise(self, plans: list[Plan], store: ContextStore, cache: KVCache, counters: Counters,
                  progress: ProgressFn | None, should_cancel: CancelFn | None, naive: bool, record: bool) -> None:
         consts, stride = self.config.constants, self.latent_stride_px
         lp, z = consts.latent_patch_size, self.config.vae.z_channels
@@ -572,7 +525,7 @@ class Engine:
         latent = transforms.unpack_latent(packed.to(self.device), grid_hw[0], grid_hw[1], lp, z)
         return self.vae.decode(latent)
 
-    def _result(self, plan: _Plan, record: bool) -> Result:
+    def _result(self, plan: Plan, record: bool) -> Result:
         job = plan.image_job
         if plan.canceled or (job is not None and job.canceled):
             return Result(canceled=True, think_text=plan.think_text)
@@ -588,3 +541,31 @@ class Engine:
             plan.trace.update(job.trace, final_latent=job.x.cpu(), decode_out_raw=raw.float().cpu())
         return Result(image=image, think_text=plan.think_text)
 
+    # ---- step 8: quality gate -------------------------------------------------------------
+
+    def _gate_ids(self) -> gate.AnswerIds:
+        """The tokens the gate scores as yes and no (``gate.answer_ids``), found once."""
+        if self._answer_ids is None:
+            self._answer_ids = gate.answer_ids(self.tokenizer)
+        return self._answer_ids
+
+    def _gate(self, plans: list[Plan], results: list[Result], store: ContextStore, cache: KVCache,
+              counters: Counters, naive: bool) -> None:
+        """Score every gate question of every plan whose result has a picture, all together."""
+        questions, gated = [], {}
+        for plan, result in zip(plans, results):
+            if not plan.request.gate_questions or result.image is None:
+                continue
+            result.gate, gated[plan.index] = [], result
+            # the decoded picture itself (no PNG round trip), resized as an input picture is
+            picture = self._picture(result.image, f"requests[{plan.index}].image")
+            store.vit_inputs.setdefault(picture.key, picture.vit)
+            inputs = [pic.key for pic in plan.pictures]
+            questions += [gate.GateQuestion(plan.index, text, gate.question_path(inputs, picture.key, text))
+                          for text in plan.request.gate_questions]
+        if not questions:
+            return
+        answers = gate.score(self.model, self.tokenizer, cache, store, questions, self._gate_ids(), counters,
+                             naive=naive)
+        for question, answer in zip(questions, answers):
+            gated[question.index].gate.append(answer)

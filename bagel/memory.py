@@ -3,13 +3,14 @@ of a batch under a memory budget.
 
 Owns: where the weights of a load live (``weight_placement``: device and host bytes for each
 quantization and offload mode, from the configs alone); what one request adds to a run's
-working memory — the KV-cache slots its contexts and decodes reserve, the rows it puts into
-every packed denoising forward (one block per CFG branch) and the activations those rows
-need, its latent buffers — plus the per-run fixed costs (the largest single VAE pass), and
-``split_to_budget``, which cuts a batch into consecutive sub-batches that each fit a budget.
-The working-memory budget does not count weights: it is for what a run allocates on top of
-the loaded model. Leaves what a request is to ``engine.py``, the weight sizes per tensor to
-``loading.py`` (``paper_weight_bytes``) and the streaming of offloaded layers to ``offload.py``.
+working memory — the KV-cache slots its contexts, decodes and quality-gate questions reserve,
+the rows it puts into every packed denoising forward (one block per CFG branch) and the
+activations those rows need, its latent buffers — plus the per-run fixed costs (the largest
+single VAE pass), and ``split_to_budget``, which cuts a batch into consecutive sub-batches
+that each fit a budget. The working-memory budget does not count weights: it is for what a
+run allocates on top of the loaded model. Leaves what a request is to ``engine.py``, its
+counts (``Footprint``) to ``plans.py``, the weight sizes per tensor to ``loading.py``
+(``paper_weight_bytes``) and the streaming of offloaded layers to ``offload.py``.
 
 Weights (``weight_placement``, for a CUDA device): resident (``offload="none"``), all of them on
 the device. With ``offload="layers"``: on the device everything but the decoder layers, plus two
@@ -30,12 +31,17 @@ The model (bytes, ``e`` = bytes per element of the engine dtype):
     (``attention.py``) every segment of a call counts: a denoising step attends all its query
     blocks — every request and CFG branch — in one call, each with float32 scores
     ``H · q · k · 4`` and its gathered keys and values ``2 · k · Hkv · D · e`` (the kernels may
-    tile the scores, so this is an upper bound); a prefill attends one segment at a time, so
-    its widest segment counts. Variable-length flash kernels materialise no scores: only
-    their float32 log-sum-exp, ``H · rows · 4`` (and, when the kernel gathers its keys out of
-    the pages, one layer's copy of a call's keys and values ``2 · k · Hkv · D · e``);
+    tile the scores, so this is an upper bound); a prefill (the quality gate's included)
+    attends one segment at a time, so its widest segment counts. Variable-length flash
+    kernels materialise no scores: only their float32 log-sum-exp, ``H · rows · 4`` (and,
+    when the kernel gathers its keys out of the pages, one layer's copy of a call's keys and
+    values ``2 · k · Hkv · D · e``);
   * a paged cache (the flash kernels') starts every allocation on a page and copies a fork's
     partial last page: up to one page of slots per allocation;
+  * the quality gate (``gate.py``, after the pictures are decoded): its prefill rows — per
+    gated request the input and result pictures' ViT blocks and the questions — are one more
+    packed forward, and each question's first-token logits over the vocabulary ``V`` take
+    ``3 · V · 4`` (the head's output, its float32 copy and the softmax), counted on top;
   * latents: per image, x and up to four velocity buffers in float32;
   * TaylorSeer (when a request asks for it): per CFG branch, up to ``order + 1`` float32 factors
     of the last decoder layer's output for its latent rows (``taylorseer.py``);
@@ -96,6 +102,8 @@ class Footprint:
     loop_segments: tuple[tuple[int, int], ...] = ()  # (query rows, keys) of each block of a denoising step
     taylor_rows: int = 0  # TaylorSeer factor rows: (order + 1) × latent rows × CFG branches
     allocations: int = 0  # cache allocations (context items, decode, denoising scratch)
+    gate_rows: int = 0  # rows of its quality-gate forwards (pictures, questions, answer tokens)
+    gate_answers: int = 0  # quality-gate questions: one row of vocabulary logits each
 
 
 @dataclass(frozen=True)
@@ -136,6 +144,7 @@ class MemoryModel:
         self.kv_bytes_per_token = 2 * llm.num_hidden_layers * llm.num_key_value_heads * llm.head_dim * e
         qkv = (llm.num_attention_heads + 2 * llm.num_key_value_heads) * llm.head_dim
         self.row_bytes = (5 * llm.hidden_size + 3 * qkv + 4 * llm.intermediate_size) * e
+        self.answer_bytes = 3 * llm.vocab_size * 4  # a gate answer's logits, float32 copy and softmax
         self.max_rows_per_forward = max_rows_per_forward
         mults = (1, *vae.ch_mult)
         # The widest full-resolution tensor: the upsampled output of the second level enters
@@ -169,8 +178,8 @@ class MemoryModel:
         loop_rows = min(sum(f.loop_rows for f in footprints),
                         max(self.max_rows_per_forward, max((f.loop_rows for f in footprints), default=0)))
         kv = self.kv_bytes_per_token * self.kv_slots(footprints)
-        rows = max(loop_rows, sum(f.prefill_rows for f in footprints))
-        forward = rows * self.row_bytes
+        rows = max(loop_rows, sum(f.prefill_rows for f in footprints), sum(f.gate_rows for f in footprints))
+        forward = rows * self.row_bytes + self.answer_bytes * sum(f.gate_answers for f in footprints)
         latents = sum(5 * 4 * f.latent_elems for f in footprints)
         pixels = max((max(f.out_pixels, f.in_pixels) for f in footprints), default=0)
         vae = 3 * self.vae_channels * pixels * self.elem
