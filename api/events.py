@@ -16,6 +16,7 @@ from typing import Annotated, Any, Literal
 from fastapi import FastAPI, Header
 from pydantic import BaseModel, ConfigDict, Field
 
+from api.quality_schemas import DEDUPE_OF_TEXT, DEDUPE_TEXT, Dedupe, QualitySummary
 from api.schemas import JobStatus, StatusCounts, Task
 from worker import outbox
 
@@ -46,6 +47,9 @@ class JobEventData(BaseModel):
     model_seconds: float | None = Field(description="its share of the engine call it ran in")
     gpu_seconds: float | None = Field(description="its share of its chunks' GPU time (all attempts)")
     metadata: dict[str, Any] = Field(description="the metadata it was submitted with")
+    dedupe: Dedupe | None = Field(description=DEDUPE_TEXT)
+    dedupe_of: str | None = Field(description=DEDUPE_OF_TEXT)
+    quality: QualitySummary | None = Field(description="the quality gate's verdict (jobs that asked for it)")
 
 
 class ManifestItem(BaseModel):
@@ -100,7 +104,8 @@ _JOB_EXAMPLE = {"job_id": "6f0c1d2e-3a4b-4c5d-8e9f-0a1b2c3d4e5f", "batch_id": No
                 "task": "tryon", "status": "succeeded", "output_key": "outputs/t/6f0c.png",
                 "output_url": "https://api.example.com/v1/objects/outputs/t/6f0c.png?expires=1796000000&sig=ab12",
                 "output_text": None, "think_text": None, "error": None, "model_seconds": 4.2, "gpu_seconds": 4.6,
-                "metadata": {"sku": "MUG-01"}}
+                "metadata": {"sku": "MUG-01"}, "dedupe": "miss", "dedupe_of": None,
+                "quality": {"gate": "passed", "score": 0.71, "threshold": 0.6, "attempts": 2}}
 _COUNTS = {"queued": 0, "running": 0, "succeeded": 39, "failed": 1, "canceled": 0, "expired": 0}
 EVENTS: dict[str, tuple[type[BaseModel], dict[str, Any], str]] = {
     outbox.EVENT_JOB_SUCCEEDED: (JobEventData, _JOB_EXAMPLE, "A job finished with a result."),

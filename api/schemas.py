@@ -14,6 +14,13 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from api.contract import ID_PATTERN, PROMPT_PATTERN
+from api.quality_schemas import (
+    DEDUPE_OF_TEXT,
+    DEDUPE_TEXT,
+    Dedupe,
+    QualityGateIn,
+    QualityOut,
+)
 from worker.models import DeliveryStatus, JobStatus, Priority
 from worker.params import LIMITS, MAX_PROMPT_CHARS, SEED_MAX
 from worker.webhook_targets import MAX_URL_CHARS
@@ -73,6 +80,11 @@ def _adapter() -> Any:
 def _adapter_scale() -> Any:
     return Field(None, ge=0.0, le=MAX_ADAPTER_SCALE, description="how strongly the adapter applies (its "
                  "B·A is scaled by this on top of alpha/r); default 1.0; only with adapter", examples=[1.0])
+
+
+def _quality_gate(what: str) -> Any:
+    return Field(None, description=f"opt in to the quality gate for {what} (generate, edit and tryon): BAGEL judges "
+                 "each picture and makes it again with the next seed while it scores below the threshold")
 
 
 def _webhook_url() -> Any:
@@ -144,6 +156,7 @@ class JobIn(Strict):
                                               "defaults")
     adapter: str | None = _adapter()
     adapter_scale: float | None = _adapter_scale()
+    quality_gate: QualityGateIn | None = _quality_gate("this job")
     webhook_url: str | None = _webhook_url()
     metadata: dict[str, Any] | None = _metadata("job")
     priority: Priority = _priority()
@@ -164,6 +177,7 @@ class BatchItemIn(Strict):
     height: int | None = _side("height", "generate only")
     seed: int | None = Field(None, ge=0, le=SEED_MAX, description="this item's seed")
     params: GenerationParamsIn | None = Field(None, description="over the batch's params")
+    quality_gate: QualityGateIn | None = _quality_gate("this item (over the batch's)")
     metadata: dict[str, Any] | None = _metadata("job")
 
 
@@ -189,6 +203,7 @@ class BatchIn(Strict):
     params: GenerationParamsIn | None = Field(None, description="defaults for every item")
     adapter: str | None = _adapter()
     adapter_scale: float | None = _adapter_scale()
+    quality_gate: QualityGateIn | None = _quality_gate("every item that sets none")
     webhook_url: str | None = _webhook_url()
     metadata: dict[str, Any] | None = _metadata("batch")
     priority: Priority = _priority()
@@ -280,7 +295,8 @@ class JobOut(BaseModel):
                    "url_expires_at": "2026-11-28T13:00:09Z", "content_type": "image/png", "text": None,
                    "think_text": None, "expired": False},
         "metadata": {"sku": "MUG-01"}, "webhook_url": None, "created_at": "2026-11-28T12:00:00Z",
-        "priority": "batch", "deadline_at": None, "queue": None, "rerun_of": None}]})
+        "priority": "batch", "deadline_at": None, "queue": None, "rerun_of": None, "dedupe": "miss",
+        "dedupe_of": None, "quality": None}]})
 
     id: str = Field(description="the job's id")
     batch_id: str | None = Field(description="its batch; null for a single job")
@@ -310,6 +326,10 @@ class JobOut(BaseModel):
     queue: QueueOut | None = Field(None, description="position and ETA while queued or running")
     rerun_of: str | None = Field(None, description="the job this one re-runs (POST /v1/jobs/{job_id}/rerun); null "
                                  "for a job submitted on its own")
+    dedupe: Dedupe | None = Field(None, description=DEDUPE_TEXT)
+    dedupe_of: str | None = Field(None, description=DEDUPE_OF_TEXT)
+    quality: QualityOut | None = Field(None, description="the quality gate's record (jobs that asked for it, once "
+                                       "succeeded)")
 
 
 class BatchOut(BaseModel):

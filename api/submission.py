@@ -2,7 +2,8 @@
 
 Owns: the edge checks that need the database or the settings — input files the tenant owns,
 image counts per task, batch size, output size, webhook URL policy — the merge of batch
-defaults into items, a re-run's request (``rerun_spec``), and the deadline (``deadline_s`` in
+defaults into items, a re-run's request (``rerun_spec``), the request hash of the jobs an identical
+job may answer (``with_request_hashes``, ``worker.dedupe``), and the deadline (``deadline_s`` in
 the body, the ``Cancel-After`` header). The tenant's limits are ``worker.limits``' (their HTTP
 form: ``api/errors.py``). Nothing here talks to the broker: the committed jobs wait in the
 database for the dispatcher (``worker.scheduler``). Leaves the per-parameter rules to
@@ -23,8 +24,9 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
+from api.quality_schemas import QualityGateIn
 from api.schemas import MAX_DEADLINE_S, BatchIn, GenerationParamsIn, JobIn
-from worker import params, queries, webhook_targets
+from worker import dedupe, params, quality, queries, webhook_targets
 from worker.errors import (
     BatchTooLarge,
     InvalidInput,
@@ -33,7 +35,7 @@ from worker.errors import (
     UnknownFile,
 )
 from worker.jobs import JobSpec
-from worker.models import File, Job
+from worker.models import File, Job, Tenant
 from worker.settings import Settings
 
 CANCEL_AFTER_FIELD = "header.Cancel-After"
@@ -66,7 +68,7 @@ def _params_dict(*layers: GenerationParamsIn | None) -> dict[str, Any]:
 
 def _spec(settings: Settings, owned: dict[str, File], *, task: str, prompt: str, file_ids: Sequence[str],
           think: bool, width: int | None, height: int | None, seed: int | None, user_params: dict[str, Any],
-          metadata: dict[str, Any] | None) -> JobSpec:
+          metadata: dict[str, Any] | None, gate: QualityGateIn | dict[str, Any] | None = None) -> JobSpec:
     params.check_task(task)
     params.check_prompt(prompt)
     params.check_input_count(task, len(file_ids))
@@ -75,13 +77,20 @@ def _spec(settings: Settings, owned: dict[str, File], *, task: str, prompt: str,
             raise UnknownFile(f"input_file_ids[{i}]: file {file_id!r} not found", field=f"input_file_ids[{i}]")
     if seed is not None:
         user_params["seed"] = seed
+    seed_given = user_params.get("seed") is not None
     resolved = params.resolve(task, user_params, think)
+    if gate is not None:
+        if task not in quality.GATED_TASKS:
+            raise InvalidParameter(f"quality_gate: only {', '.join(quality.GATED_TASKS)} jobs make a picture to judge, "
+                                   f"not {task}", field="quality_gate")
+        gate = gate.model_dump() if isinstance(gate, QualityGateIn) else gate
+        resolved["quality_gate"] = quality.gate_params(gate["threshold"], gate["max_regenerations"])
     first = owned[file_ids[0]] if file_ids else None
     out_w, out_h = params.resolve_size(task, width, height, max_side_px=settings.max_output_side_px,
                                        input_size=(first.width, first.height) if first else None,
                                        constants=params.picture_constants(settings.model_path))
     return JobSpec(task=task, prompt=prompt, params=resolved, input_file_ids=tuple(file_ids), think=think,
-                   width=out_w, height=out_h, metadata=params.check_metadata(metadata))
+                   width=out_w, height=out_h, metadata=params.check_metadata(metadata), seed_given=seed_given)
 
 
 def adapter_choice(session: Session, tenant_id: str, adapter: str | None,
@@ -103,6 +112,31 @@ def _with_adapter(spec: JobSpec, adapter_id: str | None, extra: dict[str, float]
     return replace(spec, adapter_id=adapter_id, params={**spec.params, **extra}) if adapter_id else spec
 
 
+def with_request_hashes(session: Session, tenant_id: str, specs: list[JobSpec],
+                        owned: dict[str, File]) -> list[JobSpec]:
+    """The specs with the request hash of those an identical job may answer (``worker.dedupe``):
+    a seed given, the tenant not opted out, not a re-run."""
+    if not any(spec.seed_given for spec in specs):
+        return specs
+    tenant = session.get(Tenant, tenant_id)
+    enabled = tenant is not None and tenant.dedupe
+    adapters: dict[str, str] = {}
+    out = []
+    for spec in specs:
+        if not dedupe.qualifies(seed_given=spec.seed_given, tenant_dedupe=enabled, rerun=spec.rerun_of is not None):
+            out.append(spec)
+            continue
+        if spec.adapter_id is not None and spec.adapter_id not in adapters:
+            row = queries.get_adapter(session, tenant_id, spec.adapter_id)
+            adapters[spec.adapter_id] = f"{spec.adapter_id}:{row.sha256 if row else ''}"
+        digest = dedupe.request_hash(
+            task=spec.task, prompt=spec.prompt, input_sha256s=[owned[fid].sha256 for fid in spec.input_file_ids],
+            params=spec.params, think=spec.think, width=spec.width, height=spec.height,
+            adapter_sha256=adapters.get(spec.adapter_id) if spec.adapter_id else None)
+        out.append(replace(spec, request_hash=digest))
+    return out
+
+
 def _check_file_ids(file_ids: Sequence[str], field: str) -> None:
     """Ids are looked up in the database, which cannot take a NUL: refuse control characters first."""
     for i, file_id in enumerate(file_ids):
@@ -114,8 +148,9 @@ def job_spec(session: Session, settings: Settings, tenant_id: str, body: JobIn) 
     owned = queries.files_by_ids(session, tenant_id, body.input_file_ids)
     spec = _spec(settings, owned, task=body.task, prompt=body.prompt, file_ids=body.input_file_ids,
                  think=body.think, width=body.width, height=body.height, seed=body.seed,
-                 user_params=_params_dict(body.params), metadata=body.metadata)
-    return _with_adapter(spec, *adapter_choice(session, tenant_id, body.adapter, body.adapter_scale))
+                 user_params=_params_dict(body.params), metadata=body.metadata, gate=body.quality_gate)
+    spec = _with_adapter(spec, *adapter_choice(session, tenant_id, body.adapter, body.adapter_scale))
+    return with_request_hashes(session, tenant_id, [spec], owned)[0]
 
 
 def batch_specs(session: Session, settings: Settings, tenant_id: str, body: BatchIn) -> list[JobSpec]:
@@ -145,9 +180,10 @@ def batch_specs(session: Session, settings: Settings, tenant_id: str, body: Batc
                 think=body.think if item.think is None else item.think,
                 width=item.width if item.width is not None else (body.width if task == "generate" else None),
                 height=item.height if item.height is not None else (body.height if task == "generate" else None),
-                seed=item.seed, user_params=_params_dict(body.params, item.params), metadata=item.metadata))
+                seed=item.seed, user_params=_params_dict(body.params, item.params), metadata=item.metadata,
+                gate=item.quality_gate or body.quality_gate))
     adapter_id, extra = adapter_choice(session, tenant_id, body.adapter, body.adapter_scale)
-    return [_with_adapter(spec, adapter_id, extra) for spec in specs]
+    return with_request_hashes(session, tenant_id, [_with_adapter(spec, adapter_id, extra) for spec in specs], owned)
 
 
 def rerun_spec(session: Session, settings: Settings, tenant_id: str, job: Job,
@@ -161,7 +197,8 @@ def rerun_spec(session: Session, settings: Settings, tenant_id: str, job: Job,
     sized = job.task == "generate"  # an edit's size follows from its input picture again
     spec = _spec(settings, owned, task=job.task, prompt=job.prompt, file_ids=list(job.input_file_ids),
                  think=job.think, width=job.width if sized else None, height=job.height if sized else None,
-                 seed=None, user_params={**user_params, **overrides}, metadata=job.meta)
+                 seed=None, user_params={**user_params, **overrides}, metadata=job.meta,
+                 gate=job.params.get("quality_gate"))
     scale = job.params.get("adapter_scale")
     if scale is not None and job.adapter_id is None:
         raise UnknownAdapter(f"adapter: the adapter job {job.id!r} ran with was deleted", field="adapter")

@@ -13,7 +13,17 @@ from datetime import timedelta
 
 from sqlalchemy.orm import Session
 
-from api.schemas import BatchOut, ErrorInfo, JobOut, ManifestEntry, Progress, QueueOut, Result, Timings
+from api.quality_schemas import QualityOut
+from api.schemas import (
+    BatchOut,
+    ErrorInfo,
+    JobOut,
+    ManifestEntry,
+    Progress,
+    QueueOut,
+    Result,
+    Timings,
+)
 from worker import eta, queries
 from worker.models import Batch, Job, JobStatus, Priority, utcnow
 from worker.settings import Settings
@@ -54,8 +64,21 @@ def job_out(job: Job, store: ResultStore, settings: Settings, session: Session |
         result=_result(job, store, settings), metadata=dict(job.meta or {}), webhook_url=job.webhook_url,
         created_at=job.created_at, priority=Priority(job.priority), deadline_at=job.deadline_at,
         queue=_queue(eta.job_queue(session, settings, job)) if session is not None else None,
-        rerun_of=job.rerun_of,
+        rerun_of=job.rerun_of, dedupe=job.dedupe_state, dedupe_of=job.dedupe_of,
+        quality=_quality(job, store, settings),
     )
+
+
+def _quality(job: Job, store: ResultStore, settings: Settings) -> QualityOut | None:
+    """The gate's record with a download URL per attempt while the result is kept."""
+    if not job.quality:
+        return None
+    kept = job.result_expired_at is None
+    attempts = [{**{k: v for k, v in attempt.items() if k != "output_key"},
+                 "url": store.url(attempt["output_key"], settings.presign_expiry_s)
+                 if kept and attempt.get("output_key") else None}
+                for attempt in job.quality.get("attempts", [])]
+    return QualityOut.model_validate({**job.quality, "attempts": attempts})
 
 
 def batch_out(session: Session, batch: Batch, job_ids: list[str] | None = None,

@@ -32,8 +32,8 @@ def _adapter_id(client: TestClient, api_stack: ApiStack, service_model: Path, fo
 def test_the_readme_request_bodies_are_accepted_as_written(api_stack: ApiStack, service_model: Path,
                                                            tmp_path: Path) -> None:
     examples = BODY.findall(README.read_text())
-    assert sorted(path for path, _ in examples) == ["/v1/batches", "/v1/batches", "/v1/jobs", "/v1/jobs/<job id>/rerun",
-                                                    "/v1/webhooks/test"]
+    assert sorted(path for path, _ in examples) == ["/v1/batches", "/v1/batches", "/v1/jobs", "/v1/jobs",
+                                                    "/v1/jobs/<job id>/rerun", "/v1/webhooks/test"]
     product = api_stack.upload_png((64, 64))
     # The default webhook policy (the fixture's settings allow private targets).
     strict = api_stack.settings.model_copy(update={"webhook_allow_private": False})

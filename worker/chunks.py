@@ -37,7 +37,8 @@ def form_chunk(session: Session, job_ids: Sequence[str], now: datetime, *, share
     session.add(chunk)
     session.flush()
     taken = session.execute(
-        update(Job).where(Job.id.in_(list(job_ids)), Job.status == JobStatus.queued, Job.chunk_id.is_(None))
+        update(Job).where(Job.id.in_(list(job_ids)), Job.status == JobStatus.queued, Job.chunk_id.is_(None),
+                          Job.dedupe_of.is_(None))
         .values(chunk_id=chunk.id, updated_at=now).returning(Job.cost_key).execution_options(**_NO_SYNC)
     ).scalars().all()
     if not taken:

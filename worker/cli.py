@@ -20,6 +20,7 @@ import sys
 import threading
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from worker.errors import ServiceError, SettingsError
@@ -87,6 +88,26 @@ def cmd_tenant_limits(settings: Settings, args: argparse.Namespace) -> int:
     changes = {name: getattr(args, name) for name in ("weight", *tenants.LIMIT_FIELDS) if hasattr(args, name)}
     with _session(settings) as session:
         out = tenants.set_limits(session, args.name, changes) if changes else tenants.get_limits(session, args.name)
+    _out(json.dumps(out, indent=2))
+    return 0
+
+
+def cmd_tenant_quality(settings: Settings, args: argparse.Namespace) -> int:
+    from worker import tenants
+
+    questions: Any = None
+    if args.gate_questions is not None:
+        if args.gate_questions == "builtin":
+            questions = "builtin"
+        else:
+            try:
+                questions = json.loads(Path(args.gate_questions).read_text(encoding="utf-8"))
+            except (OSError, ValueError) as exc:
+                raise SettingsError(f"--gate-questions: {args.gate_questions} is not a readable JSON file ({exc})") \
+                    from exc
+    dedupe = None if args.dedupe is None else args.dedupe == "on"
+    with _session(settings) as session:
+        out = tenants.quality_settings(session, args.name, dedupe=dedupe, gate_questions=questions)
     _out(json.dumps(out, indent=2))
     return 0
 
@@ -159,7 +180,6 @@ def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
     registration = http = None
     if GPU_QUEUE in queues:
         from worker.gpu import EngineHolder
-        from worker.models import WorkerState
         from worker.registry import Registration
         from worker.worker_http import start_worker_http
 
@@ -172,7 +192,8 @@ def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
         started = time.monotonic()
         rt.engine_holder.load()  # before consuming: a bad checkpoint stops the worker here, not per task
         rt.stats.engine_loaded(time.monotonic() - started)
-        registration.set_state(WorkerState.ready)
+        facts = rt.engine_holder.provenance()
+        registration.set_ready(facts["weights_sha256"], facts["quantization"])
     app = make_celery(settings)
     app.bagel_runtime = rt
 
@@ -273,6 +294,14 @@ def build_parser() -> argparse.ArgumentParser:
     tl.add_argument("--weight", type=_limit_arg(float), default=argparse.SUPPRESS, metavar="W",
                     help="fair-share weight (default 1.0)")
     tl.set_defaults(func=cmd_tenant_limits)
+    tq = tsub.add_parser("quality", help="show or change a tenant's exact-request dedupe and quality-gate "
+                         "questions; prints them as JSON")
+    tq.add_argument("name", help="tenant id or name")
+    tq.add_argument("--dedupe", choices=["on", "off"], help="answer identical seeded jobs from earlier results "
+                    "(default on)")
+    tq.add_argument("--gate-questions", metavar="FILE|builtin", help="a JSON file {task: [question, …]} for "
+                    "generate, edit and/or tryon ({prompt} is the job's prompt), or builtin")
+    tq.set_defaults(func=cmd_tenant_quality)
     tr = tsub.add_parser("rotate-secret", help="replace a tenant's webhook signing secret; prints the new one once")
     tr.add_argument("name", help="tenant id or name")
     tr.set_defaults(func=cmd_tenant_rotate_secret)

@@ -27,6 +27,8 @@ Metrics (every scrape; ``tenant`` is the tenant id):
 - ``bagel_lease_expiries`` — jobs whose error code is ``lease_expired``.
 - ``bagel_jobs_failed{code}`` — failed jobs by error code ("unknown" when none is set).
 - ``bagel_jobs_finished{task,status}`` — jobs in a terminal status, by task and status.
+- ``bagel_dedupe_hits{tenant}`` — succeeded jobs answered from an identical job's result
+  (``worker.dedupe``): no GPU work. Jobs waiting on an identical job are not in the backlog.
 - ``bagel_webhook_pending`` — webhook deliveries still pending.
 - ``bagel_webhook_lag_seconds`` — age (since creation) of the oldest pending delivery that is
   due (``next_attempt_at ≤ now``); 0 when none is due.
@@ -91,7 +93,8 @@ def estimated_gpu_seconds(session: Session) -> dict[BacklogKey, tuple[int, float
 
     A job costs its ``cost_key``'s measured average (``JobCost``), else
     ``DEFAULT_JOB_GPU_SECONDS``; a running job with ``progress_total > 0`` costs the remaining
-    fraction of that. One grouped query: the rows are (tenant, priority, status, cost_key)."""
+    fraction of that; a job waiting on an identical one (``dedupe_of``) costs nothing and is not
+    counted. One grouped query: the rows are (tenant, priority, status, cost_key)."""
     fraction = cast(Job.progress_step, Float) / Job.progress_total
     remaining = case(
         (Job.status != JobStatus.running, 1.0),
@@ -104,7 +107,7 @@ def estimated_gpu_seconds(session: Session) -> dict[BacklogKey, tuple[int, float
         select(Job.tenant_id, Job.priority, Job.status, price, func.count(), func.sum(remaining))
         .select_from(Job)
         .outerjoin(JobCost, JobCost.cost_key == Job.cost_key)
-        .where(Job.status.in_(list(BACKLOG_STATES)))
+        .where(Job.status.in_(list(BACKLOG_STATES)), Job.dedupe_of.is_(None))
         .group_by(Job.tenant_id, Job.priority, Job.status, Job.cost_key, JobCost.avg_gpu_seconds)
     ).all()
     out: dict[BacklogKey, tuple[int, float]] = {}
@@ -197,10 +200,16 @@ def _outcomes(session: Session) -> list[Metric]:
             select(Job.task, Job.status, func.count())
             .where(Job.status.in_(list(TERMINAL_STATUSES))).group_by(Job.task, Job.status)).all():
         finished.add_metric([task, str(status)], count)
+    hits = GaugeMetricFamily("bagel_dedupe_hits", "Succeeded jobs answered from an identical job's result "
+                             "(no GPU work) still in the database", labels=["tenant"])
+    for tenant, count in session.execute(
+            select(Job.tenant_id, func.count())
+            .where(Job.status == JobStatus.succeeded, Job.dedupe_of.is_not(None)).group_by(Job.tenant_id)).all():
+        hits.add_metric([tenant], count)
     return [
         _gauge("bagel_job_retries", "Extra attempts (attempts - 1) of jobs still in the database", retries or 0),
         _gauge("bagel_lease_expiries", "Jobs whose last error is an expired lease", expiries or 0),
-        failed, finished,
+        failed, finished, hits,
     ]
 
 

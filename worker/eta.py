@@ -60,10 +60,14 @@ def _ahead_of(job: Job):
 
 
 def job_queue(session: Session, settings: Settings, job: Job) -> QueueInfo | None:
-    """Position and ETA of an active job (None once it is finished)."""
+    """Position and ETA of an active job (None once it is finished); a job waiting on an identical
+    one (``worker.dedupe``) has that one's."""
     status = JobStatus(job.status)
     if status.is_terminal:
         return None
+    if job.dedupe_of is not None:  # it succeeds when the identical job it waits on does
+        runner = session.get(Job, job.dedupe_of)
+        return job_queue(session, settings, runner) if runner is not None else None
     now = utcnow()
     workers = live_workers(session, settings, now)
     costs = dict(session.execute(select(JobCost.cost_key, JobCost.avg_gpu_seconds)).all())

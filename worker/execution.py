@@ -3,7 +3,8 @@
 Owns: the body of the ``bagel_jobs.run_chunk`` task. It claims the chunk's queued jobs under a
 lease, reads their input images from storage (once per file), runs them through the GPU module
 in one call (progress written every ``progress_every_steps`` steps, the lease renewed by a heartbeat
-thread, cancel requests polled between steps), uploads outputs to deterministic keys and records each outcome
+thread, cancel requests polled between steps; the quality gate's questions per job from
+``quality.py``), uploads outputs (and the gate's other attempts) to deterministic keys and records each outcome
 through ``worker.jobs`` (which writes the webhook outbox rows in the same transaction), each with
 its reproducibility record (``provenance.py``).
 
@@ -46,14 +47,19 @@ from typing import TYPE_CHECKING
 
 from sqlalchemy import select
 
-from worker import chunks, dispatch, jobs, provenance
+from worker import chunks, dispatch, jobs, provenance, quality
 from worker.adapters import adapter_source
-from worker.errors import BrokerUnavailable, DeviceFailure, ObjectNotFound, StorageUnavailable
+from worker.errors import (
+    BrokerUnavailable,
+    DeviceFailure,
+    ObjectNotFound,
+    StorageUnavailable,
+)
 from worker.logs import log_context
-from worker.models import File, utcnow
+from worker.models import File, Tenant, utcnow
 from worker.outages import DATABASE_ERRORS, outage_code, outage_delay_s, until_database
 from worker.params import engine_prompt
-from worker.storage import output_key
+from worker.storage import attempt_key, output_key
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session
@@ -251,9 +257,12 @@ def _run_claimed(rt: WorkerRuntime, chunk_id: str, claimed: list[ClaimedJob]) ->
         from worker.gpu import JobInput
 
         runnable = [job for job in claimed if job.id not in missing]
+        question_sets = _question_sets(rt, runnable)
         inputs = [JobInput(job_id=job.id, task=job.task, prompt=engine_prompt(job.task, job.prompt),
                            images=[files[fid] for fid in job.input_file_ids], think=job.think,
-                           width=job.width, height=job.height, params=job.params) for job in runnable]
+                           width=job.width, height=job.height, params=job.params,
+                           gate=quality.spec_for(job.task, job.prompt, job.params, question_sets.get(job.tenant_id)))
+                      for job in runnable]
         deadlines = {job.id: job.deadline_at for job in runnable if job.deadline_at is not None}
         with _ChunkMonitor(rt, [job.id for job in runnable], deadlines) as monitor:
             engine_started = time.perf_counter()
@@ -285,7 +294,9 @@ def _run_claimed(rt: WorkerRuntime, chunk_id: str, claimed: list[ClaimedJob]) ->
     for job_id, message in missing.items():
         until_database(rt, lambda s, job_id=job_id, message=message: jobs.fail_job(
             s, job_id, rt.worker_id, "unknown_file", message), "recording a failure")
-    shares = _Shares((phases["input"] + engine_s) / max(len(runnable), 1), engine_s / max(len(runnable), 1), phases)
+    # The quality gate's extra rounds are the time of the jobs they ran for; the rest is shared.
+    shared_s = engine_s - sum(out.regeneration_seconds for out in outputs)
+    shares = _Shares((phases["input"] + shared_s) / max(len(runnable), 1), shared_s / max(len(runnable), 1), phases)
     kept: list[tuple[ClaimedJob, JobOutput]] = []
     release: list[str] = []
     finished = 0
@@ -323,6 +334,32 @@ def _run_claimed(rt: WorkerRuntime, chunk_id: str, claimed: list[ClaimedJob]) ->
     return held_s
 
 
+def _question_sets(rt: WorkerRuntime, claimed: list[ClaimedJob]) -> dict[str, dict[str, list[str]]]:
+    """The quality-gate question sets of the tenants whose jobs ask for the gate (``worker.quality``)."""
+    tenants = {job.tenant_id for job in claimed if job.params.get("quality_gate")}
+    if not tenants:
+        return {}
+    with rt.session() as session:
+        rows = session.execute(select(Tenant.id, Tenant.gate_questions).where(Tenant.id.in_(tenants))).all()
+    return {tenant: questions for tenant, questions in rows if questions}
+
+
+def _store_attempts(rt: WorkerRuntime, job: ClaimedJob, out: JobOutput, key: str) -> dict | None:
+    """Store the quality gate's other attempts beside the result; its record with every
+    attempt's key (the chosen one's is the result's)."""
+    if out.quality is None or out.attempts is None:
+        return None
+    gate_record = {**out.quality, "attempts": [dict(a) for a in out.quality["attempts"]]}
+    for n, png in enumerate(out.attempts):
+        if n == out.chosen:
+            gate_record["attempts"][n]["output_key"] = key
+            continue
+        other = attempt_key(job.tenant_id, job.id, n)
+        rt.store.put(other, png, "image/png")
+        gate_record["attempts"][n]["output_key"] = other
+    return gate_record
+
+
 @dataclass
 class _Shares:
     """A chunk's time divided among its jobs: input read + engine, engine alone, chunk phases."""
@@ -352,10 +389,12 @@ def _record(rt: WorkerRuntime, job: ClaimedJob, out: JobOutput, shares: _Shares)
                 return "done"
             return "release" if rt.shutting_down.is_set() else "done"
         upload_started = time.perf_counter()
+        gate_record = None
         try:
             if out.png is not None:
                 key = output_key(job.tenant_id, job.id, "png")
                 rt.store.put(key, out.png, "image/png")
+                gate_record = _store_attempts(rt, job, out, key)
             else:
                 key = output_key(job.tenant_id, job.id, "txt")
                 rt.store.put(key, (out.text or "").encode(), "text/plain; charset=utf-8")
@@ -370,8 +409,10 @@ def _record(rt: WorkerRuntime, job: ClaimedJob, out: JobOutput, shares: _Shares)
                   "upload": time.perf_counter() - upload_started}
         ok = until_database(rt, lambda s: jobs.complete_job(
             s, job.id, rt.worker_id, output_key=key, output_text=out.text, think_text=out.think_text,
-            model_seconds=shares.engine_s, gpu_seconds=shares.gpu_s + phases["upload"],
-            phase_seconds={name: round(v, 4) for name, v in phases.items()}, provenance=record),
+            model_seconds=shares.engine_s + out.regeneration_seconds,
+            gpu_seconds=shares.gpu_s + out.regeneration_seconds + phases["upload"],
+            phase_seconds={name: round(v, 4) for name, v in phases.items()}, provenance=record,
+            quality=gate_record),
             "recording a result")
         if ok:
             log.info("job %s succeeded in %.3f s of model time (its share of the chunk)", job.id, shares.engine_s)

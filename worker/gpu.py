@@ -6,8 +6,9 @@ memory budget and installs the test-only fault of ``BAGEL_JOBS_FAULT_INJECTION``
 checkpoint once, at load, and states the engine's half of each job's provenance), turning
 plain job inputs into ``bagel.requests.Request`` objects, and running a chunk's requests
 through ``engine.run`` with progress and cooperative-cancel callbacks, with the chunk's LoRA
-adapter applied (unmerged; loaded ones kept in an LRU of ``adapter_cache_bytes``). Leaves
-claims, storage and state to ``execution.py``.
+adapter applied (unmerged; loaded ones kept in an LRU of ``adapter_cache_bytes``), then the
+quality gate's regeneration rounds (``worker.quality``). Leaves claims, storage and state to
+``execution.py``.
 
 Failure isolation, per job, within one chunk:
   * a bad input fails alone: a request that cannot be built fails before the run, and when the
@@ -42,13 +43,20 @@ from PIL import Image
 
 from bagel.adapters import AdapterCache, LoadedAdapter, apply_adapter, load_adapter
 from bagel.config import GenerationParams
-from bagel.errors import AdapterError, BagelError, CheckpointError, InputError, MemoryBudgetError
+from bagel.errors import (
+    AdapterError,
+    BagelError,
+    CheckpointError,
+    InputError,
+    MemoryBudgetError,
+)
 from bagel.identity import noise_source, runtime_versions, weights_identity
 from bagel.requests import CancelFn, ProgressFn, Request, Result
 from bagel.transforms import load_image
 from worker.errors import DeviceFailure, GpuOutOfMemory, SettingsError
 from worker.faults import install_fault, parse_fault
 from worker.params import DEMO_MIN_SIDE_PX
+from worker.quality import GateSpec, regenerate
 
 if TYPE_CHECKING:
     from bagel.engine import Engine
@@ -76,11 +84,15 @@ class JobInput:
     width: int
     height: int
     params: dict[str, Any]
+    gate: GateSpec | None = None  # the quality gate's questions and threshold (``worker.quality``)
 
 
 @dataclass
 class JobOutput:
-    """One job's outcome. ``error_code`` set → a permanent failure (never retried)."""
+    """One job's outcome. ``error_code`` set → a permanent failure (never retried). With the
+    quality gate: ``gate`` holds the picture's answers (question, p_yes, yes_prob, no_prob),
+    ``attempts`` every attempt's PNG (``chosen`` is ``png``'s), ``quality`` the record and
+    ``regeneration_seconds`` this job's share of the extra rounds."""
 
     png: bytes | None = None
     text: str | None = None
@@ -90,6 +102,11 @@ class JobOutput:
     error_code: str | None = None
     error_message: str | None = None
     stats: dict[str, float] = field(default_factory=dict)
+    gate: list[dict[str, Any]] | None = None
+    attempts: list[bytes] | None = None
+    chosen: int | None = None
+    quality: dict[str, Any] | None = None
+    regeneration_seconds: float = 0.0
 
 
 class EngineHolder:
@@ -192,14 +209,30 @@ class EngineHolder:
                                 "it runs no more chunks")
         engine = self.load()
         if adapter is None:
-            return self._run(engine, inputs, progress=progress, should_cancel=should_cancel)
+            return self._run_gated(engine, inputs, progress=progress, should_cancel=should_cancel)
         try:
             loaded = self._adapter(engine, adapter)
         except AdapterError as exc:
             log.error("adapter %s refused by the loaded model: %s", adapter.adapter_id, exc)
             return [JobOutput(error_code=exc.code, error_message=f"adapter: {exc}") for _ in inputs]
         with apply_adapter(engine.model, loaded, scale=adapter.scale):
-            return self._run(engine, inputs, progress=progress, should_cancel=should_cancel)
+            return self._run_gated(engine, inputs, progress=progress, should_cancel=should_cancel)
+
+    def _run_gated(self, engine: Engine, inputs: list[JobInput], *, progress: ProgressFn,
+                   should_cancel: CancelFn) -> list[JobOutput]:
+        """The chunk's run, then the quality gate's regeneration rounds (``worker.quality``),
+        each one engine call for the jobs still below their threshold."""
+        outputs = self._run(engine, inputs, progress=progress, should_cancel=should_cancel)
+        if not any(job.gate is not None for job in inputs):
+            return outputs
+        position = {job.job_id: i for i, job in enumerate(inputs)}
+
+        def run_round(jobs: list[JobInput]) -> list[JobOutput]:
+            return self._run(engine, jobs, progress=lambda r, step, total: progress(position[jobs[r].job_id], step,
+                                                                                   total),
+                             should_cancel=lambda r: should_cancel(position[jobs[r].job_id]))
+
+        return regenerate(inputs, outputs, run_round)
 
     def _run(self, engine: Engine, inputs: list[JobInput], *, progress: ProgressFn,
              should_cancel: CancelFn) -> list[JobOutput]:
@@ -360,7 +393,8 @@ def _build_request(job: JobInput, decoded: dict[int, Any], max_pixels: int) -> R
     params = GenerationParams(**{k: v for k, v in job.params.items() if k in _PARAM_NAMES})
     return Request(task=engine_task, prompt=job.prompt, images=images, think=job.think,
                    width=job.width, height=job.height, params=params,
-                   context_seed=picture_context_seed(job.images[0]) if engine_task == "edit" else None)
+                   context_seed=picture_context_seed(job.images[0]) if engine_task == "edit" else None,
+                   gate_questions=job.gate.questions if job.gate is not None else ())
 
 
 def picture_context_seed(data: bytes) -> int:
@@ -386,5 +420,7 @@ def _to_output(result: Result) -> JobOutput:
         buf = io.BytesIO()
         bare.save(buf, format="PNG")
         png = buf.getvalue()
+    gate = None if result.gate is None else [
+        {"question": a.question, "p_yes": a.p_yes, "yes_prob": a.yes_prob, "no_prob": a.no_prob} for a in result.gate]
     return JobOutput(png=png, text=result.text, think_text=result.think_text, model_seconds=seconds,
-                     stats=dict(result.stats))
+                     stats=dict(result.stats), gate=gate)

@@ -25,11 +25,11 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import func, insert, select, update
+from sqlalchemy import func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from worker import outbox, progress, queries
+from worker import dedupe, progress, queries
 from worker.models import (
     Batch,
     File,
@@ -39,6 +39,7 @@ from worker.models import (
     Priority,
     utcnow,
 )
+from worker.transitions import end_job, promote_twins
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +66,8 @@ class JobSpec:
     metadata: dict[str, Any] = field(default_factory=dict)
     adapter_id: str | None = None  # its scale is params["adapter_scale"]
     rerun_of: str | None = None  # the job this one re-runs (``POST /v1/jobs/{id}/rerun``)
+    seed_given: bool = False  # the caller chose the seed: the output is fixed by the request
+    request_hash: str | None = None  # set when an identical job may answer it (``worker.dedupe``)
 
     @property
     def chunk_key(self) -> str:
@@ -96,11 +99,15 @@ def cost_key(task: str, width: int | None, height: int | None, steps: Any, think
 def submit(session: Session, tenant_id: str, specs: Sequence[JobSpec], *, batch: bool,
            webhook_url: str | None, metadata: dict[str, Any] | None, max_attempts: int = 3,
            priority: Priority = Priority.batch, deadline_at: datetime | None = None,
-           progress_interval_s: float | None = None, commit: bool = True) -> tuple[Batch | None, list[Job]]:
+           progress_interval_s: float | None = None, reuse: dedupe.Reuse | None = None,
+           commit: bool = True) -> tuple[Batch | None, list[Job]]:
     """Insert a batch (when ``batch``) and its jobs, waiting (``queued``, no chunk), in one
     transaction; the dispatcher (``worker.scheduler``) forms chunks and publishes them. A single
     job (``batch=False``) takes ``metadata`` as its own. A batch with ``progress_interval_s``
-    reports its progress at most that often (``worker.progress``).
+    reports its progress at most that often (``worker.progress``). A spec with a
+    ``request_hash`` is placed by ``dedupe.place``: it may wait on an identical job, or be
+    answered at once from a finished one (``reuse``: what such a job must show; None: only
+    identical jobs still waiting or running count).
 
     The jobs go in as plain values in one executemany INSERT, not through the unit of work,
     which costs about 0.2 ms of CPU per object (a 256-job batch: 75 ms against 17 ms). The
@@ -118,7 +125,7 @@ def submit(session: Session, tenant_id: str, specs: Sequence[JobSpec], *, batch:
     values = [dict(
         id=_uuid(), tenant_id=tenant_id, batch_id=batch_row.id if batch_row else None, chunk_id=None,
         position=position, task=spec.task, prompt=spec.prompt, input_file_ids=list(spec.input_file_ids),
-        adapter_id=spec.adapter_id, rerun_of=spec.rerun_of,
+        adapter_id=spec.adapter_id, rerun_of=spec.rerun_of, request_hash=spec.request_hash,
         params=dict(spec.params), think=spec.think, width=spec.width, height=spec.height,
         status=JobStatus.queued, attempts=0, max_attempts=max_attempts, cancel_requested=False,
         progress_step=0, priority=priority, chunk_key=spec.chunk_key, cost_key=spec.cost_key,
@@ -128,12 +135,13 @@ def submit(session: Session, tenant_id: str, specs: Sequence[JobSpec], *, batch:
         queued_at=now, meta=spec.metadata if batch else (spec.metadata or metadata or {}),
         webhook_url=webhook_url, created_at=now, updated_at=now,
     ) for position, spec in enumerate(specs)]
-    session.execute(insert(Job), values)
+    answered = set(dedupe.place(session, tenant_id, values, now, reuse))
+    rows = [session.get(Job, row["id"]) if row["id"] in answered else Job(**row) for row in values]
     if commit:
         session.commit()
     log.info("submitted %d job(s) for tenant %s%s", len(values), tenant_id,
              f" as batch {batch_row.id}" if batch_row else "")
-    return batch_row, [Job(**row) for row in values]
+    return batch_row, rows
 
 
 def add_file(session: Session, tenant_id: str, *, sha256: str, storage_key: str, content_type: str,
@@ -210,16 +218,19 @@ def cancel_requested_ids(session: Session, job_ids: Iterable[str]) -> set[str]:
 def complete_job(session: Session, job_id: str, worker_id: str, *, output_key: str | None = None,
                  output_text: str | None = None, think_text: str | None = None,
                  model_seconds: float, gpu_seconds: float | None = None,
-                 phase_seconds: dict[str, float] | None = None, provenance: dict[str, Any] | None = None) -> bool:
+                 phase_seconds: dict[str, float] | None = None, provenance: dict[str, Any] | None = None,
+                 quality: dict[str, Any] | None = None) -> bool:
     """``running`` → ``succeeded`` if ``worker_id`` still holds the lease; in the same transaction
     the ``job.succeeded`` outbox row and, when this finishes the batch, ``batch.completed``.
     ``gpu_seconds`` (its share of the chunk, added to what earlier attempts used) and
-    ``phase_seconds`` are the job's accounting; ``provenance`` its reproducibility record."""
+    ``phase_seconds`` are the job's accounting; ``provenance`` its reproducibility record;
+    ``quality`` the quality gate's record. Identical jobs waiting on it succeed with it
+    (``transitions.answer_twins``)."""
     now = utcnow()
-    done = _transition(session, job_id, worker_id, JobStatus.succeeded, now, output_key=output_key,
+    done = end_job(session, job_id, worker_id, JobStatus.succeeded, now, output_key=output_key,
                        output_text=output_text, think_text=think_text, model_seconds=model_seconds,
                        gpu_seconds=func.coalesce(Job.gpu_seconds, 0.0) + (gpu_seconds or 0.0),
-                       phase_seconds=phase_seconds or {}, provenance=provenance,
+                       phase_seconds=phase_seconds or {}, provenance=provenance, quality=quality,
                        error_code=None, error_message=None, progress_step=Job.progress_total)
     if done:
         log.info("job %s succeeded in %.2f s of model time", job_id, model_seconds)
@@ -230,7 +241,7 @@ def fail_job(session: Session, job_id: str, worker_id: str, code: str, message: 
              provenance: dict[str, Any] | None = None) -> bool:
     """``running`` → ``failed`` if ``worker_id`` still holds the lease, with ``job.failed``;
     ``provenance``: the record of an engine run that failed the job."""
-    done = _transition(session, job_id, worker_id, JobStatus.failed, utcnow(),
+    done = end_job(session, job_id, worker_id, JobStatus.failed, utcnow(),
                        error_code=code, error_message=message, provenance=provenance)
     if done:
         log.error("job %s failed: %s: %s", job_id, code, message)
@@ -299,7 +310,7 @@ def defer_job(session: Session, job_id: str, worker_id: str, code: str, message:
 
 def mark_canceled(session: Session, job_id: str, worker_id: str) -> bool:
     """``running`` with cancel requested → ``canceled``, if ``worker_id`` holds the lease."""
-    return _transition(session, job_id, worker_id, JobStatus.canceled, utcnow(),
+    return end_job(session, job_id, worker_id, JobStatus.canceled, utcnow(),
                        extra_where=(Job.cancel_requested.is_(True),))
 
 
@@ -307,7 +318,7 @@ def mark_expired(session: Session, job_id: str, worker_id: str) -> bool:
     """``running`` past its deadline → ``expired`` (stopped at a step), if ``worker_id`` holds
     the lease; the ``job.expired`` outbox row in the same transaction."""
     now = utcnow()
-    return _transition(session, job_id, worker_id, JobStatus.expired, now,
+    return end_job(session, job_id, worker_id, JobStatus.expired, now,
                        extra_where=(Job.deadline_at.is_not(None), Job.deadline_at <= now),
                        error_code=DEADLINE_EXPIRED, error_message="the deadline passed while it ran")
 
@@ -319,7 +330,7 @@ def expire_waiting(session: Session, now: datetime) -> int:
                                                Job.deadline_at.is_not(None), Job.deadline_at <= now)).all()
     expired = 0
     for job_id in ids:
-        expired += _transition(session, job_id, None, JobStatus.expired, now, from_status=JobStatus.queued,
+        expired += end_job(session, job_id, None, JobStatus.expired, now, from_status=JobStatus.queued,
                                extra_where=(Job.chunk_id.is_(None),), commit=False,
                                error_code=DEADLINE_EXPIRED, error_message="the deadline passed before it started")
     session.commit()
@@ -373,6 +384,8 @@ def cancel_job(session: Session, tenant_id: str, job_id: str) -> Job | None:
         .execution_options(**_NO_SYNC)
     ).rowcount
     if canceled:
+        if job.request_hash is not None and job.dedupe_of is None:
+            promote_twins(session, job_id, now)
         if job.batch_id:
             progress.report_batch(session, job.batch_id, now)
     else:
@@ -392,12 +405,16 @@ def cancel_batch(session: Session, tenant_id: str, batch_id: str) -> Batch | Non
     if batch is None:
         return None
     now = utcnow()
-    session.execute(
+    canceled = session.execute(
         update(Job)
         .where(Job.batch_id == batch_id, Job.status == JobStatus.queued)
         .values(status=JobStatus.canceled, cancel_requested=True, finished_at=now, updated_at=now)
+        .returning(Job.id, Job.request_hash, Job.dedupe_of)
         .execution_options(**_NO_SYNC)
-    )
+    ).all()
+    for job_id, request_hash, dedupe_of in canceled:  # their twins outside the batch run instead
+        if request_hash is not None and dedupe_of is None:
+            promote_twins(session, job_id, now)
     session.execute(
         update(Job)
         .where(Job.batch_id == batch_id, Job.status == JobStatus.running)
@@ -429,7 +446,7 @@ def requeue_expired(session: Session, now: datetime) -> int:
     for job_id, owner, attempts, max_attempts, cancel in expired:
         message = (f"lease of worker {owner!r} expired during attempt {attempts} of {max_attempts}")
         if cancel:
-            changed += _transition(session, job_id, None, JobStatus.canceled, now,
+            changed += end_job(session, job_id, None, JobStatus.canceled, now,
                                    extra_where=still_expired, commit=False)
         elif attempts < max_attempts:
             rows = session.execute(
@@ -442,7 +459,7 @@ def requeue_expired(session: Session, now: datetime) -> int:
                 changed += 1
                 log.warning("job %s: %s, queued again", job_id, message)
         else:
-            changed += _transition(session, job_id, None, JobStatus.failed, now, extra_where=still_expired,
+            changed += end_job(session, job_id, None, JobStatus.failed, now, extra_where=still_expired,
                                    commit=False, error_code=LEASE_EXPIRED, error_message=message)
     session.commit()
     return changed
@@ -459,6 +476,16 @@ def expired_results(session: Session, now: datetime, retention_s: float, limit: 
     ).all()
     session.commit()
     return list(jobs)
+
+
+def result_still_held(session: Session, maker_id: str, job_id: str) -> bool:
+    """Whether a job other than ``job_id`` still holds the result ``maker_id`` made: the maker
+    itself or a job answered from it (``dedupe_of``), succeeded and not expired."""
+    held = session.scalar(select(func.count()).select_from(Job).where(
+        or_(Job.id == maker_id, Job.dedupe_of == maker_id), Job.id != job_id,
+        Job.status == JobStatus.succeeded, Job.result_expired_at.is_(None)))
+    session.commit()
+    return bool(held)
 
 
 def mark_result_expired(session: Session, job_id: str) -> bool:
@@ -484,38 +511,3 @@ def _status_of(session: Session, job_id: str) -> str:
     status = session.scalar(select(Job.status).where(Job.id == job_id))
     session.commit()
     return JobStatus(status).value if status is not None else "missing"
-
-
-def _transition(session: Session, job_id: str, worker_id: str | None, status: JobStatus, now: datetime,
-                *, extra_where: tuple[Any, ...] = (), commit: bool = True,
-                from_status: JobStatus = JobStatus.running, **values: Any) -> bool:
-    """``from_status`` (running) → a terminal ``status`` (conditional on the lease owner when
-    ``worker_id`` is given), then the outbox row and the batch completion in the same transaction."""
-    where = [Job.id == job_id, Job.status == from_status, *extra_where]
-    if worker_id is not None:
-        where.append(Job.lease_owner == worker_id)
-    rows = session.execute(
-        update(Job).where(*where)
-        .values(status=status, finished_at=now, updated_at=now, lease_until=None, **values)
-        .execution_options(**_NO_SYNC)
-    ).rowcount
-    if not rows:
-        if commit:
-            session.rollback()
-        return False
-    job = session.get(Job, job_id, populate_existing=True)
-    assert job is not None
-    if job.batch_id:
-        outbox.lock_batch(session, job.batch_id)  # before the outbox insert's foreign-key share lock
-    event = {JobStatus.succeeded: outbox.EVENT_JOB_SUCCEEDED, JobStatus.failed: outbox.EVENT_JOB_FAILED,
-             JobStatus.expired: outbox.EVENT_JOB_EXPIRED}.get(status)
-    if event and job.webhook_url:
-        outbox.add_delivery(session, job.tenant_id, event, job.webhook_url, outbox.job_payload(job), now,
-                      job_id=job.id, batch_id=job.batch_id)
-    if job.batch_id:
-        progress.report_batch(session, job.batch_id, now)
-    if commit:
-        session.commit()
-    return True
-
-

@@ -32,6 +32,8 @@ from sqlalchemy import (
     Text,
     TypeDecorator,
     UniqueConstraint,
+    text,
+    true,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -88,6 +90,8 @@ class JobStatus(enum.StrEnum):
 
 TERMINAL_STATUSES = frozenset({JobStatus.succeeded, JobStatus.failed, JobStatus.canceled, JobStatus.expired})
 ACTIVE_STATUSES = frozenset({JobStatus.queued, JobStatus.running})
+# The rows of ``ux_jobs_dedupe_leader``: a job that runs itself for its request hash, not done yet.
+DEDUPE_LEADER_WHERE = "request_hash IS NOT NULL AND dedupe_of IS NULL AND status IN ('queued', 'running')"
 
 
 class DeliveryStatus(enum.StrEnum):
@@ -133,6 +137,10 @@ class Tenant(Base):
     max_waiting_jobs: Mapped[int | None] = mapped_column(Integer, nullable=True)
     max_running_chunks: Mapped[int | None] = mapped_column(Integer, nullable=True)
     monthly_gpu_seconds: Mapped[float | None] = mapped_column(Float, nullable=True)
+    # Exact-request dedupe (``worker.dedupe``): on unless the tenant opted out.
+    dedupe: Mapped[bool] = mapped_column(Boolean, default=True, server_default=true())
+    # The quality gate's questions per task (``worker.quality``); None: the built-in set.
+    gate_questions: Mapped[dict[str, list[str]] | None] = mapped_column(JSON, nullable=True)
 
 
 class ApiKey(Base):
@@ -233,6 +241,11 @@ class Job(Base):
         Index("ix_jobs_status_lease_until", "status", "lease_until"),
         Index("ix_jobs_tenant_id_created_at", "tenant_id", "created_at"),
         Index("ix_jobs_status_chunk_id_queued_at", "status", "chunk_id", "queued_at"),
+        Index("ix_jobs_tenant_id_request_hash", "tenant_id", "request_hash"),
+        # One job per tenant and request hash runs itself while waiting or running; its twins
+        # wait for it (``worker.dedupe``).
+        Index("ux_jobs_dedupe_leader", "tenant_id", "request_hash", unique=True,
+              postgresql_where=text(DEDUPE_LEADER_WHERE), sqlite_where=text(DEDUPE_LEADER_WHERE)),
     )
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
@@ -247,6 +260,11 @@ class Job(Base):
     adapter_id: Mapped[str | None] = mapped_column(ForeignKey("adapters.id", ondelete="SET NULL"), nullable=True)
     # The job this one re-runs (POST /v1/jobs/{id}/rerun); cleared if that job is deleted.
     rerun_of: Mapped[str | None] = mapped_column(ForeignKey("jobs.id", ondelete="SET NULL"), nullable=True)
+    # Exact-request dedupe (``worker.dedupe``): the hash of what decides its output (None: it
+    # cannot be answered from another job), and the job whose result answers it.
+    request_hash: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    dedupe_of: Mapped[str | None] = mapped_column(ForeignKey("jobs.id", ondelete="SET NULL"), nullable=True,
+                                                  index=True)
     priority: Mapped[Priority] = mapped_column(_enum(Priority, "priority"), default=Priority.batch,
                                                 server_default=Priority.batch.value)
     chunk_key: Mapped[str] = mapped_column(String(64), default="")  # jobs with equal keys share a chunk
@@ -288,6 +306,8 @@ class Job(Base):
     result_expired_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
     # What made the output (``worker.provenance``), written by the GPU worker that finished it.
     provenance: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    # The quality gate's record (``worker.quality``): every attempt and the verdict.
+    quality: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
 
     meta: Mapped[dict[str, Any]] = mapped_column("metadata", JSON, default=dict)
     webhook_url: Mapped[str | None] = mapped_column(Text, nullable=True)
@@ -295,6 +315,17 @@ class Job(Base):
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     # The batch report (``Batch.report_seq``) that first counted it final; None until one did.
     report_seq: Mapped[int | None] = mapped_column(Integer, nullable=True)
+
+    @property
+    def dedupe_state(self) -> str | None:
+        """``hit``: answered from an identical job's result (``dedupe_of``); ``waiting``: waits on
+        an identical job; ``miss``: it qualified and ran (or runs) itself; None: it did not
+        qualify (no seed given, the tenant opted out, a re-run)."""
+        if self.dedupe_of is not None and JobStatus(self.status) == JobStatus.succeeded:
+            return "hit"
+        if self.dedupe_of is not None and JobStatus(self.status) == JobStatus.queued:
+            return "waiting"
+        return "miss" if self.request_hash is not None else None
 
 
 class WebhookDelivery(Base):
@@ -366,6 +397,9 @@ class Worker(Base):
     started_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     last_seen: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     current_chunk_id: Mapped[str | None] = mapped_column(String(36), nullable=True)
+    # The loaded model's identity (``bagel.identity``), set once it is loaded.
+    weights_sha256: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    quantization: Mapped[str | None] = mapped_column(String(16), nullable=True)
 
 
 class Lease(Base):
@@ -388,3 +422,13 @@ class JobCost(Base):
     avg_gpu_seconds: Mapped[float] = mapped_column(Float)
     samples: Mapped[int] = mapped_column(Integer, default=0)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+def result_keys(output_key: str | None, quality: dict[str, Any] | None) -> set[str]:
+    """The stored objects of a job's result: its output and, with the quality gate, every
+    attempt's image (``worker.quality``)."""
+    keys = {output_key} if output_key is not None else set()
+    for attempt in (quality or {}).get("attempts", []):
+        if attempt.get("output_key"):
+            keys.add(attempt["output_key"])
+    return keys

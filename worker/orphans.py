@@ -7,7 +7,9 @@ Owns: deciding which objects are orphans, and ``sweep_orphans``, which the recon
 - under ``adapters/``: no ``Adapter`` row names its tenant and weights hash (an adapter upload
   that died before its commit, or an adapter deleted while its files could not be);
 - under ``results/``: its job does not hold it — the job is gone, its result expired, or it ended
-  without recording it (its worker lost the lease after the upload). The result key of a job
+  without recording it (its worker lost the lease after the upload) — nor does a job answered
+  from that job's result (``worker.dedupe``). A result is the output and, for a job with the
+  quality gate, every attempt's image (``models.result_keys``). The result key of a job
   still queued or running is kept: a worker may be about to record it.
 A younger object may belong to a write whose row is still being committed, so it is never
 judged. Keys outside the layout of ``storage.py`` are left alone.
@@ -30,11 +32,26 @@ from datetime import datetime, timedelta
 from itertools import islice
 from typing import TYPE_CHECKING
 
-from sqlalchemy import select
+from sqlalchemy import or_, select
 
 from worker.errors import ObjectNotFound
-from worker.models import ACTIVE_STATUSES, Adapter, File, Job, JobStatus, utcnow
-from worker.storage import ADAPTERS_PREFIX, INPUTS_PREFIX, RESULTS_PREFIX, StoredObject, content_type_for, key_owner
+from worker.models import (
+    ACTIVE_STATUSES,
+    Adapter,
+    File,
+    Job,
+    JobStatus,
+    result_keys,
+    utcnow,
+)
+from worker.storage import (
+    ADAPTERS_PREFIX,
+    INPUTS_PREFIX,
+    RESULTS_PREFIX,
+    StoredObject,
+    content_type_for,
+    key_owner,
+)
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session
@@ -115,13 +132,14 @@ def _named(s: Session, keys: set[str], model: type[File] | type[Adapter]) -> set
 
 
 def _held_results(s: Session, keys: set[str]) -> set[str]:
-    """The result keys a job holds or may still record, and those outside the layout."""
+    """The result keys a job holds or may still record, and those outside the layout. A key
+    names the job that made it; the jobs answered from that job's result hold it too."""
     owners = {key: key_owner(key) for key in keys}
     job_ids = {owner[1] for owner in owners.values() if owner is not None}
-    rows = s.execute(select(Job.id, Job.status, Job.output_key, Job.result_expired_at)
-                     .where(Job.id.in_(job_ids))).all() if job_ids else []
+    rows = s.execute(select(Job.id, Job.status, Job.output_key, Job.quality, Job.result_expired_at)
+                     .where(or_(Job.id.in_(job_ids), Job.dedupe_of.in_(job_ids)))).all() if job_ids else []
     active = {r.id for r in rows if JobStatus(r.status) in ACTIVE_STATUSES}
-    held = {r.output_key for r in rows if r.output_key is not None and r.result_expired_at is None}
+    held = {key for r in rows if r.result_expired_at is None for key in result_keys(r.output_key, r.quality)}
     return {key for key, owner in owners.items()
             if owner is None or owner[1] in active or key in held}
 

@@ -23,8 +23,16 @@ from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from worker.errors import DeliveryPending
-from worker.models import (ACTIVE_STATUSES, Batch, DeliveryStatus, Job, JobStatus, WebhookAttempt, WebhookDelivery,
-                           utcnow)
+from worker.models import (
+    ACTIVE_STATUSES,
+    Batch,
+    DeliveryStatus,
+    Job,
+    JobStatus,
+    WebhookAttempt,
+    WebhookDelivery,
+    utcnow,
+)
 
 log = logging.getLogger(__name__)
 
@@ -191,7 +199,19 @@ def job_payload(job: Job) -> dict[str, Any]:
         "model_seconds": job.model_seconds,
         "gpu_seconds": job.gpu_seconds,
         "metadata": job.meta,
+        "dedupe": job.dedupe_state,
+        "dedupe_of": job.dedupe_of,
+        "quality": quality_summary(job.quality),
     }
+
+
+def quality_summary(quality: dict[str, Any] | None) -> dict[str, Any] | None:
+    """What an event and a job view say of the quality gate: the verdict, the result's score,
+    the threshold and the number of attempts (the full record: ``GET /v1/jobs/{id}``'s ``quality``)."""
+    if not quality:
+        return None
+    return {"gate": quality.get("gate"), "score": quality.get("score"), "threshold": quality.get("threshold"),
+            "attempts": len(quality.get("attempts", []))}
 
 
 def batch_payload(batch: Batch, jobs: Sequence[Job], now: datetime) -> dict[str, Any]:

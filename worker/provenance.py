@@ -3,7 +3,8 @@
 Owns: the record a GPU worker stores with a job it ran (``record``) — the engine's half from
 ``EngineHolder.provenance`` (weights identity, quantization, offload, dtype, device, the
 versions of the engine, Python, torch, CUDA, cuDNN and bitsandbytes, the noise source) and the
-job's half: every parameter as run (its seed among them), think on or off with a hash of the
+job's half: every parameter as run (its seed among them, and the seed of the picture kept when
+the quality gate made it again), think on or off with a hash of the
 reasoning, TaylorSeer on or off, the adapter and its scale, the worker, and the SHA-256 of the
 output. Leaves the engine facts to ``gpu.py``, storing it (with the job's final state, in one
 UPDATE) to ``jobs.py``, the HTTP form and re-runs to ``api.routes.provenance``.
@@ -40,6 +41,9 @@ def record(engine_facts: dict[str, Any], job: ClaimedJob, out: JobOutput, worker
         "task": job.task,
         "params": params,
         "seed": params.get("seed"),
+        # the seed that made the output: the next ones when the quality gate made it again
+        "result_seed": int(out.stats["seed"]) if "seed" in out.stats else params.get("seed"),
+        "quality_gate": params.get("quality_gate"),
         "think": job.think,
         "think_text_sha256": _sha256(out.think_text.encode()) if out.think_text is not None else None,
         "taylorseer": bool(params.get("taylorseer", False)),

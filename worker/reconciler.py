@@ -24,10 +24,10 @@ from typing import TYPE_CHECKING
 from sqlalchemy import select
 
 from worker import dispatch, jobs
+from worker.errors import BrokerUnavailable, StorageUnavailable
+from worker.models import DeliveryStatus, WebhookDelivery, result_keys, utcnow
 from worker.orphans import sweep_orphans
 from worker.queues import WEBHOOK_QUEUE
-from worker.errors import BrokerUnavailable, StorageUnavailable
-from worker.models import DeliveryStatus, WebhookDelivery, utcnow
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session
@@ -99,11 +99,14 @@ def reconcile_once(settings: Settings, session: Callable[[], Session], store: Re
 
 def _expire_results(settings: Settings, session: Callable[[], Session], store: ResultStore) -> int:
     with session() as s:
-        expired = [(j.id, j.output_key) for j in
+        expired = [(j.id, j.dedupe_of or j.id, result_keys(j.output_key, j.quality)) for j in
                    jobs.expired_results(s, utcnow(), settings.result_retention_s)]
-    for job_id, key in expired:
-        if key:
-            store.delete(key)
+    for job_id, maker_id, keys in expired:
+        with session() as s:  # a result answers its maker's twins too: the last one to expire deletes it
+            shared = jobs.result_still_held(s, maker_id, job_id)
+        if not shared:
+            for key in sorted(keys):
+                store.delete(key)
         with session() as s:
             jobs.mark_result_expired(s, job_id)
     if expired:

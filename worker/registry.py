@@ -1,7 +1,7 @@
 """The GPU worker registry: each GPU worker process keeps one ``workers`` row alive.
 
 Owns: registering a worker (state ``loading`` while its engine loads, ``ready`` once it can take
-chunks, ``draining`` from the moment it is told to stop), a heartbeat thread refreshing
+chunks, with its model's identity, ``draining`` from the moment it is told to stop), a heartbeat thread refreshing
 ``last_seen`` and the chunk it runs every ``worker_heartbeat_s``, and removing the row on a clean
 exit. The dispatcher counts ready workers heard from within ``worker_dead_after_s`` to size its
 window; a worker that dies simply stops being counted. Leaves the use of the count to
@@ -39,6 +39,7 @@ class Registration:
         self.worker_id = worker_id
         self.state = WorkerState.loading
         self.chunk_id: str | None = None
+        self.identity: tuple[str, str] | None = None  # (weights_sha256, quantization) once loaded
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._beat_loop, name="worker-heartbeat", daemon=True)
 
@@ -61,6 +62,12 @@ class Registration:
         self.state = state
         self._beat()
 
+    def set_ready(self, weights_sha256: str, quantization: str) -> None:
+        """The engine is loaded: record its model's identity (``worker.dedupe`` reuses a finished
+        job's result only while every live worker runs the same model) and start taking chunks."""
+        self.identity = (weights_sha256, quantization)
+        self.set_state(WorkerState.ready)
+
     def set_chunk(self, chunk_id: str | None) -> None:
         self.chunk_id = chunk_id
 
@@ -79,7 +86,9 @@ class Registration:
     def _beat(self) -> None:
         with self.session() as s:
             s.execute(update(Worker).where(Worker.id == self.worker_id)
-                      .values(state=self.state, last_seen=utcnow(), current_chunk_id=self.chunk_id)
+                      .values(state=self.state, last_seen=utcnow(), current_chunk_id=self.chunk_id,
+                              weights_sha256=self.identity[0] if self.identity else None,
+                              quantization=self.identity[1] if self.identity else None)
                       .execution_options(synchronize_session=False))
             s.commit()
 

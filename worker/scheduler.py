@@ -1,7 +1,8 @@
 """The dispatcher: the database schedules, the broker only carries a small window.
 
 Owns: the dispatcher's passes and the choice each makes. Jobs wait in the database
-(``queued``, no chunk). A pass (``Dispatcher.dispatch_once``) is run by one process at a time
+(``queued``, no chunk); a job waiting on an identical one (``dedupe_of``, ``worker.dedupe``) is
+never formed into a chunk. A pass (``Dispatcher.dispatch_once``) is run by one process at a time
 cluster-wide — the holder of the ``leases`` row named ``dispatcher``, taken when free or
 expired and renewed by its holder; the same code on PostgreSQL and SQLite — and
 
@@ -349,7 +350,7 @@ def _waiting_signature(s: Session, now: datetime) -> tuple[object, ...]:
     """How many jobs are ready to be formed into chunks, and the newest of them."""
     count, newest = s.execute(select(func.count(), func.max(Job.queued_at)).where(
         Job.status == JobStatus.queued, Job.chunk_id.is_(None), Job.cancel_requested.is_(False),
-        or_(Job.not_before.is_(None), Job.not_before <= now))).one()
+        Job.dedupe_of.is_(None), or_(Job.not_before.is_(None), Job.not_before <= now))).one()
     return int(count or 0), newest
 
 
@@ -399,7 +400,7 @@ def _plan_chunks(s: Session, settings: Settings, slots: int, now: datetime) -> l
     rows = s.execute(
         select(Job.id, Job.tenant_id, Job.priority, Job.chunk_key, Job.cost_key)
         .where(Job.status == JobStatus.queued, Job.chunk_id.is_(None), Job.cancel_requested.is_(False),
-               or_(Job.not_before.is_(None), Job.not_before <= now))
+               Job.dedupe_of.is_(None), or_(Job.not_before.is_(None), Job.not_before <= now))
         .order_by(Job.queued_at, Job.position).limit(MAX_CANDIDATES)).all()
     if not rows:
         return []

@@ -58,6 +58,11 @@ def output_key(tenant_id: str, job_id: str, extension: str = "png") -> str:
     return f"{RESULTS_PREFIX}{tenant_id}/{job_id}.{extension}"
 
 
+def attempt_key(tenant_id: str, job_id: str, attempt: int) -> str:
+    """Where the quality gate keeps a picture that was not chosen as the job's result."""
+    return f"{RESULTS_PREFIX}{tenant_id}/{job_id}.attempt-{attempt}.png"
+
+
 def adapter_keys(tenant_id: str, sha256: str) -> tuple[str, str]:
     """Where an adapter's ``adapter_config.json`` and ``adapter_model.safetensors`` are stored
     (content-addressed by the weights' hash)."""
@@ -73,7 +78,7 @@ def key_owner(key: str) -> tuple[str, str] | None:
     if f"{parts[0]}/" == INPUTS_PREFIX:
         return parts[1], parts[2]
     if f"{parts[0]}/" in (RESULTS_PREFIX, ADAPTERS_PREFIX) and "." in parts[2]:
-        return parts[1], parts[2].rsplit(".", 1)[0]
+        return parts[1], parts[2].split(".", 1)[0]
     return None
 
 

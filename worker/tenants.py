@@ -150,6 +150,30 @@ def set_limits(session: Session, name_or_id: str, changes: Mapping[str, Any]) ->
     return _limits_of(tenant)
 
 
+def quality_settings(session: Session, name_or_id: str, *, dedupe: bool | None = None,
+                     gate_questions: Any = None) -> dict[str, Any]:
+    """The tenant's exact-request dedupe switch and quality-gate question set (None: the
+    built-in one), after changing those given: ``dedupe`` on or off, ``gate_questions`` a set
+    (``quality.check_question_set``) or the string ``builtin`` to go back to the built-in one."""
+    from worker.quality import check_question_set
+
+    tenant = find_tenant(session, name_or_id)
+    values: dict[str, Any] = {}
+    if dedupe is not None:
+        values["dedupe"] = bool(dedupe)
+    if gate_questions == "builtin":
+        values["gate_questions"] = None
+    elif gate_questions is not None:
+        values["gate_questions"] = check_question_set(gate_questions)
+    if values:
+        session.execute(update(Tenant).where(Tenant.id == tenant.id).values(**values))
+        session.refresh(tenant)
+        log.info("tenant %s quality settings changed: %s", tenant.id, ", ".join(sorted(values)))
+    session.commit()
+    return {"tenant_id": tenant.id, "name": tenant.name, "dedupe": tenant.dedupe,
+            "gate_questions": tenant.gate_questions}
+
+
 def _checked_limit(name: str, value: Any) -> int | float | None:
     if name == "weight":
         if value is None or isinstance(value, bool) or not isinstance(value, int | float) \

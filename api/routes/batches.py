@@ -10,12 +10,23 @@ from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from api import idempotency, manifest, submission
-from api.contract import (AFTER, BEFORE, CREATE, CURSOR, READ, READ_ONE, CancelAfter, IdempotencyKey, Time, errors,
-                          id_path)
+from api.contract import (
+    AFTER,
+    BEFORE,
+    CREATE,
+    CURSOR,
+    READ,
+    READ_ONE,
+    CancelAfter,
+    IdempotencyKey,
+    Time,
+    errors,
+    id_path,
+)
 from api.deps import SessionDep, SettingsDep, StoreDep, TenantDep
 from api.schemas import BatchIn, BatchList, BatchOut, JobPage, Manifest
 from api.views import batch_out, job_out
-from worker import jobs, limits, queries
+from worker import dedupe, jobs, limits, queries
 from worker.errors import NotFound
 from worker.models import utcnow
 
@@ -52,7 +63,7 @@ def create_batch(body: BatchIn, tenant: TenantDep, session: SessionDep, settings
     batch, rows = jobs.submit(session, tenant.id, specs, batch=True, webhook_url=webhook_url,
                               metadata=metadata, max_attempts=settings.max_attempts, priority=body.priority,
                               deadline_at=deadline_at, progress_interval_s=settings.batch_progress_interval_s,
-                              commit=False)
+                              reuse=dedupe.Reuse.of(settings), commit=False)
     assert batch is not None
     out = batch_out(session, batch, [j.id for j in rows]).model_dump(mode="json")
     if (winner := idempotency.commit_with_record(session, tenant.id, key, ROUTE, digest, 202, out)) is not None:

@@ -9,12 +9,24 @@ from fastapi import APIRouter, Query
 from fastapi.responses import JSONResponse
 
 from api import idempotency, submission
-from api.contract import (AFTER, BATCH_FILTER, BEFORE, CREATE, CURSOR, READ, READ_ONE, CancelAfter, IdempotencyKey,
-                          Time, errors, id_path)
+from api.contract import (
+    AFTER,
+    BATCH_FILTER,
+    BEFORE,
+    CREATE,
+    CURSOR,
+    READ,
+    READ_ONE,
+    CancelAfter,
+    IdempotencyKey,
+    Time,
+    errors,
+    id_path,
+)
 from api.deps import SessionDep, SettingsDep, StoreDep, TenantDep
 from api.schemas import JobIn, JobList, JobOut, Task
 from api.views import job_out
-from worker import jobs, limits, queries
+from worker import dedupe, jobs, limits, queries
 from worker.errors import NotFound
 from worker.models import JobStatus, utcnow
 
@@ -35,7 +47,10 @@ def create_job(body: JobIn, tenant: TenantDep, session: SessionDep, settings: Se
                idempotency_key: IdempotencyKey = None,
                cancel_after: CancelAfter = None) -> JSONResponse:
     """Queue one job; 202 with the job (status `queued`). Input images are uploaded first
-    (`POST /v1/files`). Its events go to `webhook_url`; poll `GET /v1/jobs/{job_id}` otherwise."""
+    (`POST /v1/files`). Its events go to `webhook_url`; poll `GET /v1/jobs/{job_id}` otherwise.
+    A job with a `seed` identical to one the tenant already ran is answered from that result
+    (`dedupe: hit`, status `succeeded` at once, no GPU time), or waits for the identical job
+    still running."""
     key = idempotency.check_key(idempotency_key)
     digest = idempotency.fingerprint(submission.fingerprint_payload(body, cancel_after))
     if (previous := idempotency.replay(session, tenant.id, key, ROUTE, digest)) is not None:
@@ -47,7 +62,7 @@ def create_job(body: JobIn, tenant: TenantDep, session: SessionDep, settings: Se
     limits.check_submission(session, tenant, new_jobs=1, now=now)
     _, rows = jobs.submit(session, tenant.id, [spec], batch=False, webhook_url=webhook_url,
                           metadata=spec.metadata, max_attempts=settings.max_attempts, priority=body.priority,
-                          deadline_at=deadline_at, commit=False)
+                          deadline_at=deadline_at, reuse=dedupe.Reuse.of(settings), commit=False)
     out = job_out(rows[0], store, settings).model_dump(mode="json")
     if (winner := idempotency.commit_with_record(session, tenant.id, key, ROUTE, digest, 202, out)) is not None:
         return winner

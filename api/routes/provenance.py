@@ -49,7 +49,7 @@ class Provenance(BaseModel):
         "bitsandbytes_version": "0.48.2",
         "noise_source": "torch.Generator(device='cuda:0').manual_seed(params.seed); …",
         "task": "tryon", "params": {"num_timesteps": 50, "seed": 7, "cfg_img_scale": 2.5, "taylorseer": False},
-        "seed": 7, "think": False, "think_text_sha256": None, "think_text": None, "taylorseer": False,
+        "seed": 7, "result_seed": 7, "quality_gate": None, "answered_from": None, "think": False, "think_text_sha256": None, "think_text": None, "taylorseer": False,
         "adapter_id": None, "adapter_scale": None, "width": 1024, "height": 1024,
         "worker_id": "gpu-0:4121:a1b2c3", "hostname": "gpu-0", "output_sha256": _SHA}]})
 
@@ -79,6 +79,12 @@ class Provenance(BaseModel):
     task: Task = Field(description="the job's task")
     params: dict[str, Any] = Field(description="every parameter as run, defaults filled in, seed included")
     seed: int | None = Field(description="the seed of the initial noise (also in params)")
+    result_seed: int | None = Field(None, description="the seed of the picture kept: the seed, or a later one when "
+                                    "the quality gate made the picture again")
+    quality_gate: dict[str, Any] | None = Field(None, description="the quality gate it ran with (threshold, "
+                                                "max_regenerations); null without")
+    answered_from: str | None = Field(None, description="set when an identical job's result answered this one "
+                                      "(dedupe hit): that job, whose record this is")
     think: bool = Field(description="whether it reasoned first")
     think_text_sha256: str | None = Field(description="SHA-256 of the reasoning (UTF-8); null without think")
     think_text: str | None = Field(description="the reasoning itself, while the result is kept; null without "
@@ -135,7 +141,8 @@ def rerun_job(job_id: Annotated[str, JOB_ID], tenant: TenantDep, session: Sessio
     """Submit the job's request again as a new job (`rerun_of` names the first): the same task,
     prompt, inputs, think, size, adapter and parameters, its seed included, with the body's
     overrides applied. On the same hardware and versions a CPU worker makes the same PNG bit for
-    bit. 202 with the new job; within the tenant's limits like `POST /v1/jobs`."""
+    bit. A re-run always computes (it is never answered from the first job's result). 202 with
+    the new job; within the tenant's limits like `POST /v1/jobs`."""
     key = idempotency.check_key(idempotency_key)
     overrides = body.model_dump(exclude_none=True)
     digest = idempotency.fingerprint({"job_id": job_id, **overrides})
