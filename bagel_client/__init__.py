@@ -6,7 +6,10 @@ Upload pictures, submit jobs and batches (``tryon``: one product, many scenes), 
 progress callback, download results, list, cancel, share a batch's gallery page
 (``share_batch``), and verify webhooks (``verify_webhook``). Register LoRA adapters
 (``upload_adapter``) and run jobs with one (``adapter=``); read what made a job's output
-(``get_provenance``) and submit it again (``rerun``).
+(``get_provenance``) and submit it again (``rerun``). Ask for the quality gate
+(``quality_gate=QualityGate(threshold, max_regenerations)`` or its dict on any submission; a
+succeeded job's ``quality`` is the record) and read exact-request dedupe (``Job.dedupe``,
+``Job.dedupe_of``: a seeded request identical to an earlier one is answered from its result).
 Every creating call carries an ``Idempotency-Key`` (a new uuid4 unless given, the same across
 the SDK's retries of that call); refusals that say "later" (429, 502–504, with their
 ``Retry-After``) and connection errors are retried; the API's errors arrive as ``ApiError``
@@ -18,15 +21,42 @@ and the standard library). The ``bagel-jobs submit`` command (``bagel_client.cli
 
 from bagel_client.async_client import AsyncClient
 from bagel_client.client import Client
-from bagel_client.errors import ApiError, BagelError, ResultUnavailable, WaitTimeout, WebhookVerificationError
-from bagel_client.models import (Adapter, Batch, BatchItem, Delivery, DeliveryAttempt, Event, File, GenerationParams,
-                                 Job, JobError, Progress, Provenance, Queue, Result, Share, Timings)
+from bagel_client.errors import (
+    ApiError,
+    BagelError,
+    ResultUnavailable,
+    WaitTimeout,
+    WebhookVerificationError,
+)
+from bagel_client.models import (
+    Adapter,
+    Batch,
+    BatchItem,
+    Delivery,
+    DeliveryAttempt,
+    Event,
+    File,
+    GenerationParams,
+    Job,
+    JobError,
+    Progress,
+    Provenance,
+    Quality,
+    QualityAnswer,
+    QualityAttempt,
+    QualityGate,
+    QualityGateParams,
+    Queue,
+    Result,
+    Share,
+    Timings,
+)
 from bagel_client.retries import RetryPolicy
 from bagel_client.webhooks import verify_webhook
 
 __all__ = [
     "Adapter", "ApiError", "AsyncClient", "BagelError", "Batch", "BatchItem", "Client", "Delivery", "DeliveryAttempt",
-    "Event", "File", "GenerationParams", "Job", "JobError", "Progress", "Provenance", "Queue", "Result",
-    "ResultUnavailable", "RetryPolicy", "Share", "Timings", "WaitTimeout", "WebhookVerificationError",
-    "verify_webhook",
+    "Event", "File", "GenerationParams", "Job", "JobError", "Progress", "Provenance", "Quality", "QualityAnswer",
+    "QualityAttempt", "QualityGate", "QualityGateParams", "Queue", "Result", "ResultUnavailable", "RetryPolicy",
+    "Share", "Timings", "WaitTimeout", "WebhookVerificationError", "verify_webhook",
 ]

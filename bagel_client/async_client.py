@@ -21,15 +21,27 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Literal, overload
+from typing import Any, Literal, Self, overload
 
 import httpx
 
 from bagel_client import calls
-from bagel_client.calls import AdapterSource, UploadSource
+from bagel_client.calls import AdapterSource, QualityGateSource, UploadSource
 from bagel_client.errors import WaitTimeout
-from bagel_client.models import (Adapter, Batch, BatchItem, Delivery, File, GenerationParams, Job, JobStatus,
-                                 Priority, Provenance, Share, Task)
+from bagel_client.models import (
+    Adapter,
+    Batch,
+    BatchItem,
+    Delivery,
+    File,
+    GenerationParams,
+    Job,
+    JobStatus,
+    Priority,
+    Provenance,
+    Share,
+    Task,
+)
 from bagel_client.retries import RetryPolicy
 from bagel_client.waiting import Poller, ProgressCallback, timeout_message
 
@@ -47,7 +59,7 @@ class AsyncClient:
     async def aclose(self) -> None:
         await self._http.aclose()
 
-    async def __aenter__(self) -> AsyncClient:
+    async def __aenter__(self) -> Self:
         return self
 
     async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
@@ -110,42 +122,45 @@ class AsyncClient:
                          think: bool = False, width: int | None = None, height: int | None = None,
                          seed: int | None = None, params: GenerationParams | None = None,
                          adapter: str | Adapter | None = None, adapter_scale: float | None = None,
-                         webhook_url: str | None = None, metadata: Mapping[str, Any] | None = None,
-                         priority: Priority | None = None, deadline_s: int | None = None,
-                         idempotency_key: str | None = None) -> Job:
+                         quality_gate: QualityGateSource | None = None, webhook_url: str | None = None,
+                         metadata: Mapping[str, Any] | None = None, priority: Priority | None = None,
+                         deadline_s: int | None = None, idempotency_key: str | None = None) -> Job:
         """One job; ``input_files``: uploaded files or their ids (edit and try-on: the picture);
-        ``adapter``: a LoRA adapter (or its id) to run with, at ``adapter_scale`` (default 1.0)."""
+        ``adapter``: a LoRA adapter (or its id) to run with, at ``adapter_scale`` (default 1.0);
+        ``quality_gate``: a ``QualityGate`` or its dict (see ``Client.submit_job``)."""
         return Job.from_json(await self._json(calls.submit_job(
             task, prompt, input_files=input_files, think=think, width=width, height=height, seed=seed,
-            params=params, adapter=adapter, adapter_scale=adapter_scale, webhook_url=webhook_url, metadata=metadata,
-            priority=priority, deadline_s=deadline_s, idempotency_key=idempotency_key)))
+            params=params, adapter=adapter, adapter_scale=adapter_scale, quality_gate=quality_gate,
+            webhook_url=webhook_url, metadata=metadata, priority=priority, deadline_s=deadline_s,
+            idempotency_key=idempotency_key)))
 
     async def submit_batch(self, items: Sequence[BatchItem], *, task: Task | None = None,
                            product_file: str | File | None = None, think: bool | None = None,
                            width: int | None = None, height: int | None = None, params: GenerationParams | None = None,
                            adapter: str | Adapter | None = None, adapter_scale: float | None = None,
-                           webhook_url: str | None = None, metadata: Mapping[str, Any] | None = None,
-                           priority: Priority | None = None, deadline_s: int | None = None,
-                           idempotency_key: str | None = None) -> Batch:
-        """Many jobs at once; the batch's fields (``adapter`` included) are every item's defaults."""
+                           quality_gate: QualityGateSource | None = None, webhook_url: str | None = None,
+                           metadata: Mapping[str, Any] | None = None, priority: Priority | None = None,
+                           deadline_s: int | None = None, idempotency_key: str | None = None) -> Batch:
+        """Many jobs at once; the batch's fields (``adapter`` and ``quality_gate`` included) are
+        every item's defaults (an item's own ``quality_gate`` wins)."""
         return Batch.from_json(await self._json(calls.submit_batch(
             items, task=task, product_file=product_file, think=think, width=width, height=height, params=params,
-            adapter=adapter, adapter_scale=adapter_scale, webhook_url=webhook_url, metadata=metadata,
-            priority=priority, deadline_s=deadline_s, idempotency_key=idempotency_key)))
+            adapter=adapter, adapter_scale=adapter_scale, quality_gate=quality_gate, webhook_url=webhook_url,
+            metadata=metadata, priority=priority, deadline_s=deadline_s, idempotency_key=idempotency_key)))
 
     async def tryon(self, product: UploadSource | File, prompts: Sequence[str | BatchItem], *,
                     seed: int | None = None, think: bool | None = None, params: GenerationParams | None = None,
                     adapter: str | Adapter | None = None, adapter_scale: float | None = None,
-                    webhook_url: str | None = None, metadata: Mapping[str, Any] | None = None,
-                    priority: Priority | None = None, deadline_s: int | None = None,
-                    idempotency_key: str | None = None) -> Batch:
+                    quality_gate: QualityGateSource | None = None, webhook_url: str | None = None,
+                    metadata: Mapping[str, Any] | None = None, priority: Priority | None = None,
+                    deadline_s: int | None = None, idempotency_key: str | None = None) -> Batch:
         """One product picture in many scenes: one upload, one try-on batch (see ``Client.tryon``)."""
         items = calls.tryon_items(prompts, seed)
         product_file = product if isinstance(product, File) else await self.upload(product)
         return await self.submit_batch(items, task="tryon", product_file=product_file, think=think, params=params,
-                                       adapter=adapter, adapter_scale=adapter_scale, webhook_url=webhook_url,
-                                       metadata=metadata, priority=priority, deadline_s=deadline_s,
-                                       idempotency_key=idempotency_key)
+                                       adapter=adapter, adapter_scale=adapter_scale, quality_gate=quality_gate,
+                                       webhook_url=webhook_url, metadata=metadata, priority=priority,
+                                       deadline_s=deadline_s, idempotency_key=idempotency_key)
 
     # Reading and listing
 

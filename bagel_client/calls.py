@@ -2,11 +2,12 @@
 ``AsyncClient``, so the two differ only in how they wait for I/O.
 
 Owns: the endpoint paths, the request bodies (fields left as None are not sent, so the
-service's defaults apply), reading an upload's bytes (an image, or a LoRA adapter's two PEFT
-files), a fresh ``Idempotency-Key`` (uuid4) for every creating call the API deduplicates unless
-the caller gives one, the API's address and key (arguments or environment), and where a download
-is written. Leaves retries to ``bagel_client.retries``, ``wait``'s schedule to
-``bagel_client.waiting`` and the answers' shapes to ``bagel_client.models``.
+service's defaults apply; a quality gate, a ``QualityGate`` or a dict, is sent as its object),
+reading an upload's bytes (an image, or a LoRA adapter's two PEFT files), a fresh
+``Idempotency-Key`` (uuid4) for every creating call the API deduplicates unless the caller gives
+one, the API's address and key (arguments or environment), and where a download is written.
+Leaves retries to ``bagel_client.retries``, ``wait``'s schedule to ``bagel_client.waiting`` and
+the answers' shapes to ``bagel_client.models``.
 """
 
 from __future__ import annotations
@@ -22,11 +23,23 @@ from typing import IO, Any, TypeAlias
 from urllib.parse import quote
 
 from bagel_client.errors import ResultUnavailable
-from bagel_client.models import Adapter, Batch, BatchItem, File, GenerationParams, Job, Priority, Task
+from bagel_client.models import (
+    Adapter,
+    Batch,
+    BatchItem,
+    File,
+    GenerationParams,
+    Job,
+    Priority,
+    QualityGate,
+    QualityGateParams,
+    Task,
+)
 
 UploadSource: TypeAlias = "str | os.PathLike[str] | bytes | IO[bytes]"
 # A LoRA adapter: the folder PEFT's save_pretrained wrote, or its (config, weights) files.
 AdapterSource: TypeAlias = "str | os.PathLike[str] | tuple[UploadSource, UploadSource]"
+QualityGateSource: TypeAlias = "QualityGate | QualityGateParams | Mapping[str, Any]"
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 USER_AGENT = "bagel-client (httpx)"
@@ -79,6 +92,23 @@ def id_of(target: str | File | Job | Batch | Adapter) -> str:
     return target if isinstance(target, str) else target.id
 
 
+def quality_gate_body(gate: QualityGateSource | None) -> dict[str, Any] | None:
+    """The ``quality_gate`` object of a request: a ``QualityGate``'s fields, or the dict as given
+    (keys it leaves out take the service's defaults; the API checks names and ranges)."""
+    if gate is None:
+        return None
+    if isinstance(gate, QualityGate):
+        return {"threshold": gate.threshold, "max_regenerations": gate.max_regenerations}
+    return dict(gate)
+
+
+def _item_body(item: BatchItem) -> dict[str, Any]:
+    body: dict[str, Any] = dict(item)
+    if body.get("quality_gate") is not None:
+        body["quality_gate"] = quality_gate_body(body["quality_gate"])
+    return body
+
+
 def read_upload(source: UploadSource, filename: str | None) -> tuple[str, bytes, str]:
     """(filename, bytes, content type) of an upload: a path, bytes or a binary file object.
     The service checks the content itself (PNG, JPEG or WebP); the type sent is a hint."""
@@ -124,14 +154,15 @@ def upload_adapter(name: str, source: AdapterSource, idempotency_key: str | None
 
 def submit_job(task: Task, prompt: str, *, input_files: Sequence[str | File], think: bool, width: int | None,
                height: int | None, seed: int | None, params: GenerationParams | None,
-               adapter: str | Adapter | None, adapter_scale: float | None, webhook_url: str | None,
+               adapter: str | Adapter | None, adapter_scale: float | None,
+               quality_gate: QualityGateSource | None, webhook_url: str | None,
                metadata: Mapping[str, Any] | None, priority: Priority | None, deadline_s: int | None,
                idempotency_key: str | None) -> Call:
     body = _drop_none({"task": task, "prompt": prompt, "input_file_ids": [id_of(f) for f in input_files] or None,
                        "think": think or None, "width": width, "height": height, "seed": seed,
                        "params": dict(params) if params else None,
                        "adapter": None if adapter is None else id_of(adapter), "adapter_scale": adapter_scale,
-                       "webhook_url": webhook_url,
+                       "quality_gate": quality_gate_body(quality_gate), "webhook_url": webhook_url,
                        "metadata": dict(metadata) if metadata is not None else None, "priority": priority,
                        "deadline_s": deadline_s})
     return Call("POST", "/v1/jobs", json=body, idempotency_key=_key(idempotency_key))
@@ -139,14 +170,15 @@ def submit_job(task: Task, prompt: str, *, input_files: Sequence[str | File], th
 
 def submit_batch(items: Sequence[BatchItem], *, task: Task | None, product_file: str | File | None,
                  think: bool | None, width: int | None, height: int | None, params: GenerationParams | None,
-                 adapter: str | Adapter | None, adapter_scale: float | None, webhook_url: str | None,
+                 adapter: str | Adapter | None, adapter_scale: float | None,
+                 quality_gate: QualityGateSource | None, webhook_url: str | None,
                  metadata: Mapping[str, Any] | None, priority: Priority | None, deadline_s: int | None,
                  idempotency_key: str | None) -> Call:
     body = _drop_none({"task": task, "product_file": None if product_file is None else id_of(product_file),
-                       "items": [dict(item) for item in items], "think": think, "width": width, "height": height,
-                       "params": dict(params) if params else None,
+                       "items": [_item_body(item) for item in items], "think": think, "width": width,
+                       "height": height, "params": dict(params) if params else None,
                        "adapter": None if adapter is None else id_of(adapter), "adapter_scale": adapter_scale,
-                       "webhook_url": webhook_url,
+                       "quality_gate": quality_gate_body(quality_gate), "webhook_url": webhook_url,
                        "metadata": dict(metadata) if metadata is not None else None, "priority": priority,
                        "deadline_s": deadline_s})
     return Call("POST", "/v1/batches", json=body, idempotency_key=_key(idempotency_key))

@@ -7,8 +7,10 @@ and what it does (``run``): read the prompts (one per line; blank lines and ``#`
 skipped), upload the product once and submit one try-on batch (``Client.tryon``), print the
 batch id and job ids as one JSON line on stdout and, with ``--wait``, draw a progress bar over
 the batch on stderr, then write each result to ``--out`` named by its position (``000.png``,
-``001.png``, …) with ``manifest.json`` (every job's prompt, status, file or error). Exit 0 when
-every job succeeded, 1 when any did not or the API refused, 2 for bad arguments.
+``001.png``, …) with ``manifest.json`` (every job's prompt, status, file or error, its dedupe
+state and, with ``--quality-threshold`` or ``--max-regenerations``, the quality gate's verdict,
+score and attempts). Exit 0 when every job succeeded, 1 when any did not or the API refused, 2
+for bad arguments.
 
 It imports only the SDK (httpx, standardwebhooks), so it also runs where only the client is
 installed: ``python -m bagel_client.cli tryon …`` is the same command.
@@ -28,7 +30,7 @@ import httpx
 
 from bagel_client.client import Client
 from bagel_client.errors import ApiError, WaitTimeout
-from bagel_client.models import Batch, GenerationParams, Job
+from bagel_client.models import Batch, GenerationParams, Job, QualityGateParams
 from bagel_client.progress_bar import ProgressBar
 
 log = logging.getLogger(__name__)
@@ -56,6 +58,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--adapter", metavar="ID", help="a LoRA adapter of yours to run every item with "
                    "(upload it with the SDK's upload_adapter or POST /v1/adapters)")
     p.add_argument("--adapter-scale", type=float, metavar="X", help="how strongly the adapter applies (default 1.0)")
+    p.add_argument("--quality-threshold", type=float, metavar="T", help="turn the quality gate on: BAGEL scores "
+                   "each picture (0..1) and makes it again with the next seed below T (default 0.5 when only "
+                   "--max-regenerations is given)")
+    p.add_argument("--max-regenerations", type=int, metavar="N", help="turn the quality gate on: at most N more "
+                   "attempts per item, 0..4 (default 2 when only --quality-threshold is given)")
     p.add_argument("--webhook-url", help="where batch.completed is POSTed")
     p.add_argument("--priority", choices=["interactive", "batch"])
     p.add_argument("--deadline-s", type=int, help="jobs not finished this many seconds after submission expire")
@@ -84,6 +91,18 @@ def parse_params(args: argparse.Namespace) -> GenerationParams:
     return cast(GenerationParams, params)  # the API checks the names and ranges
 
 
+def quality_gate(args: argparse.Namespace) -> QualityGateParams | None:
+    """The gate ``--quality-threshold`` and ``--max-regenerations`` ask for: either turns it on,
+    and the one left out is not sent, so the service's default applies; None when neither is
+    given."""
+    gate = QualityGateParams()
+    if args.quality_threshold is not None:
+        gate["threshold"] = args.quality_threshold
+    if args.max_regenerations is not None:
+        gate["max_regenerations"] = args.max_regenerations
+    return gate or None
+
+
 def result_name(position: int, count: int) -> str:
     """``000.png`` …: zero-padded to three digits, more for batches of over 1,000 items."""
     return f"{position:0{max(3, len(str(count - 1)))}d}.png"
@@ -97,7 +116,12 @@ def write_results(client: Client, batch: Batch, jobs: Sequence[Job], out: Path) 
         entry: dict[str, Any] = {"position": job.position, "job_id": job.id, "prompt": job.prompt,
                                  "status": job.status, "seed": job.params.get("seed"), "file": None,
                                  "error": None if job.error is None else {"code": job.error.code,
-                                                                         "message": job.error.message}}
+                                                                         "message": job.error.message},
+                                 "dedupe": job.dedupe, "dedupe_of": job.dedupe_of, "quality": None}
+        if job.quality is not None:
+            entry["quality"] = {"gate": job.quality.gate, "score": job.quality.score,
+                                "threshold": job.quality.threshold, "attempts": len(job.quality.attempts),
+                                "result_seed": job.quality.attempts[job.quality.chosen].seed}
         if job.status == "succeeded":
             name = result_name(job.position, len(jobs))
             client.download(job, out / name)
@@ -129,8 +153,9 @@ def run_tryon(args: argparse.Namespace) -> int:
         try:
             batch = client.tryon(args.product, prompts, seed=args.seed, think=args.think or None,
                                  params=params or None, adapter=args.adapter, adapter_scale=args.adapter_scale,
-                                 webhook_url=args.webhook_url, priority=args.priority,
-                                 deadline_s=args.deadline_s, idempotency_key=args.idempotency_key)
+                                 quality_gate=quality_gate(args), webhook_url=args.webhook_url,
+                                 priority=args.priority, deadline_s=args.deadline_s,
+                                 idempotency_key=args.idempotency_key)
             sys.stdout.write(json.dumps({"batch_id": batch.id, "job_ids": batch.job_ids}) + "\n")
             sys.stdout.flush()
             if not args.wait:
@@ -148,9 +173,22 @@ def run_tryon(args: argparse.Namespace) -> int:
             log.error("%s", exc)
             return EXIT_FAILED
     succeeded = sum(1 for j in manifest["jobs"] if j["status"] == "succeeded")
-    log.info("batch %s: %d of %d succeeded; results and %s in %s", batch.id, succeeded, len(manifest["jobs"]),
-             MANIFEST, args.out)
+    log.info("batch %s: %d of %d succeeded%s; results and %s in %s", batch.id, succeeded, len(manifest["jobs"]),
+             outcome_note(manifest["jobs"]), MANIFEST, args.out)
     return EXIT_OK if succeeded == len(manifest["jobs"]) else EXIT_FAILED
+
+
+def outcome_note(entries: Sequence[dict[str, Any]]) -> str:
+    """What the summary line adds about the quality gate and dedupe: `` (quality gate: 2 passed,
+    1 best effort; 1 answered from an identical job)``, or nothing when neither applied."""
+    verdicts = [e["quality"]["gate"] for e in entries if e["quality"] is not None]
+    hits = sum(1 for e in entries if e["dedupe"] == "hit")
+    parts = []
+    if verdicts:
+        parts.append(f"quality gate: {verdicts.count('passed')} passed, {verdicts.count('best_effort')} best effort")
+    if hits:
+        parts.append(f"{hits} answered from {'an identical job' if hits == 1 else 'identical jobs'}")
+    return f" ({'; '.join(parts)})" if parts else ""
 
 
 COMMANDS = {"tryon": run_tryon}

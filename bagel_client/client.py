@@ -3,8 +3,8 @@
 Owns: sending the requests ``bagel_client.calls`` describes, with the retries of
 ``bagel_client.retries`` (sleeping between them), and the loops on top: paging through
 listings, polling in ``wait``, the try-on helper. Also LoRA adapters (upload, list, read,
-delete; ``adapter=`` on submissions), a job's provenance and its re-run. ``AsyncClient`` is the
-same with ``await``.
+delete; ``adapter=`` on submissions), the quality gate (``quality_gate=`` on submissions), a
+job's provenance and its re-run. ``AsyncClient`` is the same with ``await``.
 
     with Client("http://127.0.0.1:8000", "bj_…") as client:
         batch = client.tryon("bag.png", ["on a marble counter", "on a beach at sunset"])
@@ -21,15 +21,27 @@ from collections.abc import Iterator, Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Literal, overload
+from typing import Any, Literal, Self, overload
 
 import httpx
 
 from bagel_client import calls
-from bagel_client.calls import AdapterSource, UploadSource
+from bagel_client.calls import AdapterSource, QualityGateSource, UploadSource
 from bagel_client.errors import WaitTimeout
-from bagel_client.models import (Adapter, Batch, BatchItem, Delivery, File, GenerationParams, Job, JobStatus,
-                                 Priority, Provenance, Share, Task)
+from bagel_client.models import (
+    Adapter,
+    Batch,
+    BatchItem,
+    Delivery,
+    File,
+    GenerationParams,
+    Job,
+    JobStatus,
+    Priority,
+    Provenance,
+    Share,
+    Task,
+)
 from bagel_client.retries import RetryPolicy
 from bagel_client.waiting import Poller, ProgressCallback, timeout_message
 
@@ -49,7 +61,7 @@ class Client:
     def close(self) -> None:
         self._http.close()
 
-    def __enter__(self) -> Client:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
@@ -109,43 +121,51 @@ class Client:
     def submit_job(self, task: Task, prompt: str, *, input_files: Sequence[str | File] = (), think: bool = False,
                    width: int | None = None, height: int | None = None, seed: int | None = None,
                    params: GenerationParams | None = None, adapter: str | Adapter | None = None,
-                   adapter_scale: float | None = None, webhook_url: str | None = None,
-                   metadata: Mapping[str, Any] | None = None, priority: Priority | None = None,
-                   deadline_s: int | None = None, idempotency_key: str | None = None) -> Job:
+                   adapter_scale: float | None = None, quality_gate: QualityGateSource | None = None,
+                   webhook_url: str | None = None, metadata: Mapping[str, Any] | None = None,
+                   priority: Priority | None = None, deadline_s: int | None = None,
+                   idempotency_key: str | None = None) -> Job:
         """One job; ``input_files``: uploaded files or their ids (edit and try-on: the picture);
-        ``adapter``: a LoRA adapter (or its id) to run with, at ``adapter_scale`` (default 1.0)."""
+        ``adapter``: a LoRA adapter (or its id) to run with, at ``adapter_scale`` (default 1.0);
+        ``quality_gate``: a ``QualityGate`` (or its dict) to have BAGEL judge the picture and
+        make it again with the next seed below the threshold (generate, edit, tryon). With a
+        ``seed``, an identical earlier job may answer it at once (``dedupe == "hit"``)."""
         return Job.from_json(self._json(calls.submit_job(
             task, prompt, input_files=input_files, think=think, width=width, height=height, seed=seed,
-            params=params, adapter=adapter, adapter_scale=adapter_scale, webhook_url=webhook_url, metadata=metadata,
-            priority=priority, deadline_s=deadline_s, idempotency_key=idempotency_key)))
+            params=params, adapter=adapter, adapter_scale=adapter_scale, quality_gate=quality_gate,
+            webhook_url=webhook_url, metadata=metadata, priority=priority, deadline_s=deadline_s,
+            idempotency_key=idempotency_key)))
 
     def submit_batch(self, items: Sequence[BatchItem], *, task: Task | None = None,
                      product_file: str | File | None = None, think: bool | None = None, width: int | None = None,
                      height: int | None = None, params: GenerationParams | None = None,
                      adapter: str | Adapter | None = None, adapter_scale: float | None = None,
-                     webhook_url: str | None = None, metadata: Mapping[str, Any] | None = None,
-                     priority: Priority | None = None, deadline_s: int | None = None,
-                     idempotency_key: str | None = None) -> Batch:
-        """Many jobs at once; the batch's fields (``adapter`` included) are every item's defaults.
-        The answer lists ``job_ids`` in item order."""
+                     quality_gate: QualityGateSource | None = None, webhook_url: str | None = None,
+                     metadata: Mapping[str, Any] | None = None, priority: Priority | None = None,
+                     deadline_s: int | None = None, idempotency_key: str | None = None) -> Batch:
+        """Many jobs at once; the batch's fields (``adapter`` and ``quality_gate`` included) are
+        every item's defaults (an item's own ``quality_gate`` wins). The answer lists ``job_ids``
+        in item order."""
         return Batch.from_json(self._json(calls.submit_batch(
             items, task=task, product_file=product_file, think=think, width=width, height=height, params=params,
-            adapter=adapter, adapter_scale=adapter_scale, webhook_url=webhook_url, metadata=metadata,
-            priority=priority, deadline_s=deadline_s, idempotency_key=idempotency_key)))
+            adapter=adapter, adapter_scale=adapter_scale, quality_gate=quality_gate, webhook_url=webhook_url,
+            metadata=metadata, priority=priority, deadline_s=deadline_s, idempotency_key=idempotency_key)))
 
     def tryon(self, product: UploadSource | File, prompts: Sequence[str | BatchItem], *, seed: int | None = None,
               think: bool | None = None, params: GenerationParams | None = None, adapter: str | Adapter | None = None,
-              adapter_scale: float | None = None, webhook_url: str | None = None,
-              metadata: Mapping[str, Any] | None = None, priority: Priority | None = None,
-              deadline_s: int | None = None, idempotency_key: str | None = None) -> Batch:
+              adapter_scale: float | None = None, quality_gate: QualityGateSource | None = None,
+              webhook_url: str | None = None, metadata: Mapping[str, Any] | None = None,
+              priority: Priority | None = None, deadline_s: int | None = None,
+              idempotency_key: str | None = None) -> Batch:
         """One product picture in many scenes: uploads ``product`` once (unless it is an uploaded
-        ``File``) and submits one try-on batch, one job per prompt; ``seed``: item i gets seed + i."""
+        ``File``) and submits one try-on batch, one job per prompt; ``seed``: item i gets seed + i;
+        ``quality_gate``: every item's (see ``submit_job``)."""
         items = calls.tryon_items(prompts, seed)
         product_file = product if isinstance(product, File) else self.upload(product)
         return self.submit_batch(items, task="tryon", product_file=product_file, think=think, params=params,
-                                 adapter=adapter, adapter_scale=adapter_scale, webhook_url=webhook_url,
-                                 metadata=metadata, priority=priority, deadline_s=deadline_s,
-                                 idempotency_key=idempotency_key)
+                                 adapter=adapter, adapter_scale=adapter_scale, quality_gate=quality_gate,
+                                 webhook_url=webhook_url, metadata=metadata, priority=priority,
+                                 deadline_s=deadline_s, idempotency_key=idempotency_key)
 
     # Reading and listing
 

@@ -1,12 +1,13 @@
 """What the API returns and takes, as plain typed Python: frozen dataclasses for the answers
 (``File``, ``Job``, ``Batch``, ``Share``, ``Delivery``, ``Adapter``, ``Provenance`` and their
-parts) and TypedDicts for the inputs (``GenerationParams``, ``BatchItem``).
+parts, among them a job's quality-gate record ``Quality``), TypedDicts for the inputs
+(``GenerationParams``, ``BatchItem``, ``QualityGateParams``) and the frozen ``QualityGate``.
 
 Owns: reading the JSON bodies of ``api/schemas.py`` (``FileOut``, ``JobOut``, ``BatchOut``,
-``DeliveryOut``), ``api/share.py`` (``ShareOut``), ``api/routes/adapters.py`` (``AdapterOut``)
-and ``api/routes/provenance.py`` (``Provenance``) into these types. Fields the SDK does not
-know yet are ignored, and every object keeps the body it was read from in ``raw``. Leaves the
-HTTP calls to the clients.
+``DeliveryOut``), ``api/quality_schemas.py`` (``QualityOut``), ``api/share.py`` (``ShareOut``),
+``api/routes/adapters.py`` (``AdapterOut``) and ``api/routes/provenance.py`` (``Provenance``)
+into these types. Fields the SDK does not know yet are ignored, and every object keeps the body
+it was read from in ``raw``. Leaves the HTTP calls to the clients.
 No pydantic: the SDK depends on httpx and standardwebhooks only.
 """
 
@@ -40,8 +41,27 @@ class GenerationParams(TypedDict, total=False):
     taylorseer: bool
 
 
+class QualityGateParams(TypedDict, total=False):
+    """A job's quality gate as a dict (``quality_gate=``); see ``QualityGate``."""
+
+    threshold: float
+    max_regenerations: int
+
+
+@dataclass(frozen=True)
+class QualityGate:
+    """Opt in to the quality gate (generate, edit and tryon): BAGEL answers yes/no questions about
+    its own picture, the score is the mean P(yes); below ``threshold`` (0.0..1.0) the job is made
+    again with the next seed, up to ``max_regenerations`` (0..4) times, each counted in
+    GPU-seconds, and the best attempt is the result. The API checks the ranges."""
+
+    threshold: float = 0.5
+    max_regenerations: int = 2
+
+
 class BatchItem(TypedDict, total=False):
-    """One item of ``submit_batch``; unset fields take the batch's values."""
+    """One item of ``submit_batch``; unset fields take the batch's values (``quality_gate``: over
+    the batch's)."""
 
     prompt: Required[str]
     task: Task
@@ -51,6 +71,7 @@ class BatchItem(TypedDict, total=False):
     height: int
     seed: int
     params: GenerationParams
+    quality_gate: QualityGateParams | QualityGate
     metadata: dict[str, Any]
 
 
@@ -156,10 +177,70 @@ class Queue:
 
 
 @dataclass(frozen=True)
+class QualityAnswer:
+    """One question the quality gate asked about an attempt: ``p_yes`` is
+    P(yes) / (P(yes) + P(no)) of the answer's first token, from ``yes_prob`` and ``no_prob``."""
+
+    question: str
+    p_yes: float
+    yes_prob: float
+    no_prob: float
+
+    @classmethod
+    def from_json(cls, body: dict[str, Any]) -> QualityAnswer:
+        return cls(question=body["question"], p_yes=body["p_yes"], yes_prob=body["yes_prob"],
+                   no_prob=body["no_prob"])
+
+
+@dataclass(frozen=True)
+class QualityAttempt:
+    """One picture the quality gate judged: its seed, score (the mean ``p_yes``), answers, and a
+    download URL (None once the result expired)."""
+
+    seed: int
+    score: float
+    answers: list[QualityAnswer]
+    url: str | None
+
+    @classmethod
+    def from_json(cls, body: dict[str, Any]) -> QualityAttempt:
+        return cls(seed=body["seed"], score=body["score"],
+                   answers=[QualityAnswer.from_json(a) for a in body.get("answers") or []], url=body.get("url"))
+
+
+@dataclass(frozen=True)
+class Quality:
+    """The quality gate's record of a succeeded job that asked for it: the verdict (``gate``:
+    ``passed``, or ``best_effort`` when no attempt reached ``threshold``), the result's
+    ``score``, every attempt in order (the seed given, then the next ones) and which one is the
+    result (``chosen``); ``questions_version``: ``builtin-N`` or ``tenant-<hash>``."""
+
+    gate: str
+    score: float
+    threshold: float
+    max_regenerations: int
+    questions_version: str
+    chosen: int
+    attempts: list[QualityAttempt]
+
+    @classmethod
+    def from_json(cls, body: dict[str, Any] | None) -> Quality | None:
+        if body is None:
+            return None
+        return cls(gate=body["gate"], score=body["score"], threshold=body["threshold"],
+                   max_regenerations=body["max_regenerations"], questions_version=body["questions_version"],
+                   chosen=body["chosen"], attempts=[QualityAttempt.from_json(a) for a in body.get("attempts") or []])
+
+
+@dataclass(frozen=True)
 class Job:
     """One job (``GET /v1/jobs/{id}``): one image, or one answer for ``understand``. ``adapter``:
     the LoRA adapter it runs with (its scale is ``params["adapter_scale"]``), None for the base
-    model; ``rerun_of``: the job it re-runs, None for a job submitted on its own."""
+    model; ``rerun_of``: the job it re-runs, None for a job submitted on its own. ``dedupe``:
+    ``hit`` (answered at submission from the identical job ``dedupe_of``, no GPU time),
+    ``waiting`` (waits on ``dedupe_of``, still running), ``miss`` (runs itself), None (it does not
+    qualify: no seed given, the tenant opted out, a re-run); ``quality``: the quality gate's
+    record, once a job that asked for it succeeded."""
 
     id: str
     batch_id: str | None
@@ -187,6 +268,9 @@ class Job:
     deadline_at: datetime | None
     queue: Queue | None
     rerun_of: str | None
+    dedupe: str | None
+    dedupe_of: str | None
+    quality: Quality | None
     raw: dict[str, Any] = field(repr=False, compare=False)
 
     @property
@@ -211,7 +295,8 @@ class Job:
             result=None if result is None else Result.from_json(result), metadata=dict(body.get("metadata") or {}),
             webhook_url=body.get("webhook_url"), created_at=datetime.fromisoformat(body["created_at"]),
             priority=body.get("priority", "batch"), deadline_at=parse_datetime(body.get("deadline_at")),
-            queue=Queue.from_json(body.get("queue")), rerun_of=body.get("rerun_of"), raw=body)
+            queue=Queue.from_json(body.get("queue")), rerun_of=body.get("rerun_of"), dedupe=body.get("dedupe"),
+            dedupe_of=body.get("dedupe_of"), quality=Quality.from_json(body.get("quality")), raw=body)
 
 
 @dataclass(frozen=True)
@@ -409,7 +494,9 @@ class Delivery:
 class Event:
     """A verified webhook: ``id`` (the ``webhook-id``: drop repeats by it), ``type`` (e.g.
     ``job.succeeded``, ``job.failed``, ``batch.completed``, ``webhook.test``), when it happened,
-    and its ``data`` (a job's or a batch's fields, as README "Webhooks" lists)."""
+    and its ``data`` (a job's or a batch's fields, as README "Webhooks" lists; a job event's
+    has ``dedupe``, ``dedupe_of`` and ``quality``: ``{gate, score, threshold, attempts}`` with
+    ``attempts`` a count, or null)."""
 
     id: str
     type: str

@@ -9,8 +9,12 @@ job through ``AsyncClient``; a 429 retried after the API's ``Retry-After``; ``Ap
 cursor listings, idempotency keys and cancel; a LoRA adapter uploaded (PEFT's folder, or its two
 files as bytes and a file object), listed, read, used by a try-on batch and deleted; a finished
 job's provenance and a re-run that makes the same PNG (both clients), a 409 provenance before a
-worker ran the job; the ``submit tryon`` command's images, manifest, exit codes and ``--adapter``;
-and the README's "Using it from Python" example, run as written.
+worker ran the job; a quality-gated job (``QualityGate``) that keeps both attempts, each
+downloadable, and the identical request (as ``QualityGate``, as a dict, as a batch item over the
+batch's gate) answered by dedupe, a batch item without its own gate taking the batch's; the
+``submit tryon`` command's images, manifest (with the gate's verdict and the dedupe state), exit
+codes, ``--adapter`` and ``--quality-threshold``; and the README's "Using it from Python"
+example, run as written.
 """
 
 from __future__ import annotations
@@ -29,18 +33,27 @@ from datetime import timedelta
 from importlib import metadata
 from pathlib import Path
 
+import httpx
 import pytest
 from PIL import Image
 
 from bagel.identity import weights_identity
-from bagel_client import ApiError, AsyncClient, Client, RetryPolicy, WebhookVerificationError, verify_webhook
+from bagel_client import (
+    ApiError,
+    AsyncClient,
+    Client,
+    QualityGate,
+    RetryPolicy,
+    WebhookVerificationError,
+    verify_webhook,
+)
 from bagel_client.errors import ResultUnavailable
 from tests.fixtures.adapters import make_test_adapter
 from tests.fixtures.worker import ROOT, Stack
 from worker import tenants
 from worker.dev.demo import product_image
-from worker.models import Job
 from worker.dev.receiver import WebhookReceiver
+from worker.models import Job
 
 PRODUCT_PX = 64
 STEPS = 2
@@ -142,7 +155,8 @@ def test_the_sdk_needs_only_httpx_standardwebhooks_and_the_standard_library(tmp_
     (site / "bagel_client").symlink_to(ROOT / "bagel_client")
 
     run = subprocess.run([str(python), "-I", "-c", ISOLATED_SCRIPT % {"server": SERVER_MODULES}],
-                         capture_output=True, text=True, cwd=tmp_path, env={"PATH": os.environ.get("PATH", "")})
+                         capture_output=True, text=True, cwd=tmp_path, env={"PATH": os.environ.get("PATH", "")},
+                         check=False)
     assert run.returncode == 0, run.stderr
     report = json.loads(run.stdout)
     assert report["server_modules_installed"] == []  # the environment really lacks them
@@ -236,9 +250,9 @@ def test_a_rate_limited_submit_is_retried_after_the_apis_retry_after(stack: Stac
             row.created_at = row.created_at - timedelta(seconds=57)
             s.commit()
 
-        with Client(stack.api_url(), key, retry=RetryPolicy(max_retries=0)) as impatient:
-            with pytest.raises(ApiError) as refused:
-                impatient.submit_job("generate", "a blue mug", width=32, height=32)
+        with Client(stack.api_url(), key, retry=RetryPolicy(max_retries=0)) as impatient, \
+                pytest.raises(ApiError) as refused:
+            impatient.submit_job("generate", "a blue mug", width=32, height=32)
         assert refused.value.status == 429 and refused.value.code == "rate_limited"
         assert refused.value.retry_after_s is not None and 1 <= refused.value.retry_after_s <= 3
         assert "requests_per_minute" in refused.value.message
@@ -397,6 +411,58 @@ def test_provenance_is_refused_until_a_worker_ran_the_job_and_a_rerun_of_a_queue
 
 
 # ---------------------------------------------------------------------------------------------
+# Quality gate and exact-request dedupe
+
+
+def test_a_gated_job_keeps_both_attempts_and_the_identical_request_is_answered_by_dedupe(stack: Stack) -> None:
+    for role in ("api", "gpu", "reconciler"):
+        stack.start(role)  # the GPU worker reports its model identity, which dedupe needs
+    _, key, _ = _tenant(stack)
+    prompt, seed = "a red mug on a desk", 11
+    request = {"width": 32, "height": 32, "seed": seed, "params": {"num_timesteps": STEPS}}
+    gate = QualityGate(threshold=1.0, max_regenerations=1)  # nothing scores 1.0: two attempts, best effort
+    with Client(stack.api_url(), key) as client:
+        submitted = client.submit_job("generate", prompt, quality_gate=gate, **request)
+        first = client.wait(submitted, timeout_s=WAIT_S, poll_s=0.05)
+        png = client.result_bytes(first)
+        assert first.quality is not None
+        pictures = [httpx.get(a.url, timeout=30).raise_for_status().content for a in first.quality.attempts
+                    if a.url is not None]
+        hit = client.submit_job("generate", prompt, quality_gate=gate, **request)
+        as_dict = client.submit_job("generate", prompt, quality_gate={"threshold": 1.0, "max_regenerations": 1},
+                                    **request)
+        hit_png = client.result_bytes(hit)
+        # Item 0's own gate is the first job's (a hit); item 1 takes the batch's, another request.
+        batch = client.submit_batch([{"prompt": prompt, "seed": seed, "quality_gate": gate},
+                                     {"prompt": prompt, "seed": seed}], task="generate", width=32, height=32,
+                                    params={"num_timesteps": STEPS},
+                                    quality_gate={"threshold": 0.0, "max_regenerations": 0})
+        items = client.batch_jobs(client.wait(batch, timeout_s=WAIT_S, poll_s=0.05))
+
+    assert (submitted.dedupe, submitted.dedupe_of, submitted.quality) == ("miss", None, None)
+    assert first.status == "succeeded" and first.params["quality_gate"] == {"threshold": 1.0, "max_regenerations": 1}
+    record = first.quality
+    assert (record.gate, record.threshold, record.max_regenerations) == ("best_effort", 1.0, 1)
+    assert [a.seed for a in record.attempts] == [seed, seed + 1] and record.score < 1.0
+    assert record.score == max(a.score for a in record.attempts) == record.attempts[record.chosen].score
+    assert all(a.answers and 0.0 <= a.answers[0].p_yes <= 1.0 and a.answers[0].question for a in record.attempts)
+    assert len(pictures) == 2 and all(_png_size(p) == (32, 32) for p in pictures)
+    assert pictures[record.chosen] == png and pictures[0] != pictures[1]
+
+    for twin in (hit, as_dict):  # answered at submission, from the first job's result
+        assert (twin.status, twin.dedupe, twin.dedupe_of) == ("succeeded", "hit", first.id)
+        assert twin.timings.gpu_seconds == 0 and twin.quality is not None
+        assert (twin.quality.gate, twin.quality.score, len(twin.quality.attempts)) == ("best_effort", record.score, 2)
+    assert hit_png == png
+
+    assert [(j.dedupe, j.dedupe_of) for j in items] == [("hit", first.id), ("miss", None)]
+    own = items[1].quality
+    assert items[1].status == "succeeded" and own is not None
+    assert (own.gate, own.threshold, own.max_regenerations, [a.seed for a in own.attempts]) == \
+        ("passed", 0.0, 0, [seed])
+
+
+# ---------------------------------------------------------------------------------------------
 # The command line and the README
 
 
@@ -407,18 +473,24 @@ def _submit_cli(stack: Stack, key: str, tmp_path: Path, *extra: str) -> subproce
     env = dict(stack.env, BAGEL_API_URL=stack.api_url(), BAGEL_API_KEY=key)
     return subprocess.run([*command, "submit", "tryon", "--product", str(_product(tmp_path)),
                            "--prompts", str(tmp_path / "prompts.txt"), "--out", str(tmp_path / "results"),
-                           "--seed", "1", *extra], capture_output=True, text=True, env=env, timeout=WAIT_S)
+                           "--seed", "1", *extra], capture_output=True, text=True, env=env, timeout=WAIT_S,
+                          check=False)
 
 
 def test_submit_tryon_writes_an_image_per_prompt_and_a_manifest(stack: Stack, tmp_path: Path) -> None:
     for role in ("api", "gpu", "reconciler"):
         stack.start(role)
     _, key, _ = _tenant(stack)
-    run = _submit_cli(stack, key, tmp_path, "--steps", str(STEPS), "--wait")
+    # A threshold every picture reaches: the gate is on (max_regenerations at its default), one attempt each.
+    run = _submit_cli(stack, key, tmp_path, "--steps", str(STEPS), "--quality-threshold", "0", "--wait")
     assert run.returncode == 0, run.stderr
     submitted = json.loads(run.stdout.splitlines()[0])
     assert len(submitted["job_ids"]) == len(SCENES)
     assert f"] {len(SCENES)}/{len(SCENES)} jobs" in run.stderr  # the progress bar's last state
+    assert f"{len(SCENES)} of {len(SCENES)} succeeded (quality gate: {len(SCENES)} passed, 0 best effort)" in run.stderr
+    with Client(stack.api_url(), key) as client:
+        assert client.get_job(submitted["job_ids"][0]).params["quality_gate"] == {"threshold": 0.0,
+                                                                                 "max_regenerations": 2}
 
     out = tmp_path / "results"
     manifest = json.loads((out / "manifest.json").read_text())
@@ -426,6 +498,10 @@ def test_submit_tryon_writes_an_image_per_prompt_and_a_manifest(stack: Stack, tm
     assert [j["job_id"] for j in manifest["jobs"]] == submitted["job_ids"]
     assert [j["prompt"] for j in manifest["jobs"]] == SCENES and [j["seed"] for j in manifest["jobs"]] == [1, 2, 3]
     assert [j["file"] for j in manifest["jobs"]] == ["000.png", "001.png", "002.png"]
+    assert [(j["dedupe"], j["dedupe_of"]) for j in manifest["jobs"]] == [("miss", None)] * len(SCENES)  # seeded
+    assert [j["quality"] for j in manifest["jobs"]] == [
+        {"gate": "passed", "score": j["quality"]["score"], "threshold": 0.0, "attempts": 1, "result_seed": j["seed"]}
+        for j in manifest["jobs"]]
     assert sorted(p.name for p in out.glob("*.png")) == ["000.png", "001.png", "002.png"]
     for name in ("000.png", "001.png", "002.png"):
         assert _png_size((out / name).read_bytes()) == (PRODUCT_PX, PRODUCT_PX)
@@ -444,13 +520,17 @@ def test_submit_tryon_exits_1_when_a_job_does_not_succeed(stack: Stack, tmp_path
     refused = _submit_cli(stack, key, tmp_path, "--adapter", "no-such-adapter", "--adapter-scale", "0.5")
     assert refused.returncode == 1 and refused.stdout == ""
     assert "422" in refused.stderr and "adapter" in refused.stderr, refused.stderr
+    out_of_range = _submit_cli(stack, key, tmp_path, "--max-regenerations", "9")
+    assert out_of_range.returncode == 1 and out_of_range.stdout == ""
+    assert "422" in out_of_range.stderr and "quality_gate.max_regenerations" in out_of_range.stderr, \
+        out_of_range.stderr
 
 
 def readme_example(readme: str) -> str:
     """The first ``python`` block of README's "Using it from Python" section."""
     _, found, section = readme.partition("### Using it from Python")
     assert found, "README.md has no '### Using it from Python' section"
-    match = re.search(r"```python\n(.*?)```", section, re.S)
+    match = re.search(r"```python\n(.*?)```", section, re.DOTALL)
     assert match is not None, "no python block in README's 'Using it from Python'"
     return match.group(1)
 
@@ -463,7 +543,7 @@ def test_the_readme_python_example_runs_as_written(stack: Stack, tmp_path: Path)
     _product(tmp_path)
     env = dict(stack.env, BAGEL_API_URL=stack.api_url(), BAGEL_API_KEY=key)
     run = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
-                         timeout=WAIT_S)
+                         timeout=WAIT_S, check=False)
     assert run.returncode == 0, run.stderr
     written = sorted((tmp_path / "results").glob("*.png"))
     assert [p.name for p in written] == ["0.png", "1.png"]
