@@ -5,8 +5,10 @@ picture's ViT block), prefilling the items of all requests level by level — on
 forward per level, holding every new item of every request — and remembering each prefix's
 ``CacheSeq`` so that requests and CFG branches with a common prefix (the same system prompt,
 the same product picture) prefill it once. Also the picture encodes that feed those blocks
-(SigLIP for ViT blocks, VAE latents handed in by the engine). Leaves deciding which contexts a
-task needs to ``engine.py`` and decoding/denoising to ``loops.py``.
+(SigLIP for ViT blocks, VAE latents handed in by the engine), and registering a prefix whose
+keys come from elsewhere (``import_prefix``: a saved context of an earlier run, see
+``saved_contexts.py``) so that only the items after it are prefilled. Leaves deciding which
+contexts a task needs to ``engine.py`` and decoding/denoising to ``loops.py``.
 
 In ``naive`` mode every item is its own forward (the reference's one-update-per-call shape);
 results are the same up to float summation order.
@@ -81,6 +83,7 @@ class Counters:
     run_context_encodes: int = 0
     denoise_seconds: float = 0.0  # wall time of the denoising loops (device synced at each end)
     denoise_forward_rows: int = 0  # packed rows fed to the LLM by the denoising loops
+    prefill_rows: int = 0  # packed rows fed to the LLM by context prefills (the gate's included)
     # query blocks (one image's CFG branch at one step) computed in full / predicted by TaylorSeer
     blocks_full: dict[int, int] = field(default_factory=dict)
     blocks_cached: dict[int, int] = field(default_factory=dict)
@@ -134,6 +137,21 @@ class ContextStore:
 
     def has(self, path: ContextPath) -> bool:
         return path in self._nodes
+
+    def import_prefix(self, path: ContextPath, ends: Sequence[tuple[int, int]], keys: torch.Tensor,
+                      values: torch.Tensor) -> None:
+        """Register ``path`` and every prefix of it as prefilled with ``keys``/``values`` ``[layers,
+        n, Hkv, D]`` (after RoPE; ``ends[k]``: the rows and the RoPE position after item k). The
+        rows go to fresh slots as one range — on a paged cache starting on a page, so each prefix
+        is a valid context and a fork of one moves only its partial last page — unless every
+        prefix is in the store already; prefixes already there are kept."""
+        missing = [k for k in range(len(path)) if path[:k + 1] not in self._nodes]
+        if not missing:
+            return
+        start = self.cache.write_block(keys, values)
+        for k in missing:
+            rows, rope = ends[k]
+            self._nodes[path[:k + 1]] = CacheSeq(((start, start + rows),), rope)
 
     def prefill(self, paths: Sequence[ContextPath], owners: Sequence[int]) -> None:
         """Make sure every path (and so every prefix of it) is in the cache. ``owners[k]`` is
@@ -207,3 +225,4 @@ class ContextStore:
             x[batch.row_index["latent"]] = model.embed_latents(packed, zero_t, pos)
         lm(x, batch, self.cache)
         self.counters.forward(set().union(*owners.values()))
+        self.counters.prefill_rows += batch.length

@@ -1,14 +1,21 @@
-"""The engine: ``Engine.load(path)`` then ``engine.run([Request, ...]) -> [Result, ...]``.
+"""The engine: ``Engine.load(path)`` then ``engine.run([Request | InterleavedRequest, ...]) ->
+[Result, ...]``.
 
 Owns: the loaded modules, device and dtype; validating every request before any model work
 (errors name ``requests[i].<field>``, the value and the limit); seeding one generator per
-request; and running a list of requests as numbered steps:
+request; and running a list of requests — the fixed tasks and interleaved ones
+(``interleaved.py``) mixed — as numbered steps:
 
   1. validate and plan every request (pictures resized, prompts tokenized, sizes snapped);
-  2. draw each edit's VAE posterior noise (first draw of its generator, as in the reference,
-     or from its own ``context_seed``), run the VAE encoder once per distinct picture and
-     sample one latent per distinct noise;
-  3. prefill every context of every request, sharing common prefixes (``contexts.py``);
+  2. name every VAE block: an edit's picture with its posterior noise (its generator's first
+     draw, as in the reference, drawn now; or its own ``context_seed``), an interleaved
+     request's pictures with their own seeds (``pictures.py``);
+  3. write the rows of each saved context handed in (``run(..., contexts=...)``) into the
+     cache as far as it agrees with its request (``saved_contexts.py``); run the VAE encoder
+     once per distinct picture a context still needs and sample one latent per distinct
+     noise; prefill every context of every request, sharing common prefixes
+     (``contexts.py``); with ``keep_contexts``, copy each interleaved request's main context
+     out (``Result.context``);
   4. decode all texts together: understanding answers and think texts (``loops.py``);
   5. append each think text to its request's main context;
   6. draw the initial noise and denoise every image, requests with the same schedule in one
@@ -26,6 +33,9 @@ prompt]; image-free CFG = main before the think text. Edit — main [think promp
 (VAE block, then ViT block), instruction; text-free CFG = everything before the instruction;
 image-free CFG = [think prompt], instruction. Gate question — the request's input pictures
 (ViT only), its result picture (ViT only), question: understand's context for those pictures.
+An interleaved request — the same rules over any sequence of texts and pictures — is in
+``interleaved.py``; a text output decodes like understand, an image output denoises like
+generate/edit.
 
 Sizes: a generate request's width and height are snapped to the nearest multiple of the
 16-px latent stride (at least 16); a side beyond ``max_image_side_px`` (max_latent_size·16,
@@ -46,25 +56,28 @@ part; the difference for one more request is its cost.
 ``Result.stats``: ``seed``, ``model_seconds`` (the whole ``run``), ``llm_forwards`` and
 ``context_encodes`` (this request's share: a forward counts for every request with rows in
 it, a picture's encode for the first request that uses it — a gated result picture's SigLIP
-encode included), ``run_llm_forwards``, ``run_context_encodes``, ``run_denoise_forward_tokens``
-and ``run_gate_llm_forwards`` (the gate's share of ``run_llm_forwards``) of the batch the
-request ran in (the whole call, or its sub-batch under a memory budget, or itself in naive
-mode), ``run_batches`` and ``denoise_seconds`` (wall time of every denoising loop of the call,
-summed); ``phase_<name>_seconds`` for the call's phases ``encode``, ``prefill``, ``think``
-(generated text: think and answers), ``denoise``, ``decode`` (VAE decode and pictures) and
-``gate`` (only in a run with gate questions), whole-call wall times like ``model_seconds``.
+encode included), ``run_llm_forwards``, ``run_context_encodes``, ``run_denoise_forward_tokens``,
+``run_prefill_rows`` (rows of the context prefill forwards, the gate's included) and
+``run_gate_llm_forwards`` (the gate's share of ``run_llm_forwards``) of the batch the request
+ran in (the whole call, or its sub-batch under a memory budget, or itself in naive mode);
+``context_reused_parts`` and ``prefill_rows_saved`` (the leading parts and the rows of a saved
+context the request read instead of prefilling them; 0 without); ``run_batches`` and
+``denoise_seconds`` (wall time of every denoising loop of the call, summed);
+``phase_<name>_seconds`` for the call's phases ``encode``, ``prefill``, ``think`` (generated
+text: think and answers), ``denoise``, ``decode`` (VAE decode and pictures) and ``gate`` (only
+in a run with gate questions), whole-call wall times like ``model_seconds``.
 
 Departures from the reference: batching and prefix sharing as above; understanding requests
 skip the image-free context the reference builds but never reads; posterior noise is shared
 by requests that use the same picture and the same seed, ``context_seed`` or injected noise,
 so their whole picture context is prefilled once; the VAE encoder runs once per picture
-whatever the number of noises (the reference encodes per request); the quality gate is ours.
+whatever the number of noises (the reference encodes per request); the quality gate and
+saved contexts are ours.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import secrets
 import time
@@ -72,18 +85,15 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from PIL import Image
 
-from bagel import gate, transforms
+from bagel import gate, interleaved, saved_contexts, transforms
 from bagel.attention import Attention, resolve_attention
 from bagel.config import ModelConfig
 from bagel.contexts import (
     ContextStore,
     Counters,
-    LatentInput,
     TextItem,
     VaeItem,
-    VitInput,
     VitItem,
 )
 from bagel.errors import InputError
@@ -91,10 +101,21 @@ from bagel.kv_cache import KVCache
 from bagel.loading import LoadedCheckpoint, load_checkpoint, resolve_device
 from bagel.loops import ImageJob, TextJob, decode_texts, denoise, reply_text
 from bagel.memory import Footprint, MemoryEstimate, MemoryModel, split_to_budget
-from bagel.plans import Picture, Plan, footprint
+from bagel.pictures import (
+    LatentSpec,
+    check_init_noise,
+    encode_latents,
+    noise_shape,
+    noised,
+    prepare_picture,
+    seeded,
+    snap_side,
+)
+from bagel.plans import Plan, footprint
 from bagel.prompts import think_system_prompt
-from bagel.requests import CancelFn, ProgressFn, Request, Result
+from bagel.requests import CancelFn, InterleavedRequest, ProgressFn, Request, Result
 from bagel.sampler import make_schedule
+from bagel.saved_contexts import SavedContext, owner_key
 from bagel.tiny import random_checkpoint
 
 logger = logging.getLogger(__name__)
@@ -106,20 +127,6 @@ THINK_END = "</think>"
 def _default_dtype(device: torch.device) -> torch.dtype:
     """bfloat16 on CUDA (what the real weights are), float32 elsewhere (CPU kernels)."""
     return torch.bfloat16 if device.type == "cuda" else torch.float32
-
-
-def _image_key(img: Image.Image) -> str:
-    h = hashlib.blake2b(digest_size=16)
-    h.update(f"{img.mode}:{img.size}".encode())
-    h.update(img.tobytes())
-    return h.hexdigest()
-
-
-def _tensor_key(t: torch.Tensor) -> str:
-    h = hashlib.blake2b(digest_size=16)
-    h.update(str(tuple(t.shape)).encode())
-    h.update(t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
-    return h.hexdigest()
 
 
 class Engine:
@@ -201,38 +208,17 @@ class Engine:
 
     # ---- step 1: validation -------------------------------------------------------------
 
-    def _snap(self, value: int, field_name: str) -> int:
-        stride, limit = self.latent_stride_px, self.max_image_side_px
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise InputError(f"{field_name}: {value!r} must be a positive number of pixels")
-        if value > limit:
-            raise InputError(f"{field_name}: {value} px exceeds the {limit} px maximum side")
-        return min(limit, max(stride, (value + stride // 2) // stride * stride))
-
-    def _picture(self, img: Image.Image, field_name: str) -> Picture:
-        consts = self.config.constants
-        if not isinstance(img, Image.Image):
-            raise InputError(f"{field_name}: a decoded PIL picture is required, got {type(img).__name__}")
-        try:
-            rgb = transforms.to_rgb(img)
-            vae_img = transforms.resize_for_vae(rgb, consts)
-            vit_img = transforms.resize_for_vit(vae_img, consts)
-            patches, pos = transforms.patchify_vit(transforms.image_to_tensor(vit_img), self.config.vit.patch_size,
-                                                   consts.vit_max_num_patch_per_side)
-        except InputError as exc:
-            raise InputError(f"{field_name}: {exc}") from exc
-        except (OSError, ValueError) as exc:
-            raise InputError(f"{field_name}: cannot be read as a picture ({exc})") from exc
-        return Picture(_image_key(rgb), vae_img, VitInput(patches, pos))
-
-    def _plan(self, i: int, req: Request) -> Plan:
+    def _plan(self, i: int, req: Request | InterleavedRequest) -> Plan:
         where = f"requests[{i}]"
-        if not isinstance(req, Request):
-            raise InputError(f"{where}: a bagel.requests.Request is required, got {type(req).__name__}")
+        if not isinstance(req, Request | InterleavedRequest):
+            raise InputError(f"{where}: a bagel.requests.Request or InterleavedRequest is required, "
+                             f"got {type(req).__name__}")
         p = req.params
         seed = p.seed if p.seed is not None else secrets.randbits(63)
         gen = torch.Generator(device=self.device).manual_seed(seed)
-        pictures = [self._picture(img, f"{where}.images[{k}]") for k, img in enumerate(req.images)]
+        if isinstance(req, InterleavedRequest):
+            return interleaved.plan(i, req, seed, gen, self.config, self.tokenizer)
+        pictures = [prepare_picture(img, f"{where}.images[{k}]", self.config) for k, img in enumerate(req.images)]
         plan = Plan(i, req, seed, gen, pictures)
         n_tokens = len(self.tokenizer.encode(req.prompt)) + 2
         think = p.max_think_tokens + 2 if req.think else 0
@@ -240,49 +226,50 @@ class Engine:
         if n_tokens + think + 256 > limit:
             raise InputError(f"{where}.prompt: {n_tokens} tokens (+{think} think tokens) exceed the "
                              f"{limit}-position context of the model")
-        z = self.config.vae.z_channels
-        lp = self.config.constants.latent_patch_size
         if req.task == "generate":
-            plan.out_hw = (self._snap(req.height, f"{where}.height"), self._snap(req.width, f"{where}.width"))
+            plan.out_hw = (snap_side(req.height, f"{where}.height", self.config),
+                           snap_side(req.width, f"{where}.width", self.config))
         elif req.task == "edit":
             w, h = pictures[0].vae_image.size
             plan.out_hw = (h, w)
-            down = self.config.vae.downsample
-            expected = (1, z, h // down, w // down)
+            expected = noise_shape(pictures[0], self.config)
             if req.posterior_noise is not None and tuple(req.posterior_noise.shape) != expected:
                 raise InputError(f"{where}.posterior_noise: shape {tuple(req.posterior_noise.shape)} given, "
                                  f"expected {expected} for the {w}x{h} px resized input")
         if req.posterior_noise is not None and req.task != "edit":
             raise InputError(f"{where}.posterior_noise: only an edit encodes its input picture with the VAE")
-        if req.init_noise is not None:
-            if plan.out_hw is None:
-                raise InputError(f"{where}.init_noise: an understand request generates no picture")
-            stride = self.latent_stride_px
-            expected = ((plan.out_hw[0] // stride) * (plan.out_hw[1] // stride), lp * lp * z)
-            if tuple(req.init_noise.shape) != expected:
-                raise InputError(f"{where}.init_noise: shape {tuple(req.init_noise.shape)} given, expected "
-                                 f"{expected} for a {plan.out_hw[1]}x{plan.out_hw[0]} px output")
+        check_init_noise(req.init_noise, plan.out_hw, f"{where}.init_noise", self.config)
         if req.gate_questions:
             self._gate_ids()  # a tokenizer the gate cannot score with fails here, before any model work
         return plan
 
     # ---- the run ------------------------------------------------------------------------
 
-    def run(self, requests: list[Request], progress: ProgressFn | None = None,
-            should_cancel: CancelFn | None = None, naive: bool | None = None) -> list[Result]:
+    def run(self, requests: list[Request | InterleavedRequest], progress: ProgressFn | None = None,
+            should_cancel: CancelFn | None = None, naive: bool | None = None, *, keep_contexts: bool = False,
+            contexts: list[SavedContext | None] | None = None) -> list[Result]:
         """Run ``requests``; one ``Result`` per request, in order. Raises ``InputError`` (nothing
-        computed) when any request is invalid."""
-        results, _ = self.run_traced(requests, progress=progress, should_cancel=should_cancel, naive=naive)
+        computed) when any request is invalid. ``keep_contexts``: set ``Result.context`` of each
+        interleaved request to its saved main context. ``contexts``: one saved context (or None)
+        per request, read as the prefilled start of its request's main context as far as their
+        leading parts agree (checked; nothing in common: ignored, see ``saved_contexts.py``)."""
+        results, _ = self.run_traced(requests, progress=progress, should_cancel=should_cancel, naive=naive,
+                                     keep_contexts=keep_contexts, contexts=contexts)
         return results
 
-    def run_traced(self, requests: list[Request], *, progress: ProgressFn | None = None,
-                   should_cancel: CancelFn | None = None, naive: bool | None = None,
-                   record: bool = False) -> tuple[list[Result], list[dict]]:
+    def run_traced(self, requests: list[Request | InterleavedRequest], *, progress: ProgressFn | None = None,
+                   should_cancel: CancelFn | None = None, naive: bool | None = None, record: bool = False,
+                   keep_contexts: bool = False, contexts: list[SavedContext | None] | None = None,
+                   ) -> tuple[list[Result], list[dict]]:
         """``run`` that also returns, per request, the intermediate values the parity verifier
         compares (decode logits, first-step CFG branches, final latent, raw decoder output)."""
         if not isinstance(requests, list | tuple) or not requests:
-            raise InputError("requests: a non-empty list of Request is required")
+            raise InputError("requests: a non-empty list of Request or InterleavedRequest is required")
+        given = saved_contexts.check_list(contexts, len(requests))
         plans = [self._plan(i, r) for i, r in enumerate(requests)]  # 1. validate everything first
+        for plan, saved in zip(plans, given):
+            plan.keep_context = keep_contexts and plan.is_interleaved
+            plan.given_context = saved if plan.is_interleaved else None
         naive = self.mode == "naive" if naive is None else naive
         started = time.perf_counter()
         batches = [[plan] for plan in plans] if naive else [plans]
@@ -292,10 +279,11 @@ class Engine:
                                                   self.memory_budget_bytes, lambda pl: f"requests[{pl.index}]")]
             if len(batches) > 1 and not naive:
                 logger.info("memory budget: %d requests run as %d sub-batches", len(plans), len(batches))
+        owner = owner_key(self.model, self.config, self.dtype, self.device)
         with torch.inference_mode():
             outcomes = []
             for batch in batches:
-                outcomes += self._execute(batch, progress, should_cancel, naive=naive, record=record)
+                outcomes += self._execute(batch, progress, should_cancel, naive=naive, record=record, owner=owner)
         seconds = time.perf_counter() - started
         runs = {id(c): c for _, c in outcomes}.values()
         denoise_seconds = sum(c.denoise_seconds for c in runs)
@@ -305,12 +293,16 @@ class Engine:
                 phases[name] = phases.get(name, 0.0) + value
         results = []
         for plan, (result, counters) in zip(plans, outcomes):
+            result.context = plan.saved
             result.stats.update({
                 "seed": plan.seed, "model_seconds": seconds,
                 "llm_forwards": counters.llm_forwards.get(plan.index, 0),
                 "context_encodes": counters.context_encodes.get(plan.index, 0),
                 "run_llm_forwards": counters.run_llm_forwards,
                 "run_context_encodes": counters.run_context_encodes,
+                "run_prefill_rows": counters.prefill_rows,
+                "context_reused_parts": plan.reused_parts,
+                "prefill_rows_saved": plan.rows_saved,
                 "denoise_seconds": denoise_seconds,
                 "run_batches": len(batches),
                 "run_denoise_forward_tokens": counters.denoise_forward_rows,
@@ -323,7 +315,7 @@ class Engine:
         return results, [p.trace for p in plans]
 
     def _execute(self, plans: list[Plan], progress: ProgressFn | None, should_cancel: CancelFn | None,
-                 *, naive: bool, record: bool) -> list[tuple[Result, Counters]]:
+                 *, naive: bool, record: bool, owner: str) -> list[tuple[Result, Counters]]:
         cfg = self.config.llm
         counters = Counters()
         cache = KVCache(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim,
@@ -331,16 +323,29 @@ class Engine:
                         page_size=self.attention.page_size)
         store = ContextStore(self.model, self.tokenizer, cache, counters, naive=naive)
         with self._phase(counters, "encode"):
-            self._encode_pictures(plans, store, counters)  # 2.
+            specs = self._latent_specs(plans, store)  # 2.
         self._build_paths(plans)
-        paths, owners = [], []  # 3.
+        paths, owners = [], []
         for plan in plans:
             for path in (plan.main, plan.text_uncond, plan.img_uncond):
                 if path:
                     paths.append(path)
                     owners.append(plan.index)
+        with self._phase(counters, "prefill"):  # 3. saved contexts first: only the rest is prefilled
+            for plan in plans:
+                if plan.given_context is not None:
+                    plan.reused_parts, plan.rows_saved = saved_contexts.restore(
+                        plan.given_context, store, owner, plan.part_keys, plan.main)
+        with self._phase(counters, "encode"):
+            needed = {item.latent_key for path in paths for d, item in enumerate(path)
+                      if isinstance(item, VaeItem) and not store.has(path[:d + 1])}
+            encode_latents(self.vae, self.config, self.device, [s for s in specs if s.key in needed], store,
+                           counters)
         with self._phase(counters, "prefill"):
             store.prefill(paths, owners)
+        for plan in plans:
+            if plan.keep_context:
+                plan.saved = saved_contexts.save(store, plan.main, plan.part_keys, plan.part_ends, owner)
         with self._phase(counters, "think"):
             self._decode(plans, store, cache, counters, should_cancel, progress, naive, record)  # 4.
         think_paths = []  # 5.
@@ -356,7 +361,7 @@ class Engine:
         with self._phase(counters, "decode"):
             results = [self._result(plan, record) for plan in plans]  # 7.
         forwards = counters.run_llm_forwards
-        if any(plan.request.gate_questions for plan in plans):  # no "gate" phase in a run without it
+        if any(plan.gate_questions for plan in plans):  # no "gate" phase in a run without it
             with self._phase(counters, "gate"):
                 self._gate(plans, results, store, cache, counters, naive)  # 8.
         for result in results:
@@ -378,62 +383,55 @@ class Engine:
             counters.phase_seconds[name] = counters.phase_seconds.get(name, 0.0) + time.perf_counter() - started
 
     def _capacity_estimate(self, plans: list[Plan]) -> int:
-        """KV slots the run reserves: every request's own tokens, shared pictures once, and the
-        denoising scratch."""
+        """KV slots the run reserves: every request's own tokens (an interleaved request's
+        imported rows among them), shared pictures once, and the denoising scratch."""
         return self._memory_model.kv_slots([self._footprint(plan) for plan in plans])
 
     def _footprint(self, plan: Plan) -> Footprint:
         return footprint(plan, self.tokenizer, self.config)
 
-    def memory_estimate(self, requests: list[Request]) -> MemoryEstimate:
-        """Estimated peak working memory (bytes, weights excluded) of ``run(requests)`` in one
-        batch. The difference between n and n+1 similar requests is the cost of one more."""
+    def memory_estimate(self, requests: list[Request | InterleavedRequest], *,
+                        keep_contexts: bool = False) -> MemoryEstimate:
+        """Estimated peak working memory (bytes, weights excluded) of ``run(requests,
+        keep_contexts=keep_contexts)`` in one batch. The difference between n and n+1 similar
+        requests is the cost of one more."""
         plans = [self._plan(i, r) for i, r in enumerate(requests)]
+        for plan in plans:
+            plan.keep_context = keep_contexts and plan.is_interleaved
         return self._memory_model.estimate([self._footprint(plan) for plan in plans])
 
-    # ---- step 2: pictures -----------------------------------------------------------------
+    # ---- steps 2-3: pictures and contexts -------------------------------------------------
 
-    def _encode_pictures(self, plans: list[Plan], store: ContextStore, counters: Counters) -> None:
-        """One VAE encoder pass per distinct edit picture, then one posterior sample per distinct
-        noise of it (a latent key names picture + noise, so equal draws share one context)."""
-        consts, vae_cfg = self.config.constants, self.config.vae
-        by_picture: dict[str, list[tuple[Plan, torch.Tensor]]] = {}
+    def _latent_specs(self, plans: list[Plan], store: ContextStore) -> list[LatentSpec]:
+        """Every plan's VAE blocks: an edit's picture with the noise of its ``posterior_noise``,
+        its ``context_seed`` or its generator's first draw (drawn now, before the initial
+        noise, as in the reference); an interleaved request's pictures with their own seeds.
+        Also registers every input picture for SigLIP."""
+        specs = []
         for plan in plans:
             for pic in plan.pictures:
                 store.vit_inputs.setdefault(pic.key, pic.vit)
-            if plan.request.task != "edit":
-                continue
-            pic = plan.pictures[0]
-            w, h = pic.vae_image.size
-            shape = (1, vae_cfg.z_channels, h // vae_cfg.downsample, w // vae_cfg.downsample)
             req = plan.request
-            noise = req.posterior_noise
-            if noise is None and req.context_seed is not None:
-                context_gen = torch.Generator(device=self.device).manual_seed(req.context_seed)
-                noise = torch.randn(shape, generator=context_gen, device=self.device)
-            elif noise is None:  # the request generator's first draw, as in the reference
-                noise = torch.randn(shape, generator=plan.generator, device=self.device)
-            noise = noise.to(self.device, torch.float32)
-            plan.latent_key = f"{pic.key}:{_tensor_key(noise)}"
-            by_picture.setdefault(pic.key, []).append((plan, noise))
-        p = consts.latent_patch_size
-        for entries in by_picture.values():
-            distinct: dict[str, tuple[Plan, torch.Tensor]] = {}
-            for plan, noise in entries:
-                distinct.setdefault(plan.latent_key, (plan, noise))
-            pic = entries[0][0].pictures[0]
-            pixels = transforms.image_to_tensor(pic.vae_image).to(self.device)[None]
-            mean, logvar = self.vae.posterior(pixels)
-            latents = self.vae.sample(mean, logvar, noise=torch.cat([n for _, n in distinct.values()]))
-            counters.encode(min(pl.index for pl, _ in distinct.values()), pic.key)
-            h, w = latents.shape[2] // p, latents.shape[3] // p
-            pos = transforms.grid_position_ids(h, w, consts.max_latent_size)
-            for k, key in enumerate(distinct):
-                store.latents[key] = LatentInput(transforms.pack_latent(latents[k:k + 1].float(), p), pos)
+            if plan.is_interleaved:
+                plan.latents = interleaved.latent_specs(plan)
+            elif req.task == "edit":
+                pic = plan.pictures[0]
+                if req.posterior_noise is not None:
+                    plan.latents = [noised(pic, req.posterior_noise, plan.index)]
+                elif req.context_seed is not None:
+                    plan.latents = [seeded(pic, req.context_seed, plan.index)]
+                else:
+                    noise = torch.randn(noise_shape(pic, self.config), generator=plan.generator, device=self.device)
+                    plan.latents = [noised(pic, noise, plan.index)]
+            specs += plan.latents
+        return specs
 
     def _build_paths(self, plans: list[Plan]) -> None:
         for plan in plans:
             req = plan.request
+            if plan.is_interleaved:
+                interleaved.build_paths(plan)
+                continue
             head = (TextItem(think_system_prompt(req.task)),) if req.think else ()
             prompt = TextItem(req.prompt)
             if req.task == "understand":
@@ -444,10 +442,11 @@ class Engine:
                 plan.text_uncond = head
                 plan.img_uncond = plan.main if req.think else None  # None: identical to the main context
             else:
-                picture = (VaeItem(plan.latent_key), VitItem(plan.pictures[0].key))
+                picture = (VaeItem(plan.latents[0].key), VitItem(plan.pictures[0].key))
                 plan.main = (*head, *picture, prompt)
                 plan.text_uncond = (*head, *picture)
                 plan.img_uncond = (*head, prompt)
+
 
     # ---- step 4: text ---------------------------------------------------------------------
 
@@ -456,15 +455,15 @@ class Engine:
         jobs = []
         for plan in plans:
             req, p = plan.request, plan.request.params
-            if req.task != "understand" and not req.think:
+            if plan.output != "text" and not req.think:
                 continue
-            limit = p.max_new_tokens if req.task == "understand" else p.max_think_tokens
+            limit = p.max_new_tokens if plan.output == "text" else p.max_think_tokens
             plan.text_job = TextJob(plan.index, store.get(plan.main), limit, p.do_sample, p.text_temperature,
                                     plan.generator, record_logits=record)
             jobs.append(plan.text_job)
         if not jobs:
             return
-        understand = {pl.index for pl in plans if pl.request.task == "understand"}
+        understand = {pl.index for pl in plans if pl.output == "text"}
 
         def report_answer_step(index: int, step: int, total: int) -> None:
             # Progress of an understanding request is its decode; a think text precedes the
@@ -482,7 +481,7 @@ class Engine:
                 plan.canceled = True
                 continue
             text = reply_text(self.tokenizer, job.fed)
-            if plan.request.task == "understand":
+            if plan.output == "text":
                 plan.reply = text
             else:
                 plan.think_text = text
@@ -499,7 +498,7 @@ class Engine:
         groups: dict[tuple, list[ImageJob]] = {}
         for plan in plans:
             req, p = plan.request, plan.request.params
-            if req.task == "understand" or plan.canceled:
+            if plan.output == "text" or plan.canceled:
                 continue
             h, w = plan.out_hw[0] // stride, plan.out_hw[1] // stride
             noise = req.init_noise
@@ -529,7 +528,7 @@ class Engine:
         job = plan.image_job
         if plan.canceled or (job is not None and job.canceled):
             return Result(canceled=True, think_text=plan.think_text)
-        if plan.request.task == "understand":
+        if plan.output == "text":
             think, answer = None, plan.reply
             if plan.request.think and THINK_END in plan.reply:
                 reasoning, answer = plan.reply.split(THINK_END, 1)
@@ -554,11 +553,11 @@ class Engine:
         """Score every gate question of every plan whose result has a picture, all together."""
         questions, gated = [], {}
         for plan, result in zip(plans, results):
-            if not plan.request.gate_questions or result.image is None:
+            if not plan.gate_questions or result.image is None:
                 continue
             result.gate, gated[plan.index] = [], result
             # the decoded picture itself (no PNG round trip), resized as an input picture is
-            picture = self._picture(result.image, f"requests[{plan.index}].image")
+            picture = prepare_picture(result.image, f"requests[{plan.index}].image", self.config)
             store.vit_inputs.setdefault(picture.key, picture.vit)
             inputs = [pic.key for pic in plan.pictures]
             questions += [gate.GateQuestion(plan.index, text, gate.question_path(inputs, picture.key, text))

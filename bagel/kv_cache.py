@@ -2,8 +2,9 @@
 
 Owns: the per-layer key and value storage (``[layers, capacity, Hkv, D]``), slot allocation
 (a bump pointer: slots are written once and never reused within a run), writing new keys by
-slot index, reading a context's keys back, and — for a paged cache — the page discipline the
-variable-length flash kernels need. Leaves deciding what goes into a context to
+slot index (or a whole block of every layer at once: a saved context of an earlier run brought
+back, ``write_block``), reading a context's keys back, and — for a paged cache — the page
+discipline the variable-length flash kernels need. Leaves deciding what goes into a context to
 ``packing.py`` and the engine.
 
 A context is a ``CacheSeq``: an ordered tuple of slot ranges plus the next RoPE position.
@@ -181,6 +182,16 @@ class KVCache:
         n = keys.shape[0]
         self.keys[layer, start:start + n] = keys
         self.values[layer, start:start + n] = values
+
+    def write_block(self, keys: torch.Tensor, values: torch.Tensor) -> int:
+        """Store ``keys``/``values`` ``[layers, n, Hkv, D]`` of every layer (a saved context's
+        rows, see ``saved_contexts.py``) in ``n`` fresh contiguous slots; returns the first (on a
+        page boundary when paged, so the block is a valid context range)."""
+        n = keys.shape[1]
+        start = self.allocate(n)
+        self.keys[:, start:start + n] = keys
+        self.values[:, start:start + n] = values
+        return start
 
     def write_rows(self, layer: int, slots: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Store ``keys``/``values`` ``[n, Hkv, D]`` at the slots ``slots`` ``[n]`` (any order)."""

@@ -5,9 +5,9 @@ Owns: where the weights of a load live (``weight_placement``: device and host by
 quantization and offload mode, from the configs alone); what one request adds to a run's
 working memory — the KV-cache slots its contexts, decodes and quality-gate questions reserve,
 the rows it puts into every packed denoising forward (one block per CFG branch) and the
-activations those rows need, its latent buffers — plus the per-run fixed costs (the largest
-single VAE pass), and ``split_to_budget``, which cuts a batch into consecutive sub-batches
-that each fit a budget. The working-memory budget does not count weights: it is for what a
+activations those rows need, its latent buffers, the copy of a context it keeps — plus the
+per-run fixed costs (the largest single VAE pass), and ``split_to_budget``, which cuts a batch
+into consecutive sub-batches that each fit a budget. The working-memory budget does not count weights: it is for what a
 run allocates on top of the loaded model. Leaves what a request is to ``engine.py``, its
 counts (``Footprint``) to ``plans.py``, the weight sizes per tensor to ``loading.py``
 (``paper_weight_bytes``) and the streaming of offloaded layers to ``offload.py``.
@@ -47,7 +47,11 @@ The model (bytes, ``e`` = bytes per element of the engine dtype):
     of the last decoder layer's output for its latent rows (``taylorseer.py``);
   * VAE: the largest decoder activation at full resolution times three (input, output and
     the skip of a ResNet block), for the largest picture of the batch, once (pictures are
-    decoded one at a time).
+    decoded one at a time);
+  * saved contexts (``run(..., keep_contexts=True)``): each kept main context is a copy of its
+    KV rows, ``2 · layers · kv_heads · head_dim · e`` per row, beside the cache. A context
+    brought back from an earlier run needs no extra slots: its rows are the first rows of the
+    main context the footprint counts already.
 These are estimates, written to err on the high side; ``Engine.memory_estimate`` states
 them per request so a deployment can size ``memory_budget_bytes``.
 """
@@ -104,6 +108,7 @@ class Footprint:
     allocations: int = 0  # cache allocations (context items, decode, denoising scratch)
     gate_rows: int = 0  # rows of its quality-gate forwards (pictures, questions, answer tokens)
     gate_answers: int = 0  # quality-gate questions: one row of vocabulary logits each
+    saved_rows: int = 0  # rows of the main context copied out for the caller (keep_contexts)
 
 
 @dataclass(frozen=True)
@@ -116,16 +121,19 @@ class MemoryEstimate:
     vae: int
     attention: int = 0
     taylor_factors: int = 0
+    saved_contexts: int = 0
 
     @property
     def total(self) -> int:
-        return self.kv_cache + self.forward + self.attention + self.latents + self.vae + self.taylor_factors
+        return (self.kv_cache + self.forward + self.attention + self.latents + self.vae + self.taylor_factors
+                + self.saved_contexts)
 
     def describe(self) -> str:
         mib = 2 ** 20
         return (f"{self.total / mib:.1f} MiB (KV cache {self.kv_cache / mib:.1f}, forward activations "
                 f"{self.forward / mib:.1f}, attention {self.attention / mib:.1f}, latents {self.latents / mib:.1f}, "
-                f"VAE {self.vae / mib:.1f}, TaylorSeer {self.taylor_factors / mib:.1f})")
+                f"VAE {self.vae / mib:.1f}, TaylorSeer {self.taylor_factors / mib:.1f}, saved contexts "
+                f"{self.saved_contexts / mib:.1f})")
 
 
 class MemoryModel:
@@ -184,7 +192,8 @@ class MemoryModel:
         pixels = max((max(f.out_pixels, f.in_pixels) for f in footprints), default=0)
         vae = 3 * self.vae_channels * pixels * self.elem
         taylor = 4 * self.hidden * sum(f.taylor_rows for f in footprints)
-        return MemoryEstimate(kv, forward, latents, vae, self.attention_bytes(footprints, rows), taylor)
+        saved = self.kv_bytes_per_token * sum(f.saved_rows for f in footprints)
+        return MemoryEstimate(kv, forward, latents, vae, self.attention_bytes(footprints, rows), taylor, saved)
 
 
 def split_to_budget(items: Sequence, footprint_of: Callable, model: MemoryModel, budget: int,
