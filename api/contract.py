@@ -118,6 +118,7 @@ TAGS = [
     {"name": "adapters", "description": "LoRA adapters (PEFT format) that jobs can run with."},
     {"name": "jobs", "description": "One generation, edit, try-on or question."},
     {"name": "batches", "description": "Many jobs at once (a product and its scenes), their manifest and cancel."},
+    {"name": "sessions", "description": "Turns that see the earlier turns: a character kept across pictures."},
     {"name": "usage", "description": "Jobs, images and GPU-seconds per day."},
     {"name": "webhooks", "description": "The delivery log, replay and a test ping; the events are under `webhooks`."},
     {"name": "results", "description": "Result and input files behind signed, expiring URLs."},
@@ -137,6 +138,10 @@ LINKS: dict[str, dict[str, tuple[str, dict[str, str]]]] = {
                      "ListBatchJobs": ("list_batch_jobs", {"batch_id": _ID}),
                      "GetManifest": ("get_manifest", {"batch_id": _ID}),
                      "CancelBatch": ("cancel_batch", {"batch_id": _ID})},
+    "create_session": {"GetSession": ("get_session", {"session_id": _ID}),
+                       "AddTurn": ("add_turn", {"session_id": _ID}),
+                       "DeleteSession": ("delete_session", {"session_id": _ID})},
+    "add_turn": {"GetTurnJob": ("get_job", {"job_id": _ID})},
     "send_test_webhook": {"GetDelivery": ("get_delivery", {"delivery_id": _ID}),
                           "ReplayDelivery": ("replay_delivery", {"delivery_id": _ID})},
 }

@@ -15,7 +15,7 @@ from fastapi import Depends, FastAPI
 
 from api import contract, deps, errors, events, metrics
 from api.body_limit import BodyLimitMiddleware, BodyLimits
-from api.routes import adapters, batches, files, gallery, health, jobs, objects, provenance, usage, webhooks
+from api.routes import adapters, batches, files, gallery, health, jobs, objects, provenance, sessions, usage, webhooks
 from worker.db import make_engine, session_factory
 from worker.settings import Settings, load_settings
 from worker.storage import make_store
@@ -45,7 +45,8 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.sessions = session_factory(engine)
     app.state.store = make_store(settings)
     errors.install(app)
-    for module in (files, adapters, jobs, provenance, batches, gallery, usage, webhooks, objects, health):
+    for module in (files, adapters, jobs, provenance, batches, sessions, gallery, usage, webhooks, objects,
+                       health):
         app.include_router(module.router)
     events.install(app)
     contract.finish_document(app, settings)

@@ -330,6 +330,9 @@ class JobOut(BaseModel):
     dedupe_of: str | None = Field(None, description=DEDUPE_OF_TEXT)
     quality: QualityOut | None = Field(None, description="the quality gate's record (jobs that asked for it, once "
                                        "succeeded)")
+    session_id: str | None = Field(None, description="the session this job is a turn of (POST "
+                                   "/v1/sessions/{session_id}/turns); null otherwise")
+    turn_index: int | None = Field(None, description="its place among the session's turns, from 0")
 
 
 class BatchOut(BaseModel):

@@ -56,7 +56,7 @@ def located(prefix: str) -> Iterator[None]:
         raise type(exc)(f"{prefix}.{exc.message}", field=field) from exc
 
 
-def _params_dict(*layers: GenerationParamsIn | None) -> dict[str, Any]:
+def params_dict(*layers: GenerationParamsIn | None) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for layer in layers:
         if layer is not None:
@@ -148,7 +148,7 @@ def job_spec(session: Session, settings: Settings, tenant_id: str, body: JobIn) 
     owned = queries.files_by_ids(session, tenant_id, body.input_file_ids)
     spec = _spec(settings, owned, task=body.task, prompt=body.prompt, file_ids=body.input_file_ids,
                  think=body.think, width=body.width, height=body.height, seed=body.seed,
-                 user_params=_params_dict(body.params), metadata=body.metadata, gate=body.quality_gate)
+                 user_params=params_dict(body.params), metadata=body.metadata, gate=body.quality_gate)
     spec = _with_adapter(spec, *adapter_choice(session, tenant_id, body.adapter, body.adapter_scale))
     return with_request_hashes(session, tenant_id, [spec], owned)[0]
 
@@ -180,7 +180,7 @@ def batch_specs(session: Session, settings: Settings, tenant_id: str, body: Batc
                 think=body.think if item.think is None else item.think,
                 width=item.width if item.width is not None else (body.width if task == "generate" else None),
                 height=item.height if item.height is not None else (body.height if task == "generate" else None),
-                seed=item.seed, user_params=_params_dict(body.params, item.params), metadata=item.metadata,
+                seed=item.seed, user_params=params_dict(body.params, item.params), metadata=item.metadata,
                 gate=item.quality_gate or body.quality_gate))
     adapter_id, extra = adapter_choice(session, tenant_id, body.adapter, body.adapter_scale)
     return with_request_hashes(session, tenant_id, [_with_adapter(spec, adapter_id, extra) for spec in specs], owned)

@@ -64,8 +64,8 @@ def job_out(job: Job, store: ResultStore, settings: Settings, session: Session |
         result=_result(job, store, settings), metadata=dict(job.meta or {}), webhook_url=job.webhook_url,
         created_at=job.created_at, priority=Priority(job.priority), deadline_at=job.deadline_at,
         queue=_queue(eta.job_queue(session, settings, job)) if session is not None else None,
-        rerun_of=job.rerun_of, dedupe=job.dedupe_state, dedupe_of=job.dedupe_of,
-        quality=_quality(job, store, settings),
+        rerun_of=job.rerun_of, dedupe=job.dedupe_state, dedupe_of=job.dedupe_source,
+        quality=_quality(job, store, settings), session_id=job.session_id, turn_index=job.turn_index,
     )
 
 

@@ -15,7 +15,7 @@ from worker import db
 from worker.models import Base
 
 TABLES = {"tenants", "api_keys", "files", "batches", "chunks", "jobs", "webhook_deliveries",
-          "webhook_attempts", "idempotency_records", "workers", "leases", "job_costs", "adapters"}
+          "webhook_attempts", "idempotency_records", "workers", "leases", "job_costs", "adapters", "sessions"}
 
 
 @pytest.fixture(params=["sqlite", "postgres"])

@@ -32,6 +32,7 @@ OPERATIONS = {
     "upload_file", "get_file", "upload_adapter", "list_adapters", "get_adapter", "delete_adapter", "create_job", "list_jobs", "get_job", "cancel_job", "get_provenance", "rerun_job", "create_batch", "list_batches",
     "get_batch", "list_batch_jobs", "get_manifest", "cancel_batch", "share_batch", "get_usage", "list_deliveries",
     "get_delivery", "replay_delivery", "send_test_webhook", "download_object", "healthz", "readyz", "metrics",
+    "create_session", "get_session", "delete_session", "add_turn",
 }
 ERROR_REF = "#/components/schemas/ErrorBody"
 

@@ -16,7 +16,7 @@ import uuid
 from collections.abc import Iterable, Sequence
 from datetime import datetime, timedelta
 
-from sqlalchemy import case, func, select, update
+from sqlalchemy import and_, case, func, select, update
 from sqlalchemy.orm import Session
 
 from worker import queries
@@ -28,17 +28,17 @@ _NO_SYNC = {"synchronize_session": False}
 
 
 def form_chunk(session: Session, job_ids: Sequence[str], now: datetime, *, share: float = 0.0,
-               priority_rank: int = 1) -> str | None:
+               priority_rank: int = 1, preferred_worker: str | None = None) -> str | None:
     """The dispatcher's chunk: a new chunk row taking the given waiting jobs (those still
     waiting and without a chunk; others are left alone), ranked by ``priority_rank`` then
     ``share`` (``claim_next``). None when none was taken. No commit."""
     chunk = Chunk(id=str(uuid.uuid4()), created_at=now, publish_count=0, job_count=0, cost_key="", share=share,
-                  priority_rank=priority_rank)
+                  priority_rank=priority_rank, preferred_worker=preferred_worker)
     session.add(chunk)
     session.flush()
     taken = session.execute(
         update(Job).where(Job.id.in_(list(job_ids)), Job.status == JobStatus.queued, Job.chunk_id.is_(None),
-                          Job.dedupe_of.is_(None))
+                          Job.dedupe_of.is_(None), Job.after_job_id.is_(None))
         .values(chunk_id=chunk.id, updated_at=now).returning(Job.cost_key).execution_options(**_NO_SYNC)
     ).scalars().all()
     if not taken:
@@ -80,18 +80,24 @@ def claim_chunk(session: Session, chunk_id: str, worker_id: str, lease_s: float)
     return jobs
 
 
-def claim_next(session: Session, worker_id: str, lease_s: float, *, tries: int = 8) -> tuple[str | None, list[Job]]:
+def claim_next(session: Session, worker_id: str, lease_s: float, *, affinity_s: float = 0.0,
+               tries: int = 8) -> tuple[str | None, list[Job]]:
     """A ``run_chunk`` message is a turn, not a particular chunk: take the published, unclaimed
     chunk that comes first — interactive before batch, then the lowest ``share`` (its tenant's
     fair-share key when formed), then age — and claim its jobs (``claim_chunk``). Formation
     already follows fair share (``scheduler.py``); this order only lets a chunk formed for a
     tenant with a smaller share, or for interactive work, overtake the few chunks waiting in the
-    broker. Returns the chunk id (None: nothing to run) and the jobs claimed."""
+    broker. A chunk preferred for this worker (a session's turn whose context it holds) comes
+    first; one preferred for another worker is left to it for ``affinity_s`` after it was formed.
+    Returns the chunk id (None: nothing to run) and the jobs claimed."""
     for _ in range(tries):
+        left_to_others = and_(Chunk.preferred_worker.is_not(None), Chunk.preferred_worker != worker_id,
+                              Chunk.created_at > utcnow() - timedelta(seconds=affinity_s))
         candidate = session.scalar(
             select(Chunk.id).where(Chunk.claimed_at.is_(None), Chunk.finished_at.is_(None),
-                                   Chunk.published_at.is_not(None))
-            .order_by(Chunk.priority_rank, Chunk.share, Chunk.created_at).limit(1))
+                                   Chunk.published_at.is_not(None), ~left_to_others)
+            .order_by(case((Chunk.preferred_worker == worker_id, 0), else_=1), Chunk.priority_rank, Chunk.share,
+                      Chunk.created_at).limit(1))
         session.commit()
         if candidate is None:
             return None, []

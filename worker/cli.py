@@ -162,7 +162,7 @@ def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
     from celery import signals
 
     from worker.celery_app import make_celery
-    from worker.queues import GPU_QUEUE, QUEUES
+    from worker.queues import GPU_QUEUE, QUEUES, worker_queue
     from worker.tasks import WorkerRuntime
 
     queues = [q.strip() for q in args.queues.split(",") if q.strip()]
@@ -212,6 +212,8 @@ def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
                 log.warning("worker %s: could not mark itself draining", rt.worker_id, exc_info=True)
 
     signals.worker_shutting_down.connect(on_shutdown, weak=False)
+    if GPU_QUEUE in queues:  # its own queue too: the turns of sessions whose context it holds
+        queues = [*queues, worker_queue(rt.worker_id)]
     worker = app.Worker(queues=queues, pool="solo", concurrency=1, hostname=node,
                         loglevel=args.log_level.upper(), without_heartbeat=True, without_mingle=True,
                         without_gossip=True, optimization="fair")

@@ -60,14 +60,16 @@ def _send(settings: Settings, name: str, args_list: list[list[str]], queue: str,
         ) from exc
 
 
-def publish_chunks(settings: Settings, chunk_ids: list[str], *, countdown_s: float | None = None) -> None:
-    """Send one ``run_chunk`` message per chunk id (delayed by ``countdown_s`` for retries).
+def publish_chunks(settings: Settings, chunk_ids: list[str], *, countdown_s: float | None = None,
+                   queue: str = GPU_QUEUE) -> None:
+    """Send one ``run_chunk`` message per chunk id (delayed by ``countdown_s`` for retries) to
+    ``queue``: the ``gpu`` queue, or a worker's own (``queues.worker_queue``).
 
     Raises ``BrokerUnavailable`` when the broker cannot be reached; the jobs stay queued in the
     database and the reconciler publishes them later."""
     if not chunk_ids:
         return
-    _send(settings, RUN_CHUNK, [[cid] for cid in chunk_ids], GPU_QUEUE, countdown_s)
+    _send(settings, RUN_CHUNK, [[cid] for cid in chunk_ids], queue, countdown_s)
     log.info("published %d chunk(s)%s", len(chunk_ids),
              f" with a {countdown_s:.1f} s delay" if countdown_s else "")
 

@@ -85,6 +85,13 @@ class InvalidAdapter(InvalidInput):
     code = "invalid_adapter"
 
 
+class ContextTooLong(InvalidInput):
+    """A session turn whose context, its output included, would exceed
+    ``session_max_context_tokens``; the message names the count and the limit."""
+
+    code = "context_too_long"
+
+
 class AdapterInUse(ServiceError):
     """An adapter that queued or running jobs still need cannot be deleted."""
 

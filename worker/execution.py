@@ -47,7 +47,7 @@ from typing import TYPE_CHECKING
 
 from sqlalchemy import select
 
-from worker import chunks, dispatch, jobs, provenance, quality
+from worker import chunks, dispatch, jobs, provenance, quality, sessions
 from worker.adapters import adapter_source
 from worker.errors import (
     BrokerUnavailable,
@@ -56,7 +56,7 @@ from worker.errors import (
     StorageUnavailable,
 )
 from worker.logs import log_context
-from worker.models import File, Tenant, utcnow
+from worker.models import File, Job, Tenant, utcnow
 from worker.outages import DATABASE_ERRORS, outage_code, outage_delay_s, until_database
 from worker.params import engine_prompt
 from worker.storage import attempt_key, output_key
@@ -96,6 +96,7 @@ class ClaimedJob:
     started_at: datetime
     deadline_at: datetime | None
     adapter_id: str | None = None
+    session_id: str | None = None
 
 
 def backoff_s(base_s: float, attempt: int) -> float:
@@ -181,13 +182,15 @@ class _ChunkMonitor:
 
 
 def _claim(rt: WorkerRuntime, session: Session) -> tuple[str | None, list[ClaimedJob]]:
-    chunk_id, rows = chunks.claim_next(session, rt.worker_id, rt.settings.lease_s)
+    chunk_id, rows = chunks.claim_next(session, rt.worker_id, rt.settings.lease_s,
+                                       affinity_s=rt.settings.session_affinity_s)
     return chunk_id, [
         ClaimedJob(id=j.id, tenant_id=j.tenant_id, batch_id=j.batch_id, task=j.task, prompt=j.prompt,
                    input_file_ids=list(j.input_file_ids or []), params=dict(j.params or {}), think=bool(j.think),
                    width=int(j.width or 1024), height=int(j.height or 1024), attempts=int(j.attempts),
                    deferrals=int(j.deferrals or 0), cost_key=j.cost_key, queued_at=j.queued_at,
-                   started_at=j.started_at, deadline_at=j.deadline_at, adapter_id=j.adapter_id)
+                   started_at=j.started_at, deadline_at=j.deadline_at, adapter_id=j.adapter_id,
+                   session_id=j.session_id)
         for j in rows]
 
 
@@ -256,12 +259,14 @@ def _run_claimed(rt: WorkerRuntime, chunk_id: str, claimed: list[ClaimedJob]) ->
         holder = rt.holder()
         from worker.gpu import JobInput
 
+        contexts = _session_contexts(rt, claimed, missing)
         runnable = [job for job in claimed if job.id not in missing]
         question_sets = _question_sets(rt, runnable)
         inputs = [JobInput(job_id=job.id, task=job.task, prompt=engine_prompt(job.task, job.prompt),
-                           images=[files[fid] for fid in job.input_file_ids], think=job.think,
+                           images=[files[fid] for fid in job.input_file_ids if fid in files], think=job.think,
                            width=job.width, height=job.height, params=job.params,
-                           gate=quality.spec_for(job.task, job.prompt, job.params, question_sets.get(job.tenant_id)))
+                           gate=quality.spec_for(job.task, job.prompt, job.params, question_sets.get(job.tenant_id)),
+                           parts=contexts.get(job.id), session_id=job.session_id)
                       for job in runnable]
         deadlines = {job.id: job.deadline_at for job in runnable if job.deadline_at is not None}
         with _ChunkMonitor(rt, [job.id for job in runnable], deadlines) as monitor:
@@ -270,6 +275,8 @@ def _run_claimed(rt: WorkerRuntime, chunk_id: str, claimed: list[ClaimedJob]) ->
                                   adapter=adapter) if inputs else [])
             engine_s = time.perf_counter() - engine_started
             monitor.flush()
+        if rt.registration is not None and any(job.session_id for job in runnable):
+            rt.registration.set_sessions(holder.sessions.keys())
     except DeviceFailure as exc:
         log.error("chunk %s: device error, giving its %d job(s) back and ending this worker: %s", chunk_id,
                   len(claimed), exc, exc_info=True)
@@ -332,6 +339,22 @@ def _run_claimed(rt: WorkerRuntime, chunk_id: str, claimed: list[ClaimedJob]) ->
     log.info("chunk %s: %d job(s) finished in %.2f s (%.3f GPU-seconds each)", chunk_id,
              finished + len(missing), held_s, held_s / max(len(runnable), 1))
     return held_s
+
+
+def _session_contexts(rt: WorkerRuntime, claimed: list[ClaimedJob], missing: dict[str, str]) -> dict[str, list]:
+    """Each session turn's context parts (``sessions.context_parts``); a turn whose context lost
+    a stored picture fails (into ``missing``). Storage that does not answer propagates."""
+    out: dict[str, list] = {}
+    for job in claimed:
+        if job.session_id is None:
+            continue
+        with rt.session() as session:
+            row = session.get(Job, job.id)
+            try:
+                out[job.id] = sessions.context_parts(session, rt.store, row)
+            except ObjectNotFound as exc:
+                missing[job.id] = f"session_id: the session's context cannot be rebuilt ({exc})"
+    return out
 
 
 def _question_sets(rt: WorkerRuntime, claimed: list[ClaimedJob]) -> dict[str, dict[str, list[str]]]:

@@ -7,8 +7,10 @@ checkpoint once, at load, and states the engine's half of each job's provenance)
 plain job inputs into ``bagel.requests.Request`` objects, and running a chunk's requests
 through ``engine.run`` with progress and cooperative-cancel callbacks, with the chunk's LoRA
 adapter applied (unmerged; loaded ones kept in an LRU of ``adapter_cache_bytes``), then the
-quality gate's regeneration rounds (``worker.quality``). Leaves claims, storage and state to
-``execution.py``.
+quality gate's regeneration rounds (``worker.quality``). A session's turn runs as one
+interleaved request built from its context's parts, starting from the session's saved context
+when this worker holds it (an LRU of ``session_cache_bytes``, ``session_cache.py``) and leaving
+its own there. Leaves claims, storage and state to ``execution.py``.
 
 Failure isolation, per job, within one chunk:
   * a bad input fails alone: a request that cannot be built fails before the run, and when the
@@ -51,12 +53,14 @@ from bagel.errors import (
     MemoryBudgetError,
 )
 from bagel.identity import noise_source, runtime_versions, weights_identity
-from bagel.requests import CancelFn, ProgressFn, Request, Result
+from bagel.requests import (CancelFn, ImagePart, InterleavedRequest, ProgressFn, Request, Result,
+                            TextPart)
 from bagel.transforms import load_image
 from worker.errors import DeviceFailure, GpuOutOfMemory, SettingsError
 from worker.faults import install_fault, parse_fault
 from worker.params import DEMO_MIN_SIDE_PX
 from worker.quality import GateSpec, regenerate
+from worker.session_cache import SessionContexts
 
 if TYPE_CHECKING:
     from bagel.engine import Engine
@@ -85,6 +89,10 @@ class JobInput:
     height: int
     params: dict[str, Any]
     gate: GateSpec | None = None  # the quality gate's questions and threshold (``worker.quality``)
+    # A session's turn (``worker.sessions``): its context as ("text", str) and ("image", bytes)
+    # parts, run as one interleaved request (``prompt`` and ``images`` unused); its session's id.
+    parts: list[tuple[str, Any]] | None = None
+    session_id: str | None = None
 
 
 @dataclass
@@ -107,6 +115,7 @@ class JobOutput:
     chosen: int | None = None
     quality: dict[str, Any] | None = None
     regeneration_seconds: float = 0.0
+    context: Any = None  # a session turn's saved context, until the holder caches it
 
 
 class EngineHolder:
@@ -120,6 +129,7 @@ class EngineHolder:
         self.device_failure: str | None = None
         self._facts: dict[str, Any] = {}  # what ``provenance`` reports, fixed at load
         self.adapters = AdapterCache(settings.adapter_cache_bytes)
+        self.sessions = SessionContexts(settings.session_cache_bytes)  # sessions' last contexts
         self._lock = threading.Lock()
 
     def model_path(self) -> Path:
@@ -258,6 +268,10 @@ class EngineHolder:
                 self.device_failure = f"{type(exc).__name__}: {exc}"
                 raise DeviceFailure(self.device_failure) from exc
             for k, out in done.items():
+                job = inputs[positions[k]]
+                if job.session_id is not None and out.context is not None:
+                    self.sessions.put(job.session_id, out.context)
+                out.context = None
                 outputs[positions[k]] = out
         return [out if out is not None else JobOutput(error_code="internal", error_message="no result")
                 for out in outputs]
@@ -278,9 +292,14 @@ class _ChunkRun:
 
     def _call(self, idx: list[int]) -> list[Result]:
         # Callbacks name a request by its place in this call: map it back to the chunk's index.
+        # A session's turn starts from its session's cached context, and leaves its own there.
+        sessions = [self.jobs[k].session_id for k in idx]
+        extra = {} if not any(sessions) else {
+            "keep_contexts": True,
+            "contexts": [self.holder.sessions.get(sid) if sid else None for sid in sessions]}
         return self.engine.run([self.requests[k] for k in idx],
                                progress=lambda r, step, total: self.progress(idx[r], step, total),
-                               should_cancel=lambda r: self.should_cancel(idx[r]))
+                               should_cancel=lambda r: self.should_cancel(idx[r]), **extra)
 
     def run_fitting(self, idx: list[int]) -> dict[int, JobOutput]:
         """Outputs of the requests ``idx``, run in one engine call when they fit."""
@@ -342,9 +361,12 @@ def _engine_facts(engine: Engine, path: Path) -> dict[str, Any]:
     }
 
 
-def describe_job(job: JobInput, request: Request) -> str:
+def describe_job(job: JobInput, request: Request | InterleavedRequest) -> str:
     """The size of a job, as named in a ``gpu_out_of_memory`` message."""
-    if request.task == "generate":
+    if isinstance(request, InterleavedRequest):
+        out = f"{job.width}x{job.height} px output" if request.output == "image" else "text output"
+        size = f"a session context of {len(request.parts)} parts, {out}"
+    elif request.task == "generate":
         size = f"{job.width}x{job.height} px output"
     elif request.images:
         size = "input picture {}x{} px".format(*request.images[0].size)
@@ -380,7 +402,9 @@ def is_device_error(exc: BaseException) -> bool:
                                                        and str(exc).startswith("CUDA error"))
 
 
-def _build_request(job: JobInput, decoded: dict[int, Any], max_pixels: int) -> Request:
+def _build_request(job: JobInput, decoded: dict[int, Any], max_pixels: int) -> Request | InterleavedRequest:
+    if job.parts is not None:
+        return _interleaved(job, decoded, max_pixels)
     images = []
     for n, data in enumerate(job.images):
         key = id(data)
@@ -395,6 +419,22 @@ def _build_request(job: JobInput, decoded: dict[int, Any], max_pixels: int) -> R
                    width=job.width, height=job.height, params=params,
                    context_seed=picture_context_seed(job.images[0]) if engine_task == "edit" else None,
                    gate_questions=job.gate.questions if job.gate is not None else ())
+
+
+def _interleaved(job: JobInput, decoded: dict[int, Any], max_pixels: int) -> InterleavedRequest:
+    """A session turn's request: its context's parts in order, every picture seen by both paths."""
+    assert job.parts is not None
+    parts: list[TextPart | ImagePart] = []
+    for n, (kind, value) in enumerate(job.parts):
+        if kind == "text":
+            parts.append(TextPart(value))
+            continue
+        if id(value) not in decoded:
+            decoded[id(value)] = load_image(value, field=f"parts[{n}]", max_pixels=max_pixels)
+        parts.append(ImagePart(decoded[id(value)]))
+    params = GenerationParams(**{k: v for k, v in job.params.items() if k in _PARAM_NAMES})
+    return InterleavedRequest(parts=tuple(parts), output="text" if job.task == "understand" else "image",
+                              think=job.think, width=job.width, height=job.height, params=params)
 
 
 def picture_context_seed(data: bytes) -> int:
@@ -423,4 +463,4 @@ def _to_output(result: Result) -> JobOutput:
     gate = None if result.gate is None else [
         {"question": a.question, "p_yes": a.p_yes, "yes_prob": a.yes_prob, "no_prob": a.no_prob} for a in result.gate]
     return JobOutput(png=png, text=result.text, think_text=result.think_text, model_seconds=seconds,
-                     stats=dict(result.stats), gate=gate)
+                     stats=dict(result.stats), gate=gate, context=result.context)

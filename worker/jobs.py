@@ -39,7 +39,7 @@ from worker.models import (
     Priority,
     utcnow,
 )
-from worker.transitions import end_job, promote_twins
+from worker.transitions import end_job, promote_twins, settle_waiters
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +67,9 @@ class JobSpec:
     adapter_id: str | None = None  # its scale is params["adapter_scale"]
     rerun_of: str | None = None  # the job this one re-runs (``POST /v1/jobs/{id}/rerun``)
     seed_given: bool = False  # the caller chose the seed: the output is fixed by the request
+    session_id: str | None = None  # a session's turn (``worker.sessions``): its session, place and
+    turn_index: int | None = None  # the earlier turn it waits for
+    after_job_id: str | None = None
     request_hash: str | None = None  # set when an identical job may answer it (``worker.dedupe``)
 
     @property
@@ -78,6 +81,8 @@ class JobSpec:
                self.think]
         if self.adapter_id is not None:
             key += [self.adapter_id, self.params.get("adapter_scale")]
+        if self.session_id is not None:  # a turn runs alone: its context is its own
+            key += [self.session_id, self.turn_index]
         raw = json.dumps(key, separators=(",", ":"))
         return hashlib.sha256(raw.encode()).hexdigest()[:32]
 
@@ -126,6 +131,7 @@ def submit(session: Session, tenant_id: str, specs: Sequence[JobSpec], *, batch:
         id=_uuid(), tenant_id=tenant_id, batch_id=batch_row.id if batch_row else None, chunk_id=None,
         position=position, task=spec.task, prompt=spec.prompt, input_file_ids=list(spec.input_file_ids),
         adapter_id=spec.adapter_id, rerun_of=spec.rerun_of, request_hash=spec.request_hash,
+        session_id=spec.session_id, turn_index=spec.turn_index, after_job_id=spec.after_job_id,
         params=dict(spec.params), think=spec.think, width=spec.width, height=spec.height,
         status=JobStatus.queued, attempts=0, max_attempts=max_attempts, cancel_requested=False,
         progress_step=0, priority=priority, chunk_key=spec.chunk_key, cost_key=spec.cost_key,
@@ -384,8 +390,7 @@ def cancel_job(session: Session, tenant_id: str, job_id: str) -> Job | None:
         .execution_options(**_NO_SYNC)
     ).rowcount
     if canceled:
-        if job.request_hash is not None and job.dedupe_of is None:
-            promote_twins(session, job_id, now)
+        settle_waiters(session, job, JobStatus.canceled, now)
         if job.batch_id:
             progress.report_batch(session, job.batch_id, now)
     else:

@@ -212,6 +212,23 @@ class Batch(Base):
     reported_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)  # the last batch.progress
 
 
+class ModelSession(Base):
+    """A tenant's session with the model (``worker.sessions``): an optional system prompt
+    and opening parts; its turns are jobs (``Job.session_id``), deleted with it."""
+
+    __tablename__ = "sessions"
+    __table_args__ = (Index("ix_sessions_tenant_id_created_at", "tenant_id", "created_at"),)
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
+    system_prompt: Mapped[str | None] = mapped_column(Text, nullable=True)
+    # The opening parts, in order: {"text": …} or {"file_id": …}.
+    parts: Mapped[list[dict[str, str]]] = mapped_column(JSON, default=list)
+    meta: Mapped[dict[str, Any]] = mapped_column("metadata", JSON, default=dict)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
 class Chunk(Base):
     """The unit of GPU work, formed by the dispatcher from compatible waiting jobs (any batch,
     any tenant) and published as one message; finished when its worker is done with it."""
@@ -233,6 +250,8 @@ class Chunk(Base):
     # tenant's fair-share key (recent GPU-seconds per weight); a worker's turn claims the first.
     share: Mapped[float] = mapped_column(Float, default=0.0, server_default="0")
     priority_rank: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
+    # A session turn's chunk: the worker that held the session's context when it was formed.
+    preferred_worker: Mapped[str | None] = mapped_column(String(200), nullable=True)
 
 
 class Job(Base):
@@ -242,6 +261,7 @@ class Job(Base):
         Index("ix_jobs_tenant_id_created_at", "tenant_id", "created_at"),
         Index("ix_jobs_status_chunk_id_queued_at", "status", "chunk_id", "queued_at"),
         Index("ix_jobs_tenant_id_request_hash", "tenant_id", "request_hash"),
+        Index("ix_jobs_session_id_turn_index", "session_id", "turn_index", unique=True),
         # One job per tenant and request hash runs itself while waiting or running; its twins
         # wait for it (``worker.dedupe``).
         Index("ux_jobs_dedupe_leader", "tenant_id", "request_hash", unique=True,
@@ -260,6 +280,12 @@ class Job(Base):
     adapter_id: Mapped[str | None] = mapped_column(ForeignKey("adapters.id", ondelete="SET NULL"), nullable=True)
     # The job this one re-runs (POST /v1/jobs/{id}/rerun); cleared if that job is deleted.
     rerun_of: Mapped[str | None] = mapped_column(ForeignKey("jobs.id", ondelete="SET NULL"), nullable=True)
+    # A session's turn (``worker.sessions``): its session and place; the earlier turn it waits
+    # for (cleared when that one succeeds).
+    session_id: Mapped[str | None] = mapped_column(ForeignKey("sessions.id", ondelete="CASCADE"), nullable=True)
+    turn_index: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    after_job_id: Mapped[str | None] = mapped_column(ForeignKey("jobs.id", ondelete="SET NULL"), nullable=True,
+                                                     index=True)
     # Exact-request dedupe (``worker.dedupe``): the hash of what decides its output (None: it
     # cannot be answered from another job), and the job whose result answers it.
     request_hash: Mapped[str | None] = mapped_column(String(64), nullable=True)
@@ -326,6 +352,12 @@ class Job(Base):
         if self.dedupe_of is not None and JobStatus(self.status) == JobStatus.queued:
             return "waiting"
         return "miss" if self.request_hash is not None else None
+
+    @property
+    def dedupe_source(self) -> str | None:
+        """The job that answers it (hit) or that it waits on (waiting); None otherwise — a job
+        that ended while waiting (canceled, expired) has neither."""
+        return self.dedupe_of if self.dedupe_state in ("hit", "waiting") else None
 
 
 class WebhookDelivery(Base):
@@ -400,6 +432,8 @@ class Worker(Base):
     # The loaded model's identity (``bagel.identity``), set once it is loaded.
     weights_sha256: Mapped[str | None] = mapped_column(String(64), nullable=True)
     quantization: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    # The sessions whose context it holds in its cache (``worker.sessions``), newest last.
+    sessions: Mapped[list[str] | None] = mapped_column(JSON, nullable=True)
 
 
 class Lease(Base):

@@ -200,7 +200,7 @@ def job_payload(job: Job) -> dict[str, Any]:
         "gpu_seconds": job.gpu_seconds,
         "metadata": job.meta,
         "dedupe": job.dedupe_state,
-        "dedupe_of": job.dedupe_of,
+        "dedupe_of": job.dedupe_source,
         "quality": quality_summary(job.quality),
     }
 

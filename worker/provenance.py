@@ -54,4 +54,7 @@ def record(engine_facts: dict[str, Any], job: ClaimedJob, out: JobOutput, worker
         "worker_id": worker_id,
         "hostname": socket.gethostname(),
         "output_sha256": _sha256(output),
+        # a session's turn: the parts of its context this worker's cache spared it from prefilling
+        "session_context": None if job.session_id is None else {
+            "session_id": job.session_id, "reused_parts": int(out.stats.get("context_reused_parts", 0))},
     }

@@ -40,6 +40,7 @@ class Registration:
         self.state = WorkerState.loading
         self.chunk_id: str | None = None
         self.identity: tuple[str, str] | None = None  # (weights_sha256, quantization) once loaded
+        self.sessions: list[str] = []  # sessions whose context it holds (``worker.session_cache``)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._beat_loop, name="worker-heartbeat", daemon=True)
 
@@ -68,6 +69,13 @@ class Registration:
         self.identity = (weights_sha256, quantization)
         self.set_state(WorkerState.ready)
 
+    def set_sessions(self, session_ids: list[str]) -> None:
+        """The sessions whose context the worker now holds: the dispatcher sends their next turns
+        here first (``scheduler.py``). Written now, not at the next beat."""
+        if session_ids != self.sessions:
+            self.sessions = list(session_ids)
+            self._beat()
+
     def set_chunk(self, chunk_id: str | None) -> None:
         self.chunk_id = chunk_id
 
@@ -88,7 +96,8 @@ class Registration:
             s.execute(update(Worker).where(Worker.id == self.worker_id)
                       .values(state=self.state, last_seen=utcnow(), current_chunk_id=self.chunk_id,
                               weights_sha256=self.identity[0] if self.identity else None,
-                              quantization=self.identity[1] if self.identity else None)
+                              quantization=self.identity[1] if self.identity else None,
+                              sessions=list(self.sessions))
                       .execution_options(synchronize_session=False))
             s.commit()
 

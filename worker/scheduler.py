@@ -1,10 +1,11 @@
 """The dispatcher: the database schedules, the broker only carries a small window.
 
 Owns: the dispatcher's passes and the choice each makes. Jobs wait in the database
-(``queued``, no chunk); a job waiting on an identical one (``dedupe_of``, ``worker.dedupe``) is
-never formed into a chunk. A pass (``Dispatcher.dispatch_once``) is run by one process at a time
-cluster-wide — the holder of the ``leases`` row named ``dispatcher``, taken when free or
-expired and renewed by its holder; the same code on PostgreSQL and SQLite — and
+(``queued``, no chunk); a job waiting on an identical one (``dedupe_of``, ``worker.dedupe``) or
+a session's turn waiting on the turn before it (``after_job_id``) is never formed into a chunk.
+A pass (``Dispatcher.dispatch_once``) is run by one process at a time cluster-wide — the
+holder of the ``leases`` row named ``dispatcher``, taken when free or expired and renewed by its
+holder; the same code on PostgreSQL and SQLite — and
 
 1. ends waiting jobs whose deadline passed (``expired``, no GPU used) and closes chunks left
    with no active job (finished, canceled, returned);
@@ -52,10 +53,10 @@ from sqlalchemy import func, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
 
 from worker import chunks, dispatch, jobs
-from worker.jobs import DEFAULT_JOB_GPU_SECONDS
 from worker.errors import BrokerUnavailable
+from worker.jobs import DEFAULT_JOB_GPU_SECONDS
 from worker.models import Chunk, Job, JobCost, JobStatus, Lease, Priority, Tenant, Worker, WorkerState, utcnow
-from worker.queues import GPU_QUEUE
+from worker.queues import GPU_QUEUE, worker_queue
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session
@@ -93,6 +94,7 @@ class _Plan:
     job_ids: list[str]
     share: float
     rank: int
+    session_id: str | None = None  # a session's turn (alone in its chunk: its chunk key is its own)
 
 
 @dataclass
@@ -112,6 +114,7 @@ class _Waiting:
     priority: str
     chunk_key: str
     cost: float
+    session_id: str | None = None
 
 
 def take_lease(session: Session, owner: str, lease_s: float, now: datetime | None = None) -> bool:
@@ -228,7 +231,12 @@ class Dispatcher:
         if not marked:
             return 0
         try:
-            dispatch.publish_chunks(self.settings, marked)
+            with self.session() as s:  # a session's turn goes to the worker holding its context first
+                preferred = dict(s.execute(select(Chunk.id, Chunk.preferred_worker).where(
+                    Chunk.id.in_(marked), Chunk.preferred_worker.is_not(None), Chunk.publish_count == 1)).all())
+            dispatch.publish_chunks(self.settings, [cid for cid in marked if cid not in preferred])
+            for cid, worker_id in preferred.items():
+                dispatch.publish_chunks(self.settings, [cid], queue=worker_queue(worker_id))
         except BrokerUnavailable as exc:
             log.warning("dispatcher: %s; %d chunk(s) stay formed for the next pass", exc, len(marked))
             with self.session() as s:
@@ -350,7 +358,8 @@ def _waiting_signature(s: Session, now: datetime) -> tuple[object, ...]:
     """How many jobs are ready to be formed into chunks, and the newest of them."""
     count, newest = s.execute(select(func.count(), func.max(Job.queued_at)).where(
         Job.status == JobStatus.queued, Job.chunk_id.is_(None), Job.cancel_requested.is_(False),
-        Job.dedupe_of.is_(None), or_(Job.not_before.is_(None), Job.not_before <= now))).one()
+        Job.dedupe_of.is_(None), Job.after_job_id.is_(None),
+        or_(Job.not_before.is_(None), Job.not_before <= now))).one()
     return int(count or 0), newest
 
 
@@ -383,8 +392,10 @@ def _tenant_use(s: Session, settings: Settings, costs: dict[str, float], now: da
 def _form_chunks(s: Session, settings: Settings, slots: int, now: datetime) -> list[tuple[str, int]]:
     """Form up to ``slots`` chunks (see the module docstring); returns (chunk id, job count)."""
     formed: list[tuple[str, int]] = []
+    holders = _session_holders(s, settings, now)
     for plan in _plan_chunks(s, settings, slots, now):
-        chunk_id = chunks.form_chunk(s, plan.job_ids, now, share=plan.share, priority_rank=plan.rank)
+        chunk_id = chunks.form_chunk(s, plan.job_ids, now, share=plan.share, priority_rank=plan.rank,
+                                     preferred_worker=holders.get(plan.session_id) if plan.session_id else None)
         if chunk_id is not None:
             formed.append((chunk_id, len(plan.job_ids)))
     s.commit()
@@ -393,21 +404,35 @@ def _form_chunks(s: Session, settings: Settings, slots: int, now: datetime) -> l
     return formed
 
 
+def _session_holders(s: Session, settings: Settings, now: datetime) -> dict[str, str]:
+    """Session id → the ready worker (heard from within ``worker_dead_after_s``) that holds its
+    context in its cache; the most recently heard one when several do."""
+    since = now - timedelta(seconds=settings.worker_dead_after_s)
+    holders: dict[str, str] = {}
+    for worker_id, held in s.execute(select(Worker.id, Worker.sessions).where(
+            Worker.state == WorkerState.ready, Worker.last_seen >= since, Worker.sessions.is_not(None))
+            .order_by(Worker.last_seen)).all():
+        for session_id in held or []:
+            holders[session_id] = worker_id
+    return holders
+
+
 def _plan_chunks(s: Session, settings: Settings, slots: int, now: datetime) -> list[_Plan]:
     """The next ``slots`` chunks in fair-share order (see the module docstring), best first;
     writes nothing."""
     costs = job_costs(s)
     rows = s.execute(
-        select(Job.id, Job.tenant_id, Job.priority, Job.chunk_key, Job.cost_key)
+        select(Job.id, Job.tenant_id, Job.priority, Job.chunk_key, Job.cost_key, Job.session_id)
         .where(Job.status == JobStatus.queued, Job.chunk_id.is_(None), Job.cancel_requested.is_(False),
-               Job.dedupe_of.is_(None), or_(Job.not_before.is_(None), Job.not_before <= now))
+               Job.dedupe_of.is_(None), Job.after_job_id.is_(None),
+               or_(Job.not_before.is_(None), Job.not_before <= now))
         .order_by(Job.queued_at, Job.position).limit(MAX_CANDIDATES)).all()
     if not rows:
         return []
     waiting: dict[str, list[_Waiting]] = {}
-    for job_id, tenant, priority, key, cost_key in rows:
+    for job_id, tenant, priority, key, cost_key, session_id in rows:
         waiting.setdefault(tenant, []).append(
-            _Waiting(job_id, tenant, str(priority), key, costs.get(cost_key, DEFAULT_JOB_GPU_SECONDS)))
+            _Waiting(job_id, tenant, str(priority), key, costs.get(cost_key, DEFAULT_JOB_GPU_SECONDS), session_id))
     for queue in waiting.values():  # stable: age order within a priority
         queue.sort(key=lambda w: PRIORITY_RANK.get(w.priority, 1))
     tenants = {t.id: t for t in s.scalars(select(Tenant).where(Tenant.id.in_(list(waiting))))}
@@ -438,7 +463,7 @@ def _plan_chunks(s: Session, settings: Settings, slots: int, now: datetime) -> l
             running[tenant] = running.get(tenant, 0) + 1
         for w in members:
             use[w.tenant_id] = use.get(w.tenant_id, 0.0) + w.cost
-        plans.append(_Plan([w.id for w in members], head_share, head_rank))
+        plans.append(_Plan([w.id for w in members], head_share, head_rank, head.session_id))
     return plans
 
 

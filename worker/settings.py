@@ -94,6 +94,12 @@ class Settings(BaseSettings):
                                    "upload may carry (POST /v1/adapters)")
     adapter_cache_bytes: int = Field(2 * GIB, ge=0, description="device memory a GPU worker keeps loaded "
                                      "adapters in (least recently used evicted first)")
+    session_max_context_tokens: int = Field(16384, ge=256, description="the most tokens a session's context "
+                                            "may reach, its turn's output included (a turn beyond it is a 422)")
+    session_cache_bytes: int = Field(2 * GIB, ge=0, description="device memory a GPU worker keeps sessions' "
+                                     "context caches in (least recently used evicted first)")
+    session_affinity_s: float = Field(3.0, ge=0, description="how long a session turn waits for the worker "
+                                      "that holds its context cache before any worker takes it")
 
     # Execution.
     lease_s: int = Field(600, ge=1)

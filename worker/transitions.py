@@ -6,8 +6,9 @@ for a job that ran for a request hash (``worker.dedupe``), what that means for t
 wait on it: when it succeeded they succeed at once with its result (the same stored object, no
 GPU time, ``dedupe_of`` naming it); when it ended any other way (failed, canceled, expired) the
 oldest twin runs itself instead and the others wait on that one (``promote_twins``) — a twin
-never fails for what happened to another job. Leaves the choice of twins to ``dedupe.py`` and
-every other state change to ``jobs.py``.
+never fails for what happened to another job; for a session's turn, the next turn may run, or
+fails when it ended without a result (``next_turn``). Leaves the choice of twins to
+``dedupe.py``, turns to ``sessions.py`` and every other state change to ``jobs.py``.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from worker.models import Job, JobStatus
 log = logging.getLogger(__name__)
 
 _NO_SYNC = {"synchronize_session": False}
+PREVIOUS_TURN_FAILED = "previous_turn_failed"
 
 
 def end_job(session: Session, job_id: str, worker_id: str | None, status: JobStatus, now: datetime,
@@ -56,14 +58,36 @@ def end_job(session: Session, job_id: str, worker_id: str | None, status: JobSta
                             job_id=job.id, batch_id=job.batch_id)
     if job.batch_id:
         progress.report_batch(session, job.batch_id, now)
+    settle_waiters(session, job, status, now)
+    if commit:
+        session.commit()
+    return True
+
+
+def settle_waiters(session: Session, job: Job, status: JobStatus, now: datetime) -> None:
+    """What ``job``'s end (``status``) means for the jobs waiting on it: its identical twins
+    (``answer_twins`` / ``promote_twins``) and a session's next turn (``next_turn``). No commit."""
     if job.request_hash is not None and job.dedupe_of is None:
         if status == JobStatus.succeeded:
             answer_twins(session, job, now)
         else:
             promote_twins(session, job.id, now)
-    if commit:
-        session.commit()
-    return True
+    if job.session_id is not None:
+        next_turn(session, job, status, now)
+
+
+def next_turn(session: Session, turn: Job, status: JobStatus, now: datetime) -> None:
+    """A session's turn ended: the turn waiting on it may run once it succeeded; otherwise that
+    turn, which needs its output, fails (``previous_turn_failed``), and so on down the line."""
+    if status == JobStatus.succeeded:
+        session.execute(update(Job).where(Job.after_job_id == turn.id, Job.status == JobStatus.queued)
+                        .values(after_job_id=None, updated_at=now).execution_options(**_NO_SYNC))
+        return
+    for job_id in session.scalars(select(Job.id).where(Job.after_job_id == turn.id,
+                                                       Job.status == JobStatus.queued)).all():
+        end_job(session, job_id, None, JobStatus.failed, now, from_status=JobStatus.queued,
+                extra_where=(Job.after_job_id == turn.id,), commit=False, error_code=PREVIOUS_TURN_FAILED,
+                error_message=f"turn {turn.turn_index} of its session ended {status.value}; this turn needed it")
 
 
 def answer_twins(session: Session, original: Job, now: datetime) -> int:

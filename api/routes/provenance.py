@@ -49,7 +49,8 @@ class Provenance(BaseModel):
         "bitsandbytes_version": "0.48.2",
         "noise_source": "torch.Generator(device='cuda:0').manual_seed(params.seed); …",
         "task": "tryon", "params": {"num_timesteps": 50, "seed": 7, "cfg_img_scale": 2.5, "taylorseer": False},
-        "seed": 7, "result_seed": 7, "quality_gate": None, "answered_from": None, "think": False, "think_text_sha256": None, "think_text": None, "taylorseer": False,
+        "seed": 7, "result_seed": 7, "quality_gate": None, "answered_from": None, "session_context": None,
+        "think": False, "think_text_sha256": None, "think_text": None, "taylorseer": False,
         "adapter_id": None, "adapter_scale": None, "width": 1024, "height": 1024,
         "worker_id": "gpu-0:4121:a1b2c3", "hostname": "gpu-0", "output_sha256": _SHA}]})
 
@@ -85,6 +86,9 @@ class Provenance(BaseModel):
                                                 "max_regenerations); null without")
     answered_from: str | None = Field(None, description="set when an identical job's result answered this one "
                                       "(dedupe hit): that job, whose record this is")
+    session_context: dict[str, Any] | None = Field(None, description="a session's turn: its session and how many "
+                                                   "parts of its context the worker's cache held (0: prefilled "
+                                                   "from the transcript)")
     think: bool = Field(description="whether it reasoned first")
     think_text_sha256: str | None = Field(description="SHA-256 of the reasoning (UTF-8); null without think")
     think_text: str | None = Field(description="the reasoning itself, while the result is kept; null without "
