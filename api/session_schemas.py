@@ -9,7 +9,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field
 
 from api.contract import ID_PATTERN, PROMPT_PATTERN
 from api.schemas import GenerationParamsIn, Strict, _side
@@ -20,21 +20,22 @@ TurnTask = Literal["understand", "generate", "edit"]
 MAX_TURN_FILES = 4
 
 
-class SessionPartIn(Strict):
-    """An opening part: a text, or an uploaded picture (``POST /v1/files``)."""
+class SessionText(Strict):
+    """An opening text."""
 
-    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"text": "Meet Mira, our mascot."}]})
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"text": "This is Mira."}]})
 
-    text: str | None = Field(None, min_length=1, max_length=MAX_PROMPT_CHARS, json_schema_extra={
-        "pattern": PROMPT_PATTERN}, description="a text")
-    file_id: str | None = Field(None, min_length=1, max_length=64, json_schema_extra={"pattern": ID_PATTERN},
-                                description="a picture, by file id")
+    text: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS, json_schema_extra={"pattern": PROMPT_PATTERN},
+                      description="a text")
 
-    @model_validator(mode="after")
-    def _one_of(self) -> SessionPartIn:
-        if (self.text is None) == (self.file_id is None):
-            raise ValueError("give exactly one of text and file_id")
-        return self
+
+class SessionPicture(Strict):
+    """An opening picture, uploaded first (``POST /v1/files``)."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"file_id": "f_1"}]})
+
+    file_id: str = Field(min_length=1, max_length=64, json_schema_extra={"pattern": ID_PATTERN},
+                         description="a picture, by file id")
 
 
 class SessionIn(Strict):
@@ -47,8 +48,8 @@ class SessionIn(Strict):
     system_prompt: str | None = Field(None, min_length=1, max_length=MAX_PROMPT_CHARS,
                                       json_schema_extra={"pattern": PROMPT_PATTERN},
                                       description="the first text of every turn's context")
-    parts: list[SessionPartIn] = Field(default_factory=list, max_length=MAX_OPENING_PARTS,
-                                       description="opening texts and pictures, in order")
+    parts: list[SessionText | SessionPicture] = Field(default_factory=list, max_length=MAX_OPENING_PARTS,
+                                                      description="opening texts and pictures, in order")
     metadata: dict[str, Any] | None = Field(None, description="your JSON object (at most 16 KiB)")
 
 

@@ -6,7 +6,9 @@ Upload pictures, submit jobs and batches (``tryon``: one product, many scenes), 
 progress callback, download results, list, cancel, share a batch's gallery page
 (``share_batch``), and verify webhooks (``verify_webhook``). Register LoRA adapters
 (``upload_adapter``) and run jobs with one (``adapter=``); read what made a job's output
-(``get_provenance``) and submit it again (``rerun``). Ask for the quality gate
+(``get_provenance``) and submit it again (``rerun``). Hold a conversation in a session
+(``create_session``, ``add_turn``: a job that sees every earlier turn; ``get_session``: the
+transcript; ``delete_session``). Ask for the quality gate
 (``quality_gate=QualityGate(threshold, max_regenerations)`` or its dict on any submission; a
 succeeded job's ``quality`` is the record) and read exact-request dedupe (``Job.dedupe``,
 ``Job.dedupe_of``: a seeded request identical to an earlier one is answered from its result).
@@ -48,8 +50,12 @@ from bagel_client.models import (
     QualityGateParams,
     Queue,
     Result,
+    Session,
+    SessionPart,
     Share,
     Timings,
+    TranscriptItem,
+    Turn,
 )
 from bagel_client.retries import RetryPolicy
 from bagel_client.webhooks import verify_webhook
@@ -58,5 +64,6 @@ __all__ = [
     "Adapter", "ApiError", "AsyncClient", "BagelError", "Batch", "BatchItem", "Client", "Delivery", "DeliveryAttempt",
     "Event", "File", "GenerationParams", "Job", "JobError", "Progress", "Provenance", "Quality", "QualityAnswer",
     "QualityAttempt", "QualityGate", "QualityGateParams", "Queue", "Result", "ResultUnavailable", "RetryPolicy",
-    "Share", "Timings", "WaitTimeout", "WebhookVerificationError", "verify_webhook",
+    "Session", "SessionPart", "Share", "Timings", "TranscriptItem", "Turn", "WaitTimeout", "WebhookVerificationError",
+    "verify_webhook",
 ]

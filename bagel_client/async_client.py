@@ -26,7 +26,12 @@ from typing import Any, Literal, Self, overload
 import httpx
 
 from bagel_client import calls
-from bagel_client.calls import AdapterSource, QualityGateSource, UploadSource
+from bagel_client.calls import (
+    AdapterSource,
+    QualityGateSource,
+    SessionPartSource,
+    UploadSource,
+)
 from bagel_client.errors import WaitTimeout
 from bagel_client.models import (
     Adapter,
@@ -39,8 +44,10 @@ from bagel_client.models import (
     JobStatus,
     Priority,
     Provenance,
+    Session,
     Share,
     Task,
+    TurnTask,
 )
 from bagel_client.retries import RetryPolicy
 from bagel_client.waiting import Poller, ProgressCallback, timeout_message
@@ -161,6 +168,31 @@ class AsyncClient:
                                        adapter=adapter, adapter_scale=adapter_scale, quality_gate=quality_gate,
                                        webhook_url=webhook_url, metadata=metadata, priority=priority,
                                        deadline_s=deadline_s, idempotency_key=idempotency_key)
+
+    # Sessions
+
+    async def create_session(self, *, system_prompt: str | None = None, parts: Sequence[SessionPartSource] = (),
+                             metadata: Mapping[str, Any] | None = None) -> Session:
+        """A session whose turns see the earlier turns (see ``Client.create_session``)."""
+        return Session.from_json(await self._json(calls.create_session(system_prompt, parts, metadata)))
+
+    async def get_session(self, session: str | Session) -> Session:
+        """The session with its turns and transcript (pictures with fresh download URLs)."""
+        return Session.from_json(await self._json(calls.get(calls.session_path(session))))
+
+    async def delete_session(self, session: str | Session) -> None:
+        """Delete the session, its turns (a running one stops) and their results; uploaded files stay."""
+        await self._send(calls.Call("DELETE", calls.session_path(session)))
+
+    async def add_turn(self, session: str | Session, task: TurnTask, prompt: str, *,
+                       input_files: Sequence[str | File] = (), think: bool = False, seed: int | None = None,
+                       params: GenerationParams | None = None, width: int | None = None, height: int | None = None,
+                       webhook_url: str | None = None, metadata: Mapping[str, Any] | None = None,
+                       idempotency_key: str | None = None) -> Job:
+        """Queue a turn that sees the session's context; returns its job (see ``Client.add_turn``)."""
+        return Job.from_json(await self._json(calls.add_turn(
+            session, task, prompt, input_files=input_files, think=think, seed=seed, params=params, width=width,
+            height=height, webhook_url=webhook_url, metadata=metadata, idempotency_key=idempotency_key)))
 
     # Reading and listing
 

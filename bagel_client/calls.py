@@ -3,9 +3,10 @@
 
 Owns: the endpoint paths, the request bodies (fields left as None are not sent, so the
 service's defaults apply; a quality gate, a ``QualityGate`` or a dict, is sent as its object),
-reading an upload's bytes (an image, or a LoRA adapter's two PEFT files), a fresh
-``Idempotency-Key`` (uuid4) for every creating call the API deduplicates unless the caller gives
-one, the API's address and key (arguments or environment), and where a download is written.
+reading an upload's bytes (an image, or a LoRA adapter's two PEFT files), a session's opening
+parts in their wire form, a fresh ``Idempotency-Key`` (uuid4) for every creating call the API
+deduplicates unless the caller gives one, the API's address and key (arguments or environment),
+and where a download is written.
 Leaves retries to ``bagel_client.retries``, ``wait``'s schedule to ``bagel_client.waiting`` and
 the answers' shapes to ``bagel_client.models``.
 """
@@ -33,13 +34,18 @@ from bagel_client.models import (
     Priority,
     QualityGate,
     QualityGateParams,
+    Session,
+    SessionPart,
     Task,
+    TurnTask,
 )
 
 UploadSource: TypeAlias = "str | os.PathLike[str] | bytes | IO[bytes]"
 # A LoRA adapter: the folder PEFT's save_pretrained wrote, or its (config, weights) files.
 AdapterSource: TypeAlias = "str | os.PathLike[str] | tuple[UploadSource, UploadSource]"
 QualityGateSource: TypeAlias = "QualityGate | QualityGateParams | Mapping[str, Any]"
+# A session's opening part: a text, an uploaded File, or its wire form ({"text": ...} or {"file_id": ...}).
+SessionPartSource: TypeAlias = "str | File | SessionPart"
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 USER_AGENT = "bagel-client (httpx)"
@@ -88,7 +94,7 @@ def _key(idempotency_key: str | None) -> str:
     return idempotency_key if idempotency_key is not None else str(uuid.uuid4())
 
 
-def id_of(target: str | File | Job | Batch | Adapter) -> str:
+def id_of(target: str | File | Job | Batch | Adapter | Session) -> str:
     return target if isinstance(target, str) else target.id
 
 
@@ -182,6 +188,39 @@ def submit_batch(items: Sequence[BatchItem], *, task: Task | None, product_file:
                        "metadata": dict(metadata) if metadata is not None else None, "priority": priority,
                        "deadline_s": deadline_s})
     return Call("POST", "/v1/batches", json=body, idempotency_key=_key(idempotency_key))
+
+
+def session_part(part: SessionPartSource) -> dict[str, str]:
+    """An opening part's wire form: a string is a text, a ``File`` a picture; a ``SessionPart``
+    dict is sent as given (the API refuses one with both or neither key)."""
+    if isinstance(part, str):
+        return {"text": part}
+    if isinstance(part, File):
+        return {"file_id": part.id}
+    return dict(part)
+
+
+def create_session(system_prompt: str | None, parts: Sequence[SessionPartSource],
+                   metadata: Mapping[str, Any] | None) -> Call:
+    """No ``Idempotency-Key``: the API does not deduplicate session creation (see
+    ``bagel_client.retries``)."""
+    body = _drop_none({"system_prompt": system_prompt, "parts": [session_part(p) for p in parts] or None,
+                       "metadata": dict(metadata) if metadata is not None else None})
+    return Call("POST", "/v1/sessions", json=body)
+
+
+def session_path(session: str | Session) -> str:
+    return f"/v1/sessions/{quote(id_of(session), safe='')}"
+
+
+def add_turn(session: str | Session, task: TurnTask, prompt: str, *, input_files: Sequence[str | File], think: bool,
+             seed: int | None, params: GenerationParams | None, width: int | None, height: int | None,
+             webhook_url: str | None, metadata: Mapping[str, Any] | None, idempotency_key: str | None) -> Call:
+    body = _drop_none({"task": task, "prompt": prompt, "input_file_ids": [id_of(f) for f in input_files] or None,
+                       "think": think or None, "seed": seed, "params": dict(params) if params else None,
+                       "width": width, "height": height, "webhook_url": webhook_url,
+                       "metadata": dict(metadata) if metadata is not None else None})
+    return Call("POST", f"{session_path(session)}/turns", json=body, idempotency_key=_key(idempotency_key))
 
 
 def tryon_items(prompts: Sequence[str | BatchItem], seed: int | None) -> list[BatchItem]:

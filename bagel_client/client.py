@@ -4,7 +4,8 @@ Owns: sending the requests ``bagel_client.calls`` describes, with the retries of
 ``bagel_client.retries`` (sleeping between them), and the loops on top: paging through
 listings, polling in ``wait``, the try-on helper. Also LoRA adapters (upload, list, read,
 delete; ``adapter=`` on submissions), the quality gate (``quality_gate=`` on submissions), a
-job's provenance and its re-run. ``AsyncClient`` is the same with ``await``.
+job's provenance and its re-run, and sessions (create, add a turn, read the transcript,
+delete). ``AsyncClient`` is the same with ``await``.
 
     with Client("http://127.0.0.1:8000", "bj_…") as client:
         batch = client.tryon("bag.png", ["on a marble counter", "on a beach at sunset"])
@@ -26,7 +27,12 @@ from typing import Any, Literal, Self, overload
 import httpx
 
 from bagel_client import calls
-from bagel_client.calls import AdapterSource, QualityGateSource, UploadSource
+from bagel_client.calls import (
+    AdapterSource,
+    QualityGateSource,
+    SessionPartSource,
+    UploadSource,
+)
 from bagel_client.errors import WaitTimeout
 from bagel_client.models import (
     Adapter,
@@ -39,8 +45,10 @@ from bagel_client.models import (
     JobStatus,
     Priority,
     Provenance,
+    Session,
     Share,
     Task,
+    TurnTask,
 )
 from bagel_client.retries import RetryPolicy
 from bagel_client.waiting import Poller, ProgressCallback, timeout_message
@@ -166,6 +174,35 @@ class Client:
                                  adapter=adapter, adapter_scale=adapter_scale, quality_gate=quality_gate,
                                  webhook_url=webhook_url, metadata=metadata, priority=priority,
                                  deadline_s=deadline_s, idempotency_key=idempotency_key)
+
+    # Sessions
+
+    def create_session(self, *, system_prompt: str | None = None, parts: Sequence[SessionPartSource] = (),
+                       metadata: Mapping[str, Any] | None = None) -> Session:
+        """A session whose turns see the earlier turns; ``system_prompt`` and the opening ``parts``
+        (a string is a text, a ``File`` a picture, or their ``{"text"}`` / ``{"file_id"}`` dicts)
+        come first in every turn's context."""
+        return Session.from_json(self._json(calls.create_session(system_prompt, parts, metadata)))
+
+    def get_session(self, session: str | Session) -> Session:
+        """The session with its turns and transcript (pictures with fresh download URLs)."""
+        return Session.from_json(self._json(calls.get(calls.session_path(session))))
+
+    def delete_session(self, session: str | Session) -> None:
+        """Delete the session, its turns (a running one stops) and their results; uploaded files stay."""
+        self._send(calls.Call("DELETE", calls.session_path(session)))
+
+    def add_turn(self, session: str | Session, task: TurnTask, prompt: str, *, input_files: Sequence[str | File] = (),
+                 think: bool = False, seed: int | None = None, params: GenerationParams | None = None,
+                 width: int | None = None, height: int | None = None, webhook_url: str | None = None,
+                 metadata: Mapping[str, Any] | None = None, idempotency_key: str | None = None) -> Job:
+        """Queue a turn (understand, generate or edit) that sees the session's context, then
+        ``input_files`` and ``prompt``; returns its job (``wait`` it like any job). Turns run in
+        order. A picture turn takes the size of the latest picture in the context; ``width`` and
+        ``height`` only when there is none (a 422 otherwise)."""
+        return Job.from_json(self._json(calls.add_turn(
+            session, task, prompt, input_files=input_files, think=think, seed=seed, params=params, width=width,
+            height=height, webhook_url=webhook_url, metadata=metadata, idempotency_key=idempotency_key)))
 
     # Reading and listing
 

@@ -1,12 +1,13 @@
 """What the API returns and takes, as plain typed Python: frozen dataclasses for the answers
-(``File``, ``Job``, ``Batch``, ``Share``, ``Delivery``, ``Adapter``, ``Provenance`` and their
-parts, among them a job's quality-gate record ``Quality``), TypedDicts for the inputs
-(``GenerationParams``, ``BatchItem``, ``QualityGateParams``) and the frozen ``QualityGate``.
+(``File``, ``Job``, ``Batch``, ``Share``, ``Delivery``, ``Adapter``, ``Provenance``, ``Session``
+and their parts, among them a job's quality-gate record ``Quality`` and a session's ``Turn`` and
+``TranscriptItem``), TypedDicts for the inputs (``GenerationParams``, ``BatchItem``,
+``QualityGateParams``, ``SessionPart``) and the frozen ``QualityGate``.
 
 Owns: reading the JSON bodies of ``api/schemas.py`` (``FileOut``, ``JobOut``, ``BatchOut``,
 ``DeliveryOut``), ``api/quality_schemas.py`` (``QualityOut``), ``api/share.py`` (``ShareOut``),
-``api/routes/adapters.py`` (``AdapterOut``) and ``api/routes/provenance.py`` (``Provenance``)
-into these types. Fields the SDK does not know yet are ignored, and every object keeps the body
+``api/routes/adapters.py`` (``AdapterOut``), ``api/routes/provenance.py`` (``Provenance``) and
+``api/session_schemas.py`` (``SessionOut``) into these types. Fields the SDK does not know yet are ignored, and every object keeps the body
 it was read from in ``raw``. Leaves the HTTP calls to the clients.
 No pydantic: the SDK depends on httpx and standardwebhooks only.
 """
@@ -18,6 +19,7 @@ from datetime import datetime
 from typing import Any, Literal, Required, TypedDict
 
 Task = Literal["generate", "edit", "understand", "tryon"]
+TurnTask = Literal["understand", "generate", "edit"]
 Priority = Literal["interactive", "batch"]
 JobStatus = Literal["queued", "running", "succeeded", "failed", "canceled", "expired"]
 TERMINAL_STATUSES: frozenset[str] = frozenset({"succeeded", "failed", "canceled", "expired"})
@@ -73,6 +75,14 @@ class BatchItem(TypedDict, total=False):
     params: GenerationParams
     quality_gate: QualityGateParams | QualityGate
     metadata: dict[str, Any]
+
+
+class SessionPart(TypedDict, total=False):
+    """An opening part of ``create_session`` in its wire form: ``{"text": ...}`` or
+    ``{"file_id": ...}`` (an uploaded picture), exactly one of the two."""
+
+    text: str
+    file_id: str
 
 
 def parse_datetime(value: str | None) -> datetime | None:
@@ -240,7 +250,8 @@ class Job:
     ``hit`` (answered at submission from the identical job ``dedupe_of``, no GPU time),
     ``waiting`` (waits on ``dedupe_of``, still running), ``miss`` (runs itself), None (it does not
     qualify: no seed given, the tenant opted out, a re-run); ``quality``: the quality gate's
-    record, once a job that asked for it succeeded."""
+    record, once a job that asked for it succeeded. ``session_id`` and ``turn_index``: the session
+    it is a turn of (``add_turn``) and its place there from 0, None for a job on its own."""
 
     id: str
     batch_id: str | None
@@ -271,6 +282,8 @@ class Job:
     dedupe: str | None
     dedupe_of: str | None
     quality: Quality | None
+    session_id: str | None
+    turn_index: int | None
     raw: dict[str, Any] = field(repr=False, compare=False)
 
     @property
@@ -296,7 +309,8 @@ class Job:
             webhook_url=body.get("webhook_url"), created_at=datetime.fromisoformat(body["created_at"]),
             priority=body.get("priority", "batch"), deadline_at=parse_datetime(body.get("deadline_at")),
             queue=Queue.from_json(body.get("queue")), rerun_of=body.get("rerun_of"), dedupe=body.get("dedupe"),
-            dedupe_of=body.get("dedupe_of"), quality=Quality.from_json(body.get("quality")), raw=body)
+            dedupe_of=body.get("dedupe_of"), quality=Quality.from_json(body.get("quality")),
+            session_id=body.get("session_id"), turn_index=body.get("turn_index"), raw=body)
 
 
 @dataclass(frozen=True)
@@ -343,6 +357,67 @@ class Batch:
             job_ids=None if job_ids is None else list(job_ids), priority=body.get("priority", "batch"),
             deadline_at=parse_datetime(body.get("deadline_at")), gpu_seconds=float(body.get("gpu_seconds") or 0.0),
             queue=Queue.from_json(body.get("queue")), raw=body)
+
+
+@dataclass(frozen=True)
+class Turn:
+    """One turn of a session: its place (from 0), its job (``get_job``, ``wait``), what it makes
+    and its job's status."""
+
+    index: int
+    job_id: str
+    task: str
+    status: str
+
+
+@dataclass(frozen=True)
+class TranscriptItem:
+    """One thing a session's model has seen or said, in order: ``role`` (system, user or
+    assistant), ``kind`` (text or image), the ``text``, a picture's ``file_id`` (one the user
+    gave) and download ``url`` (minted at each read), and the ``turn`` and ``job_id`` it belongs
+    to (None for the system prompt and the opening parts)."""
+
+    role: str
+    kind: str
+    text: str | None
+    file_id: str | None
+    url: str | None
+    turn: int | None
+    job_id: str | None
+
+    @classmethod
+    def from_json(cls, body: dict[str, Any]) -> TranscriptItem:
+        return cls(role=body["role"], kind=body["kind"], text=body.get("text"), file_id=body.get("file_id"),
+                   url=body.get("url"), turn=body.get("turn"), job_id=body.get("job_id"))
+
+
+@dataclass(frozen=True)
+class Session:
+    """A session (``GET /v1/sessions/{id}``): the system prompt and opening ``parts`` every turn
+    sees first, its ``turns`` in order and the ``transcript`` (pictures with download URLs).
+    ``context_tokens`` is the context so far, an upper bound, against ``max_context_tokens``."""
+
+    id: str
+    system_prompt: str | None
+    parts: list[SessionPart]
+    metadata: dict[str, Any]
+    created_at: datetime
+    max_context_tokens: int
+    context_tokens: int
+    turns: list[Turn]
+    transcript: list[TranscriptItem]
+    raw: dict[str, Any] = field(repr=False, compare=False)
+
+    @classmethod
+    def from_json(cls, body: dict[str, Any]) -> Session:
+        return cls(
+            id=body["id"], system_prompt=body.get("system_prompt"),
+            parts=[SessionPart(**p) for p in body.get("parts") or []], metadata=dict(body.get("metadata") or {}),
+            created_at=datetime.fromisoformat(body["created_at"]), max_context_tokens=body["max_context_tokens"],
+            context_tokens=body["context_tokens"],
+            turns=[Turn(index=t["index"], job_id=t["job_id"], task=t["task"], status=t["status"])
+                   for t in body.get("turns") or []],
+            transcript=[TranscriptItem.from_json(i) for i in body.get("transcript") or []], raw=body)
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,8 @@ it is briefly unavailable), and connection errors and timeouts. Every request th
 may be sent twice safely: reads, cancels and deletes (idempotent by nature, a repeated delete
 at worst a 404) and creating POSTs, which carry an ``Idempotency-Key`` that stays the same
 across the retries of one call, so the service creates at most one file, adapter, job or batch
-for it.
+for it. The exception is ``create_session``: the API takes no ``Idempotency-Key`` there, so a
+retry after an answer that was lost may leave a second, empty session behind.
 
 A ``Retry-After`` header is honoured: the SDK waits that long (not less), unless it is longer
 than ``max_retry_after_s``, in which case waiting less would only be refused again and the

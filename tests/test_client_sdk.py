@@ -11,10 +11,12 @@ files as bytes and a file object), listed, read, used by a try-on batch and dele
 job's provenance and a re-run that makes the same PNG (both clients), a 409 provenance before a
 worker ran the job; a quality-gated job (``QualityGate``) that keeps both attempts, each
 downloadable, and the identical request (as ``QualityGate``, as a dict, as a batch item over the
-batch's gate) answered by dedupe, a batch item without its own gate taking the batch's; the
-``submit tryon`` command's images, manifest (with the gate's verdict and the dedupe state), exit
-codes, ``--adapter`` and ``--quality-threshold``; and the README's "Using it from Python"
-example, run as written.
+batch's gate) answered by dedupe, a batch item without its own gate taking the batch's; a
+session through ``AsyncClient`` (opening parts with an uploaded picture, an edit turn replayed by
+its idempotency key, a question turn that sees it, both turns' jobs waited, the transcript in
+order, the session deleted); the ``submit tryon`` command's images, manifest (with the gate's
+verdict and the dedupe state), exit codes, ``--adapter`` and ``--quality-threshold``; and the
+README's "Using it from Python" examples (a try-on batch, a session), run as written.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ from bagel_client import (
     Client,
     QualityGate,
     RetryPolicy,
+    Turn,
     WebhookVerificationError,
     verify_webhook,
 )
@@ -53,7 +56,7 @@ from tests.fixtures.worker import ROOT, Stack
 from worker import tenants
 from worker.dev.demo import product_image
 from worker.dev.receiver import WebhookReceiver
-from worker.models import Job
+from worker.models import Job, ModelSession
 
 PRODUCT_PX = 64
 STEPS = 2
@@ -463,6 +466,55 @@ def test_a_gated_job_keeps_both_attempts_and_the_identical_request_is_answered_b
 
 
 # ---------------------------------------------------------------------------------------------
+# Sessions
+
+
+def test_the_async_client_holds_a_session_whose_turns_see_the_earlier_ones(stack: Stack) -> None:
+    for role in ("api", "gpu", "reconciler"):
+        stack.start(role)
+    _, key, _ = _tenant(stack)
+    turn = {"seed": 1, "params": {"num_timesteps": STEPS}}
+
+    async def scenario() -> tuple[object, ...]:
+        async with AsyncClient(stack.api_url(), key) as client:
+            bag = await client.upload(product_image(PRODUCT_PX), filename="bag.png")
+            session = await client.create_session(system_prompt="You photograph our bags.",
+                                                  parts=[bag, "This is our bag.", {"text": "It is red."}],
+                                                  metadata={"shop": "bags"})
+            edit = await client.add_turn(session, "edit", "the bag on a beach", idempotency_key="beach", **turn)
+            replayed = await client.add_turn(session, "edit", "the bag on a beach", idempotency_key="beach", **turn)
+            ask = await client.add_turn(session.id, "understand", "What is on the beach?",
+                                        params={"max_new_tokens": 8})
+            done = [await client.wait(job, timeout_s=WAIT_S, poll_s=0.05) for job in (edit, ask)]
+            png = await client.result_bytes(done[0])
+            read = await client.get_session(session)
+            await client.delete_session(session)
+            with pytest.raises(ApiError) as gone:
+                await client.get_session(session.id)
+            return bag, session, edit, replayed, ask, done, png, read, gone.value
+
+    bag, session, edit, replayed, ask, (edited, answered), png, read, gone = asyncio.run(scenario())
+    assert session.parts == [{"file_id": bag.id}, {"text": "This is our bag."}, {"text": "It is red."}]
+    assert session.metadata == {"shop": "bags"} and session.turns == []
+    assert 0 < session.context_tokens < session.max_context_tokens
+    assert replayed.id == edit.id  # the same Idempotency-Key: the first answer again
+    assert (edit.session_id, edit.turn_index, ask.session_id, ask.turn_index) == (session.id, 0, session.id, 1)
+    assert edited.status == answered.status == "succeeded" and isinstance(answered.result.text, str)
+    assert _png_size(png) == (edited.width, edited.height) == (PRODUCT_PX, PRODUCT_PX)  # the bag's size
+
+    assert read.turns == [Turn(0, edit.id, "edit", "succeeded"), Turn(1, ask.id, "understand", "succeeded")]
+    assert [(i.turn, i.role, i.kind) for i in read.transcript] == [
+        (None, "system", "text"), (None, "user", "image"), (None, "user", "text"), (None, "user", "text"),
+        (0, "user", "text"), (0, "assistant", "image"), (1, "user", "text"), (1, "assistant", "text")]
+    assert read.transcript[1].file_id == bag.id and read.transcript[1].url
+    assert [i.job_id for i in read.transcript[4:]] == [edit.id, edit.id, ask.id, ask.id]
+    assert read.transcript[7].text == answered.result.text and read.context_tokens > session.context_tokens
+    assert (gone.status, gone.code, gone.field) == (404, "not_found", "session_id")
+    with stack.session() as s:
+        assert s.query(ModelSession).count() == 0 and s.query(Job).count() == 0  # its turns went with it
+
+
+# ---------------------------------------------------------------------------------------------
 # The command line and the README
 
 
@@ -549,3 +601,41 @@ def test_the_readme_python_example_runs_as_written(stack: Stack, tmp_path: Path)
     assert [p.name for p in written] == ["0.png", "1.png"]
     assert all(_png_size(p.read_bytes()) == (PRODUCT_PX, PRODUCT_PX) for p in written)
     assert "2/2 jobs" in run.stdout
+
+
+# README "Using it from Python", sessions: run as written.
+SESSION_EXAMPLE = """\
+from bagel_client import Client
+
+with Client() as client:  # BAGEL_API_URL and BAGEL_API_KEY from the environment
+    bag = client.upload("bag.png")
+    session = client.create_session(system_prompt="You photograph our bags.", parts=[bag, "This is our bag."])
+    beach = client.add_turn(session, "edit", "the bag on a beach at sunset", seed=1)
+    question = client.add_turn(session, "understand", "What colour is the sky?")  # sees the beach picture
+    beach, question = client.wait(beach), client.wait(question)
+    client.download(beach, "beach.png")
+    for item in client.get_session(session).transcript:
+        print(item.turn, item.role, item.kind, item.text if item.kind == "text" else item.url)
+    client.delete_session(session)
+"""
+
+
+@SQLITE_ONLY
+def test_the_readme_session_example_runs_as_written(stack: Stack, tmp_path: Path) -> None:
+    for role in ("api", "gpu", "reconciler"):
+        stack.start(role)
+    _, key, _ = _tenant(stack)
+    _product(tmp_path)
+    env = dict(stack.env, BAGEL_API_URL=stack.api_url(), BAGEL_API_KEY=key)
+    assert f"```python\n{SESSION_EXAMPLE}```" in (ROOT / "README.md").read_text()  # the README's, as written
+    run = subprocess.run([sys.executable, "-c", SESSION_EXAMPLE], cwd=tmp_path, env=env, capture_output=True,
+                         text=True, timeout=WAIT_S, check=False)
+    assert run.returncode == 0, run.stderr
+    assert _png_size((tmp_path / "beach.png").read_bytes()) == (PRODUCT_PX, PRODUCT_PX)
+    lines = ["None system text You photograph our bags.", "None user image http", "None user text This is our bag.",
+             "0 user text the bag on a beach at sunset", "0 assistant image http", "1 user text What colour is the sky?",
+             "1 assistant text "]
+    starts = [run.stdout.find("\n" + line) for line in lines[1:]]
+    assert run.stdout.startswith(lines[0]) and -1 not in starts and starts == sorted(starts), run.stdout
+    with stack.session() as s:
+        assert s.query(ModelSession).count() == 0 and s.query(Job).count() == 0

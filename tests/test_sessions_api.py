@@ -16,10 +16,12 @@ from fastapi.testclient import TestClient
 from sqlalchemy import func, select, update
 
 from api.main import create_app
+from bagel.sizes import vae_size
 from tests.fixtures.services import ApiStack
 from worker import tenants
 from worker.models import Job, ModelSession, Worker, WorkerState, utcnow
 from worker.scheduler import Dispatcher
+from worker.params import picture_constants
 from worker.storage import make_store, output_key
 
 
@@ -52,7 +54,7 @@ def test_a_session_is_created_read_and_checked(api_stack: ApiStack) -> None:
     assert bad.status_code == 422 and bad.json()["error"]["field"] == "parts[0].file_id"
     both = api_stack.client.post("/v1/sessions", json={"parts": [{"text": "a", "file_id": picture}]},
                                  headers=api_stack.auth())
-    assert both.status_code == 422 and "exactly one" in both.json()["error"]["message"]
+    assert both.status_code == 422 and both.json()["error"]["field"].startswith("parts[0]")
     empty = _session(api_stack)
     edit = _turn(api_stack, empty["id"], {"task": "edit", "prompt": "make it blue"})
     assert edit.status_code == 422 and edit.json()["error"]["field"] == "task"
@@ -111,6 +113,33 @@ def test_turns_run_in_order_and_a_failed_turn_fails_the_next(api_stack: ApiStack
     for job_id in (second["id"], third["id"]):  # each needed the one before it
         job = api_stack.client.get(f"/v1/jobs/{job_id}", headers=api_stack.auth()).json()
         assert job["status"] == "failed" and job["error"]["code"] == "previous_turn_failed", job
+    got = api_stack.client.get(f"/v1/sessions/{session['id']}", headers=api_stack.auth()).json()
+    assert [t["status"] for t in got["turns"]] == ["canceled", "failed", "failed"]
+    assert [i["role"] for i in got["transcript"]] == ["system"]  # no turn that ended without a result
+
+
+def test_a_turn_counts_the_turns_still_to_run_before_it(api_stack: ApiStack) -> None:
+    session = _session(api_stack)
+    pending = _turn(api_stack, session["id"], {"task": "generate", "prompt": "a fox", "width": 64, "height": 48})
+    edit = _turn(api_stack, session["id"], {"task": "edit", "prompt": "give it a hat", "seed": 4})
+    assert pending.status_code == 202 and edit.status_code == 202, edit.text  # the picture it will edit is coming
+    made = (pending.json()["width"], pending.json()["height"])  # the edit takes that picture as the model resizes it
+    assert (edit.json()["width"], edit.json()["height"]) == vae_size(*made, picture_constants(api_stack.settings.model_path))
+    picture = api_stack.upload_png((32, 32))
+    asking = _turn(api_stack, session["id"], {"task": "understand", "prompt": "what is this?",
+                                              "input_file_ids": [picture]}).json()
+    transcript = api_stack.client.get(f"/v1/sessions/{session['id']}", headers=api_stack.auth()).json()["transcript"]
+    shown = [i for i in transcript if i["turn"] == asking["turn_index"] and i["kind"] == "image"]
+    assert shown[0]["file_id"] == picture and shown[0]["url"]
+
+
+def test_a_session_created_twice_with_one_key_is_one_session(api_stack: ApiStack) -> None:
+    headers = {**api_stack.auth(), "Idempotency-Key": "s-1"}
+    once = api_stack.client.post("/v1/sessions", json={"system_prompt": "hi"}, headers=headers)
+    twice = api_stack.client.post("/v1/sessions", json={"system_prompt": "hi"}, headers=headers)
+    assert once.status_code == twice.status_code == 201 and once.json()["id"] == twice.json()["id"]
+    other = api_stack.client.post("/v1/sessions", json={"system_prompt": "other"}, headers=headers)
+    assert other.status_code == 409
 
 
 def test_turns_count_against_the_tenants_waiting_limit(api_stack: ApiStack) -> None:

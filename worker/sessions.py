@@ -58,8 +58,9 @@ class Part:
     path, the generation path or both."""
 
     text: str | None = None
-    key: str | None = None  # the picture's storage key
+    key: str | None = None  # the picture's storage key ("pending:<job id>" for one not made yet)
     size: tuple[int, int] | None = None  # the picture's (width, height) px
+    tokens: int | None = None  # an answer not given yet: its token budget
 
 
 def create(session: Session, tenant_id: str, *, system_prompt: str | None, parts: Sequence[dict[str, str]],
@@ -104,6 +105,8 @@ def context_tokens(settings: Settings, parts: Sequence[Part], *, output: str, ou
     for part in parts:
         if part.text is not None:
             total += len(part.text.encode()) + TEXT_MARKERS
+        elif part.tokens is not None:
+            total += part.tokens + TEXT_MARKERS
         else:
             assert part.size is not None
             w, h = vae_size(*part.size, consts)
@@ -131,15 +134,24 @@ def opening(session: Session, row: ModelSession) -> list[Part]:
     return out
 
 
-def turn_parts(session: Session, row: ModelSession, upto: int, own: Job | None = None) -> list[Part]:
+def turn_parts(session: Session, row: ModelSession, upto: int, own: Job | None = None, *,
+               planned: bool = False) -> list[Part]:
     """The context of turn ``upto``: the opening, every earlier turn that succeeded verbatim (its
-    pictures, its prompt, its output), then ``own``'s pictures and prompt when given."""
+    pictures, its prompt, its output), then ``own``'s pictures and prompt when given. With
+    ``planned`` (at submission), earlier turns still waiting or running count too, their outputs
+    as what they will make: a picture of their size, an answer of their token budget."""
     parts = opening(session, row)
     earlier = [job for job in turns(session, row.id) if job.turn_index < upto]
     files = _files(session, row.tenant_id, [fid for job in [*earlier, *([own] if own else [])]
                                              for fid in job.input_file_ids])
     for job in earlier:
-        if JobStatus(job.status) != JobStatus.succeeded or job.result_expired_at is not None:
+        status = JobStatus(job.status)
+        if planned and status in (JobStatus.queued, JobStatus.running):
+            parts += _asked(job, files)
+            parts.append(Part(tokens=int(job.params.get("max_new_tokens", 0))) if job.task == "understand"
+                         else Part(key=f"pending:{job.id}", size=(job.width, job.height)))
+            continue
+        if status != JobStatus.succeeded or job.result_expired_at is not None:
             continue
         parts += _asked(job, files)
         parts.append(Part(text=job.output_text or "") if job.task == "understand"
@@ -160,7 +172,9 @@ def picture_size(settings: Settings, parts: Sequence[Part]) -> tuple[int, int] |
 
 
 def transcript(session: Session, row: ModelSession, url: Callable[[str], str]) -> list[dict[str, Any]]:
-    """Everything the model has seen and said, in order, with download URLs for pictures."""
+    """Everything the model has seen and said, in order, with download URLs for pictures: the
+    opening, then each turn that succeeded or is still to run (its pictures and prompt, and once
+    it succeeded its answer or picture)."""
     items: list[dict[str, Any]] = []
     if row.system_prompt:
         items.append({"role": "system", "kind": "text", "text": row.system_prompt})
@@ -171,12 +185,17 @@ def transcript(session: Session, row: ModelSession, url: Callable[[str], str]) -
         else:
             items.append({"role": "user", "kind": "image", "file_id": part["file_id"],
                           "url": url(files[part["file_id"]].storage_key)})
+    asked = _files(session, row.tenant_id, [fid for job in turns(session, row.id) for fid in job.input_file_ids])
     for job in turns(session, row.id):
+        status = JobStatus(job.status)
+        if status not in (JobStatus.succeeded, JobStatus.queued, JobStatus.running):
+            continue  # it ended without a result: no later turn sees it (``turns`` lists it)
         base = {"turn": job.turn_index, "job_id": job.id}
         for fid in job.input_file_ids:
-            items.append({**base, "role": "user", "kind": "image", "file_id": fid})
+            items.append({**base, "role": "user", "kind": "image", "file_id": fid,
+                          "url": url(asked[fid].storage_key) if fid in asked else None})
         items.append({**base, "role": "user", "kind": "text", "text": job.prompt})
-        if JobStatus(job.status) != JobStatus.succeeded or job.result_expired_at is not None:
+        if status != JobStatus.succeeded or job.result_expired_at is not None:
             continue
         if job.task == "understand":
             items.append({**base, "role": "assistant", "kind": "text", "text": job.output_text or ""})

@@ -33,6 +33,7 @@ from worker.storage import ResultStore
 
 router = APIRouter(prefix="/v1/sessions", tags=["sessions"])
 ROUTE = "POST /v1/sessions/{session_id}/turns"
+CREATE_ROUTE = "POST /v1/sessions"
 SESSION_ID = id_path("session", "5e1d2c3b-4a59-4687-9a0b-1c2d3e4f5a6b")
 
 
@@ -49,7 +50,7 @@ def _load(db: SessionDep, tenant_id: str, session_id: str, *, lock: bool = False
 
 
 def _out(db: SessionDep, row: ModelSession, store: ResultStore, settings: Settings) -> SessionOut:
-    parts = sessions.turn_parts(db, row, upto=1 << 30)
+    parts = sessions.turn_parts(db, row, upto=1 << 30, planned=True)
     items = sessions.transcript(db, row, lambda key: store.url(key, settings.presign_expiry_s))
     return SessionOut(
         id=row.id, system_prompt=row.system_prompt, parts=list(row.parts), metadata=dict(row.meta or {}),
@@ -63,9 +64,14 @@ def _out(db: SessionDep, row: ModelSession, store: ResultStore, settings: Settin
 
 @router.post("", status_code=201, response_model=SessionOut, responses=errors(*WITH_BODY), summary="Create a session")
 def create_session(body: SessionIn, tenant: TenantDep, db: SessionDep, settings: SettingsDep,
-                   store: StoreDep) -> SessionOut:
+                   store: StoreDep, idempotency_key: IdempotencyKey = None) -> JSONResponse:
     """A session: an optional system prompt and opening texts and pictures that every turn sees
-    first. Add turns with `POST /v1/sessions/{session_id}/turns`."""
+    first. Add turns with `POST /v1/sessions/{session_id}/turns`. With an `Idempotency-Key`, a
+    retry returns the session the first request created."""
+    key = idempotency.check_key(idempotency_key)
+    digest = idempotency.fingerprint(body.model_dump(mode="json"))
+    if (previous := idempotency.replay(db, tenant.id, key, CREATE_ROUTE, digest)) is not None:
+        return previous
     parts = [part.model_dump(exclude_none=True) for part in body.parts]
     for n, part in enumerate(parts):
         if "text" in part:
@@ -77,8 +83,10 @@ def create_session(body: SessionIn, tenant: TenantDep, db: SessionDep, settings:
         raise ContextTooLong(f"parts: the opening is {out.context_tokens} tokens, over the "
                              f"session_max_context_tokens limit of {settings.session_max_context_tokens}",
                              field="parts")
-    db.commit()
-    return out
+    reply = out.model_dump(mode="json")
+    if (winner := idempotency.commit_with_record(db, tenant.id, key, CREATE_ROUTE, digest, 201, reply)) is not None:
+        return winner
+    return JSONResponse(reply, status_code=201)
 
 
 @router.get("/{session_id}", response_model=SessionOut, responses=errors(*READ_ONE), summary="Get a session")
@@ -132,7 +140,7 @@ def _turn_spec(db: SessionDep, settings: Settings, row: ModelSession, body: Turn
     index, after = sessions.turn_place(db, row.id)
     own = [*(sessions.Part(key=files[fid].storage_key, size=(files[fid].width, files[fid].height))
              for fid in body.input_file_ids), sessions.Part(text=body.prompt)]
-    context = [*sessions.turn_parts(db, row, upto=index), *own]
+    context = [*sessions.turn_parts(db, row, upto=index, planned=True), *own]
     user_params = submission.params_dict(body.params)
     if body.seed is not None:
         user_params["seed"] = body.seed
