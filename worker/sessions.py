@@ -96,9 +96,10 @@ def turn_place(session: Session, session_id: str) -> tuple[int, str | None]:
     return last_index + 1, (last_id if JobStatus(status) in (JobStatus.queued, JobStatus.running) else None)
 
 
-def context_tokens(settings: Settings, parts: Sequence[Part], *, output: str, out_size: tuple[int, int] | None,
-                   answer_tokens: int, think_tokens: int) -> int:
-    """The upper bound of a turn's context, its output included (see the module docstring)."""
+def context_tokens(settings: Settings, parts: Sequence[Part], *, output: str | None = None,
+                   out_size: tuple[int, int] | None = None, answer_tokens: int = 0, think_tokens: int = 0) -> int:
+    """The upper bound of a turn's context, its output included (see the module docstring);
+    without ``output``, the parts alone."""
     consts = picture_constants(settings.model_path)
     stride = LATENT_STRIDE_PX
     total = 0
@@ -115,7 +116,7 @@ def context_tokens(settings: Settings, parts: Sequence[Part], *, output: str, ou
             total += (w // stride) * (h // stride) + vit + 2 * PICTURE_MARKERS
     if output == "text":
         total += answer_tokens + TEXT_MARKERS
-    else:
+    elif output == "image":
         assert out_size is not None
         total += (out_size[0] // stride) * (out_size[1] // stride) + PICTURE_MARKERS
     return total + (think_tokens + TEXT_MARKERS if think_tokens else 0)

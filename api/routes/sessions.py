@@ -55,8 +55,7 @@ def _out(db: SessionDep, row: ModelSession, store: ResultStore, settings: Settin
     return SessionOut(
         id=row.id, system_prompt=row.system_prompt, parts=list(row.parts), metadata=dict(row.meta or {}),
         created_at=row.created_at, max_context_tokens=settings.session_max_context_tokens,
-        context_tokens=sessions.context_tokens(settings, parts, output="text", out_size=None, answer_tokens=0,
-                                               think_tokens=0) - sessions.TEXT_MARKERS,
+        context_tokens=sessions.context_tokens(settings, parts),
         turns=[TurnSummary(index=j.turn_index, job_id=j.id, task=j.task, status=JobStatus(j.status).value)
                for j in sessions.turns(db, row.id)],
         transcript=[TranscriptItem(**item) for item in items])
